@@ -1,0 +1,145 @@
+"""The operator prototype record and the small vocabulary validators are written in.
+
+An ``OpProto`` is the single source of truth for one operator: its torch schema (torch_npu's),
+its GE prototype (input/attr/output names, kinds, dtypes and defaults in GE order), and two
+pure functions over the op's own arguments:
+
+* ``validate(*args, **kwargs)``: structural rules (ranks, dtypes, shapes, attrs). Works on real,
+  fake and meta tensors and on SymInts, so eager and trace time raise the same error.
+* ``infer_shape(*args, **kwargs) -> tuple[OutSpec, ...]``: every output's shape and dtype.
+
+``validate_values`` (optional) holds the rules that need tensor *contents* (counts, ids); only
+eager kernels can run it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..errors import fail
+
+
+@dataclass(frozen=True)
+class GeInput:
+    """One GE input. ``kind`` is ``"required"``, ``"optional"`` or ``"dynamic"``."""
+
+    name: str
+    dtypes: tuple[str, ...]
+    kind: str = "required"
+
+
+@dataclass(frozen=True)
+class GeAttr:
+    """One GE attr. ``type`` is a GE attr type name (``Int``, ``Float``, ``Str``, ``Bool``,
+    ``ListInt``); ``default`` is ``None`` for a required attr."""
+
+    name: str
+    type: str
+    default: Any = None
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class GeOutput:
+    name: str
+    dtypes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OutSpec:
+    """Shape and dtype of one output, as ``infer_shape`` returns them."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class OpProto:
+    """Everything known about one operator, independent of any kernel or backend."""
+
+    name: str
+    schema: str
+    ge_type: str
+    ge_inputs: tuple[GeInput, ...]
+    ge_attrs: tuple[GeAttr, ...]
+    ge_outputs: tuple[GeOutput, ...]
+    validate: Callable[..., None]
+    infer_shape: Callable[..., tuple[OutSpec, ...]]
+    validate_values: Optional[Callable[..., None]] = None
+    targets: frozenset[str] = field(default_factory=lambda: frozenset({"portable", "A2", "A3"}))
+    communicates: bool = False
+
+    @property
+    def qualname(self) -> str:
+        return f"moe_fusion::{self.name}"
+
+    def check(self, *args: Any, **kwargs: Any) -> None:
+        """Target support + structural rules: what both the fake and the eager kernel run first."""
+        from ..targets import get_target
+
+        require_target(self.name, self.targets, get_target())
+        self.validate(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation vocabulary. Each helper raises OpValidationError("<op>: <arg> <rule>, got <seen>").
+# ---------------------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {
+    torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+    torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32", torch.int64: "int64",
+    torch.bool: "bool", torch.uint64: "uint64", torch.float64: "float64",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def shape_of(t: torch.Tensor) -> tuple:
+    """Shape as a tuple of ints (or SymInts) for messages."""
+    return tuple(t.shape)
+
+
+def require(cond: Any, op: str, arg: str, rule: str, seen: Any) -> None:
+    """Fail unless ``cond`` holds. ``cond`` may be a SymBool (it is then guarded on)."""
+    if not bool(cond):
+        fail(op, arg, rule, seen)
+
+
+def require_dim(op: str, arg: str, t: torch.Tensor, dims: Sequence[int]) -> None:
+    if t.dim() not in dims:
+        if isinstance(dims, range):
+            rule = f"must be {dims.start}-D to {dims.stop - 1}-D"
+        else:
+            rule = f"must be {'-D or '.join(map(str, dims))}-D"
+        fail(op, arg, rule, f"shape {shape_of(t)}")
+
+
+def require_dtype(op: str, arg: str, t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> None:
+    if t.dtype not in dtypes:
+        names = ", ".join(dtype_name(d) for d in dtypes)
+        fail(op, arg, f"dtype must be one of ({names})", dtype_name(t.dtype))
+
+
+def require_shape(op: str, arg: str, t: torch.Tensor, shape: Sequence[Any]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        fail(op, arg, f"must have shape {tuple(shape)}", f"shape {shape_of(t)}")
+
+
+def require_in(op: str, arg: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        fail(op, arg, f"must be one of {tuple(allowed)}", value)
+
+
+def require_range(op: str, arg: str, value: Any, lo: Any, hi: Any) -> None:
+    """``lo <= value <= hi`` (inclusive)."""
+    if not (lo <= value <= hi):
+        fail(op, arg, f"must be in [{lo}, {hi}]", value)
+
+
+def require_target(op: str, supported: frozenset[str], current: str) -> None:
+    if current not in supported:
+        fail(op, "target", f"must be one of {tuple(sorted(supported))} (the op does not exist on {current})", current)

@@ -1,0 +1,12 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="moe_fusion",
+    version="0.1.0",
+    description="Ascend MoE fused operators as PyTorch ops for every device, and torch.compile fusion passes",
+    packages=find_packages(include=["moe_fusion", "moe_fusion.*"]),
+    python_requires=">=3.10",
+    # A range 2.13.0 satisfies: pip then keeps the CPU build installed first (see README).
+    install_requires=["torch>=2.13"],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "numpy", "pytest-timeout"]},
+)
