@@ -29,7 +29,8 @@ def moe_re_routing(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor
     ``(A,)`` int32 (gather index), ``expert_token_num`` ``(E,)`` (counts dtype)."""
     num_tokens = tokens.size(0)
     index = gather_index(expert_token_num_per_rank, num_tokens)
-    permute_tokens = torch.empty_like(tokens)
+    # Contiguous like the fake kernel's output, whatever the layout of ``tokens``.
+    permute_tokens = torch.empty_like(tokens, memory_format=torch.contiguous_format)
     torch.index_select(tokens, 0, index, out=permute_tokens)
     if per_token_scales is None:
         permute_scales = torch.zeros(num_tokens, dtype=torch.float32, device=tokens.device)

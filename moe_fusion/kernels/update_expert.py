@@ -20,19 +20,20 @@ def moe_update_expert(expert_ids: torch.Tensor, eplb_table: torch.Tensor, *,
     if balance_mode == 0:
         # Every token of this rank uses the same replica of a logical expert: map per expert, then gather.
         block = (world_size + replica_count - 1) // replica_count            # ceil(W / count)
-        column = (local_rank_id // block + 1).clamp(max=table_width - 1)
+        column = local_rank_id // block + 1                                   # <= count since local_rank_id < W
         mapped = eplb_table.gather(1, column.unsqueeze(1)).squeeze(1)
         out = mapped.index_select(0, flat_ids)
     else:
         counts = replica_count.index_select(0, flat_ids)
         token = torch.arange(bs, device=expert_ids.device).repeat_interleave(k)
-        column = torch.where(counts == 1, 1, token % counts + 1)
+        column = token % counts + 1                                           # count 1 -> column 1
         out = eplb_table.reshape(-1).index_select(0, flat_ids * table_width + column)
     balanced_ids = out.reshape(bs, k).to(expert_ids.dtype)
 
     if expert_scales is None:
         return balanced_ids, torch.ones((bs, k), dtype=torch.bool, device=expert_ids.device)
-    scales = expert_scales.float()
+    # Contiguous so the mask is laid out like the fake kernel's output, whatever the scales' strides.
+    scales = expert_scales.float().contiguous()
     threshold = pruning_threshold.reshape(-1)[:k].float() * scales.sum(1, keepdim=True)
     keep = scales >= threshold
     if active_mask is not None:

@@ -12,7 +12,7 @@ import torch
 
 from ..targets import is_device_target
 from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim,
-                     require_dtype, require_in, require_shape)
+                     require_dtype, require_shape)
 
 NAME = "npu_moe_re_routing"
 SCHEMA = (
@@ -35,12 +35,15 @@ def validate(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
     require_dtype(NAME, "tokens", tokens, DEVICE_TOKEN_DTYPES if is_device_target() else TOKEN_DTYPES)
     require_dtype(NAME, "expert_token_num_per_rank", counts, COUNT_DTYPES)
     # Only count mode and gather indices are implemented by the device kernel (SPEC §7.3).
-    require_in(NAME, "expert_token_num_type", expert_token_num_type, (1,))
-    require_in(NAME, "idx_type", idx_type, (0,))
+    require(expert_token_num_type == 1, NAME, "expert_token_num_type",
+            "must be 1 (counts; cumsum mode 0 is not implemented)", expert_token_num_type)
+    require(idx_type == 0, NAME, "idx_type", "must be 0 (gather index; scatter index 1 is not implemented)", idx_type)
     # fp8/hifloat8/fp4 token reinterpretation exists only on Ascend950 (out of scope, SPEC §7.1).
     require(tokens_dtype is None, NAME, "tokens_dtype", "must be None (fp8/fp4 tokens are not supported)", tokens_dtype)
     if is_device_target():
-        require(tokens.size(1) <= DEVICE_MAX_H, NAME, "tokens", f"hidden size H must be <= {DEVICE_MAX_H}", f"H={tokens.size(1)}")
+        # The device tiling also rejects H == 0 (SPEC §7.4 "0 < H"); portable copies empty rows.
+        require(0 < tokens.size(1) <= DEVICE_MAX_H, NAME, "tokens", f"hidden size H must be in [1, {DEVICE_MAX_H}]",
+                f"H={tokens.size(1)}")
     if per_token_scales is not None:
         require_dtype(NAME, "per_token_scales", per_token_scales, (torch.float32,))
         require_shape(NAME, "per_token_scales", per_token_scales, (tokens.size(0),))
