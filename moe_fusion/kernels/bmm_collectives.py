@@ -1,0 +1,122 @@
+"""Reference kernels of ``npu_alltoall_allgather_bmm`` and ``npu_bmm_reducescatter_alltoall``
+(SPEC §6.3), with ``torch.distributed`` collectives on the groups named by ``group_ep``/``group_tp``.
+
+Precision follows the ops-transformer golden: the bmm runs in fp32 and is rounded to x's dtype;
+the bias is added in fp32 and rounded; the activation runs in fp32 on the rounded value and is
+rounded. The reduce-scatter sums the rounded bmm output in x's dtype (what the device moves).
+
+GELU (``act_type`` 1) is the erf form, as in the only AG-BMM goldens (ops-transformer, MindSpeed);
+the device may use the tanh form (SPEC §9 #15, §10.9), which differs by < 1e-3 absolute.
+
+A group of size 1 is never looked up and costs no communication, so a world of one rank runs
+without ``torch.distributed``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..op_protos.alltoall_allgather_bmm import NAME as AG_NAME
+from ..op_protos.bmm_reducescatter_alltoall import NAME as RS_NAME
+from ._groups import resolve_group
+
+Tensor = torch.Tensor
+
+
+def _fastgelu(z: Tensor) -> Tensor:
+    return z * torch.sigmoid(1.702 * z)   # z / (1 + exp(-1.702 z))
+
+
+# act_type -> f, applied to fp32 values; 0 (no activation) has no entry.
+ACTIVATIONS: dict[int, Callable[[Tensor], Tensor]] = {1: F.gelu, 2: F.silu, 3: torch.relu, 4: _fastgelu}
+
+
+def _group(op: str, arg: str, name: str, size: int) -> Optional[dist.ProcessGroup]:
+    return None if size == 1 else resolve_group(op, arg, name, size)
+
+
+def _all_to_all(t: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """Equal chunks of dim 0 of contiguous ``t`` to each peer; chunk ``i`` of the result came from peer ``i``."""
+    if group is None:
+        return t
+    out = torch.empty_like(t)
+    dist.all_to_all_single(out, t, group=group)
+    return out
+
+
+def _all_gather(t: Tensor, group: Optional[dist.ProcessGroup], size: int) -> Tensor:
+    """``(size, *t.shape)``: every peer's contiguous ``t`` in group-rank order."""
+    if group is None:
+        return t.unsqueeze(0)
+    out = t.new_empty((size * t.size(0),) + tuple(t.shape[1:]))   # gloo wants the concatenated layout
+    dist.all_gather_single(out, t, group=group)
+    return out.view((size,) + tuple(t.shape))
+
+
+def _reduce_scatter(t: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """Sum of contiguous ``t`` ``(size, ...)`` over the group, keeping this rank's chunk ``t[rank]``."""
+    if group is None:
+        return t[0]
+    out = t.new_empty(tuple(t.shape[1:]))
+    dist.reduce_scatter_single(out, t.flatten(0, 1), group=group)   # gloo wants the concatenated layout
+    return out
+
+
+def _fp32_bmm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``bmm`` in fp32 (fp16/bf16 matmuls are ~100x slower on CPU), rounded to ``dtype``."""
+    return torch.bmm(a.float(), b.float()).to(dtype)
+
+
+def npu_alltoall_allgather_bmm(x: Tensor, weight: Tensor, group_ep: str, group_ep_worldsize: int, group_tp: str,
+                               group_tp_worldsize: int, *, bias: Optional[Tensor] = None, shard_type: int = 0,
+                               act_type: int = 0, need_allgather_out: bool = False,
+                               need_activation_feature: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` ``(E, c, h)`` -> ``y1`` ``(E/ep, rows, M/tp)``, ``y2`` ``(E/ep, rows, H)``, ``y3`` like y1.
+
+    ``rows = ep*c`` (shard 0, ``H = tp*h``) or ``ep*tp*c`` (shard 1, ``H = h``); y2/y3 are
+    ``(0, 0, 0)`` unless requested. Row ``r`` of y2 comes from EP peer ``r // (rows/ep)``.
+    """
+    ep, tp = group_ep_worldsize, group_tp_worldsize
+    ep_group = _group(AG_NAME, "group_ep", group_ep, ep)
+    tp_group = _group(AG_NAME, "group_tp", group_tp, tp)
+    experts, c, h = x.shape
+    local = experts // ep
+    received = _all_to_all(x.contiguous(), ep_group)                    # (ep * local, c, h): peer-major
+    gathered = _all_gather(received, tp_group, tp).view(tp, ep, local, c, h)
+    if shard_type == 0:   # y2[e, p*c + cc, q*h + hh]
+        y2 = x.new_empty((local, ep * c, tp * h))
+        y2.view(local, ep, c, tp, h).copy_(gathered.permute(2, 1, 3, 0, 4))
+    else:                 # y2[e, (p*tp + q)*c + cc, hh]
+        y2 = x.new_empty((local, ep * tp * c, h))
+        y2.view(local, ep, tp, c, h).copy_(gathered.permute(2, 1, 0, 3, 4))
+    y3 = _fp32_bmm(y2, weight, x.dtype)
+    if bias is not None:
+        y3 = (y3.float() + bias.float().view(local, 1, -1)).to(x.dtype)
+    y1 = y3 if act_type == 0 else ACTIVATIONS[act_type](y3.float()).to(x.dtype)
+    return (y1,
+            y2 if need_allgather_out else x.new_empty((0, 0, 0)),
+            y3 if need_activation_feature else x.new_empty((0, 0, 0)))
+
+
+def npu_bmm_reducescatter_alltoall(x: Tensor, weight: Tensor, group_ep: str, group_ep_worldsize: int, group_tp: str,
+                                   group_tp_worldsize: int, *, bias: Optional[Tensor] = None,
+                                   shard_type: int = 0) -> Tensor:
+    """``x`` ``(E/ep, rows, M/tp)`` -> ``y`` ``(E, C, H/tp)`` (shard 0) or ``(E, C/tp, H)`` (shard 1)."""
+    ep, tp = group_ep_worldsize, group_tp_worldsize
+    ep_group = _group(RS_NAME, "group_ep", group_ep, ep)
+    tp_group = _group(RS_NAME, "group_tp", group_tp, tp)
+    local, rows, _ = x.shape
+    hidden = weight.size(2)
+    t1 = _fp32_bmm(x, weight, x.dtype)                                   # (local, rows, H)
+    if shard_type == 0:   # TP chunk q = columns [q*H/tp, (q+1)*H/tp)
+        send = t1.view(local, ep, rows // ep, tp, hidden // tp).permute(3, 1, 0, 2, 4)
+    else:                 # TP chunk q = rows (p*tp + q)*c' + r
+        send = t1.view(local, ep, tp, rows // (ep * tp), hidden).permute(2, 1, 0, 3, 4)
+    reduced = _reduce_scatter(send.contiguous(), tp_group)              # (ep, local, c', h'), EP-peer-major
+    if bias is not None:
+        reduced = (reduced.float() + bias.float().view(1, local, 1, -1)).to(x.dtype)
+    y = _all_to_all(reduced.contiguous(), ep_group)                     # (ep * local, c', h'): expert-major
+    return y.view(ep * local, *reduced.shape[2:])
