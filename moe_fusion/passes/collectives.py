@@ -1,0 +1,113 @@
+"""Recognize collectives in post-grad FX graphs, whatever form the user wrote them in.
+
+``torch.distributed._functional_collectives`` and ``dist.all_to_all_single`` /
+``dist.all_gather_into_tensor`` / ``dist.reduce_scatter_tensor`` traced by dynamo all become
+``_c10d_functional.<op>`` followed by ``_c10d_functional.wait_tensor``. Each recognizer turns
+one such pair into a ``Collective`` record naming the group, its size and the input and result
+nodes, so patterns never look at argument positions themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from ._graph import is_op
+
+c10d = torch.ops._c10d_functional
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective call. ``result`` is the node whose value is the collective's output (the
+    ``wait_tensor``); ``nodes`` are the nodes to erase when the collective is replaced."""
+
+    kind: str                    # "all_to_all" | "all_gather" | "reduce_scatter"
+    input: fx.Node
+    result: fx.Node
+    group_name: str
+    group_size: int
+    nodes: tuple[fx.Node, ...]
+    # all_to_all only: the split sizes, None when equal splits are implied.
+    output_split_sizes: Optional[tuple] = None
+    input_split_sizes: Optional[tuple] = None
+    reduce_op: Optional[str] = None
+
+    @property
+    def equal_splits(self) -> bool:
+        """All-to-all with the same number of dim-0 rows to and from every peer."""
+        if self.kind != "all_to_all":
+            return False
+        rows = self.input.meta["val"].size(0)
+        even = (rows // self.group_size,) * self.group_size
+        return rows % self.group_size == 0 and all(
+            s is None or tuple(s) == even for s in (self.output_split_sizes, self.input_split_sizes))
+
+
+def _waited(node: fx.Node) -> Optional[fx.Node]:
+    """The wait_tensor consuming ``node`` when it is the only user."""
+    users = list(node.users)
+    if len(users) == 1 and is_op(users[0], c10d.wait_tensor):
+        return users[0]
+    return None
+
+
+def _c10d_all_to_all(node: fx.Node) -> Optional[Collective]:
+    if not is_op(node, c10d.all_to_all_single):
+        return None
+    wait = _waited(node)
+    if wait is None:
+        return None
+    inp, out_splits, in_splits, group_name = node.args[:4]
+    size = len(out_splits) if out_splits else len(in_splits)
+    return Collective("all_to_all", inp, wait, group_name, size, (node, wait),
+                      tuple(out_splits) if out_splits else None, tuple(in_splits) if in_splits else None)
+
+
+def _c10d_all_gather(node: fx.Node) -> Optional[Collective]:
+    if not is_op(node, c10d.all_gather_into_tensor):
+        return None
+    wait = _waited(node)
+    if wait is None:
+        return None
+    inp, group_size, group_name = node.args[:3]
+    return Collective("all_gather", inp, wait, group_name, group_size, (node, wait))
+
+
+def _c10d_reduce_scatter(node: fx.Node) -> Optional[Collective]:
+    if not is_op(node, c10d.reduce_scatter_tensor):
+        return None
+    wait = _waited(node)
+    if wait is None:
+        return None
+    inp, reduce_op, group_size, group_name = node.args[:4]
+    return Collective("reduce_scatter", inp, wait, group_name, group_size, (node, wait), reduce_op=reduce_op)
+
+
+# Recognizers tried on every node; torchair's forms register here too (moe_fusion.passes.torchair).
+RECOGNIZERS: list[Callable[[fx.Node], Optional[Collective]]] = [_c10d_all_to_all, _c10d_all_gather, _c10d_reduce_scatter]
+
+
+def as_collective(node: fx.Node) -> Optional[Collective]:
+    """The collective whose issuing node is ``node``, if any."""
+    for recognize in RECOGNIZERS:
+        found = recognize(node)
+        if found is not None:
+            return found
+    return None
+
+
+def collective_producing(result: fx.Node) -> Optional[Collective]:
+    """The collective whose result node is ``result`` (e.g. a ``wait_tensor``), if any."""
+    for candidate in result.all_input_nodes:
+        found = as_collective(candidate)
+        if found is not None and found.result is result:
+            return found
+    return as_collective(result)
+
+
+def find_collectives(graph: fx.Graph, kind: Optional[str] = None) -> list[Collective]:
+    found = [c for c in map(as_collective, graph.nodes) if c is not None]
+    return [c for c in found if kind is None or c.kind == kind]

@@ -1,0 +1,83 @@
+"""What a pass run records: fused matches, refused candidates with their reasons, op counts.
+
+Refusals are logged on the ``moe_fusion.passes`` logger at DEBUG, one line each; enable with
+``TORCH_LOGS="+moe_fusion"`` (or plain ``logging``).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+log = logging.getLogger("moe_fusion.passes")
+try:  # TORCH_LOGS="+moe_fusion" turns the log on, like inductor's own artifacts
+    from torch._logging._internal import register_log
+
+    register_log("moe_fusion", "moe_fusion")
+except ImportError:  # older torch: plain logging still works
+    pass
+
+
+@dataclass(frozen=True)
+class FusionEvent:
+    pattern: str
+    fused: bool
+    where: str          # the anchor node's name in the graph
+    detail: str         # what was fused into, or why it was refused
+
+
+def count_ops(graph: fx.Graph) -> collections.Counter:
+    """Calls per target name (``aten.bmm.default``, ``moe_fusion.npu_ffn.default``, ...)."""
+    counts: collections.Counter = collections.Counter()
+    for node in graph.nodes:
+        if node.op == "call_function":
+            counts[_target_name(node.target)] += 1
+    return counts
+
+
+def _target_name(target: object) -> str:
+    name = str(target)
+    return name[len("torch.ops."):] if name.startswith("torch.ops.") else getattr(target, "__name__", name)
+
+
+@dataclass
+class FusionReport:
+    """Accumulates over every graph a backend compiles."""
+
+    events: list[FusionEvent] = field(default_factory=list)
+    ops_before: collections.Counter = field(default_factory=collections.Counter)
+    ops_after: collections.Counter = field(default_factory=collections.Counter)
+
+    def fused(self, pattern: Optional[str] = None) -> list[FusionEvent]:
+        return [e for e in self.events if e.fused and pattern in (None, e.pattern)]
+
+    def refused(self, pattern: Optional[str] = None) -> list[FusionEvent]:
+        return [e for e in self.events if not e.fused and pattern in (None, e.pattern)]
+
+    def format(self) -> str:
+        lines = ["moe_fusion report", "  matches:"]
+        lines += [f"    FUSED   {e.pattern:28s} at {e.where}: {e.detail}" for e in self.fused()] or ["    (none fused)"]
+        lines += [f"    REFUSED {e.pattern:28s} at {e.where}: {e.detail}" for e in self.refused()]
+        changed = sorted(k for k in set(self.ops_before) | set(self.ops_after) if self.ops_before[k] != self.ops_after[k])
+        lines.append("  op counts (before -> after), ops that changed:")
+        lines += [f"    {k:60s} {self.ops_before[k]:4d} -> {self.ops_after[k]:4d}" for k in changed] or ["    (no change)"]
+        return "\n".join(lines)
+
+
+@dataclass
+class PassContext:
+    """Handed to every pass: the target whose limits apply, and the report to write to."""
+
+    target: str
+    report: FusionReport
+
+    def record_fused(self, pattern: str, anchor: fx.Node, detail: str) -> None:
+        self.report.events.append(FusionEvent(pattern, True, anchor.name, detail))
+        log.info("moe_fusion: fused %s at %s: %s", pattern, anchor.name, detail)
+
+    def refuse(self, pattern: str, anchor: fx.Node, reason: str) -> None:
+        self.report.events.append(FusionEvent(pattern, False, anchor.name, reason))
+        log.debug("moe_fusion: refused %s at %s: %s", pattern, anchor.name, reason)
