@@ -264,12 +264,6 @@ def test_structural_error_eager(case_id, call, target, message):
         moe_fusion.npu_moe_re_routing(*args, **kwargs)
 
 
-def symbolic(message):
-    """A pattern of ``message`` in which a size may print as a SymInt (``s0``), as it does when
-    the fake kernel fails under ``dynamic=True``."""
-    return re.sub(r"\b\d+\b", lambda m: rf"(?:{m.group(0)}|s\d+)", re.escape(message))
-
-
 @pytest.mark.parametrize("case_id,call,target,message", STRUCTURAL_ERRORS, ids=STRUCTURAL_IDS)
 def test_structural_error_compiled(case_id, call, target, message):
     with moe_fusion.target(target), pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
@@ -281,7 +275,7 @@ def test_structural_error_compiled(case_id, call, target, message):
 def test_structural_error_compiled_dynamic(case_id, call, target, message):
     with moe_fusion.target(target), pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
         call_compiled(call, dynamic=True)
-    assert re.search(symbolic(message), str(info.value))
+    assert message in str(info.value)
 
 
 VALUE_ERRORS = [

@@ -333,12 +333,6 @@ def call_compiled(call, *, dynamic=False, backend="aot_eager"):
     return compiled(fn, dynamic=dynamic, backend=backend)(*args, *(kwargs[k] for k in tensor_names))
 
 
-def symbolic(message):
-    """A pattern of ``message`` in which a size may print as a SymInt (``s0``), as it does when
-    the fake kernel fails under ``dynamic=True``."""
-    return re.sub(r"\b\d+\b", lambda m: rf"(?:{m.group(0)}|s\d+)", re.escape(message))
-
-
 @pytest.mark.parametrize("case_id,call,target,message", STRUCTURAL_ERRORS, ids=STRUCTURAL_IDS)
 def test_structural_error_eager(case_id, call, target, message):
     args, kwargs = call
@@ -357,7 +351,7 @@ def test_structural_error_compiled(case_id, call, target, message):
 def test_structural_error_compiled_dynamic(case_id, call, target, message):
     with moe_fusion.target(target), pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
         call_compiled(call, dynamic=True)
-    assert re.search(symbolic(message), str(info.value))
+    assert message in str(info.value)
 
 
 def _values_call(ids, table, **kwargs):

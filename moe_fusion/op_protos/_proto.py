@@ -99,7 +99,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def shape_of(t: torch.Tensor) -> tuple:
-    """Shape as a tuple of ints (or SymInts) for messages."""
+    """Shape as a tuple for messages."""
     return tuple(t.shape)
 
 
