@@ -1,4 +1,6 @@
-"""Run a function on real gloo ranks over loopback, with deadlines so no test can hang.
+"""Run a function on real gloo ranks over loopback, with deadlines so nothing can hang.
+
+Used by the tests, the benchmarks and the demo: real multi-process ranks on one machine.
 
 ``run_ranks(world_size, fn, *args)`` spawns ``world_size`` processes, each of which joins a gloo
 process group on 127.0.0.1 and calls ``fn(rank, world_size, *args)``; it returns the list of
