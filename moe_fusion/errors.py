@@ -22,7 +22,7 @@ def _with_example_sizes(message: str) -> str:
     shape_env = getattr(detect_fake_mode(), "shape_env", None)
     if shape_env is None:
         return message
-    sizes = {str(symbol): str(size) for symbol, size in shape_env.var_to_val.items()}
+    sizes = {str(symbol): str(size) for symbol, size in shape_env.backed_var_to_val.items()}
     return re.sub(r"\b[su]\d+\b", lambda m: sizes.get(m.group(0), m.group(0)), message)
 
 

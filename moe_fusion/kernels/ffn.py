@@ -3,7 +3,8 @@
 Matmuls run in fp32 on CPU whatever the storage dtype (the device accumulates in fp32 too, and
 fp16/bf16 matmuls are ~100x slower than fp32 on CPUs without bf16 units); quant matmuls run in
 fp64, which is exact for int8 x int8 products summed over K <= 65535. Rounding to the storage
-dtype happens where the device rounds: after mm1+activation and at the output.
+dtype happens where the device rounds: after mm1+activation (half away from zero, AscendC
+``CAST_ROUND``, in high precision) and at the output (half to even).
 """
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ import torch.nn.functional as F
 
 from ..int4 import INT4_CARRIER, unpack_int4
 from ..op_protos.ffn import GLU_ACTIVATIONS, layout
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def _gelu_tanh(z: torch.Tensor) -> torch.Tensor:
@@ -57,6 +56,24 @@ def apply_activation(name: str, h: torch.Tensor) -> torch.Tensor:
 def _round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round fp32 values to ``dtype`` and back (a no-op for fp32)."""
     return t if dtype == torch.float32 else t.to(dtype).float()
+
+
+def _cast_round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 ``t`` to ``dtype`` half away from zero (AscendC ``CAST_ROUND``), back as fp32.
+
+    ``t.to(dtype)`` rounds half to even; the two differ on exact ties only. Works in fp64, where
+    dividing by the spacing of ``dtype`` at ``t`` and adding 0.5 are exact.
+    """
+    if dtype == torch.float32:
+        return t
+    info = torch.finfo(dtype)
+    t64 = t.double()
+    _, exp = torch.frexp(t64)                                    # 2**(exp-1) <= |t| < 2**exp
+    # Subnormals of `dtype` keep the spacing of its smallest normal binade.
+    exp = exp.clamp(min=int(math.log2(info.tiny)) + 1)
+    spacing = torch.exp2((exp - 1).double()) * info.eps
+    steps = t64 / spacing
+    return (torch.trunc(steps + 0.5 * torch.sign(steps)) * spacing).to(dtype).float()
 
 
 def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
@@ -108,7 +125,7 @@ def npu_ffn(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activ
                  antiquant_scale1=antiquant_scale1, antiquant_scale2=antiquant_scale2,
                  antiquant_offset1=antiquant_offset1, antiquant_offset2=antiquant_offset2,
                  inner_precise=inner_precise, output_dtype=output_dtype)
-    rows = x.numel() // x.size(-1)
+    rows = math.prod(x.shape[:-1])                    # not numel // K1: K1 may be 0
     x2d = x.reshape(rows, lay.k1)
     if lay.mode == "quant":
         y = _quant(x2d, weight1, weight2, lay, bias1, bias2, scale, offset, deq_scale1, deq_scale2)
@@ -128,14 +145,14 @@ def _float(x2d, w1, w2, lay, b1, b2, fp16_intermediate: bool) -> torch.Tensor:
     b1 = None if b1 is None else b1.float()
     b2 = None if b2 is None else b2.float()
     y = torch.empty((x2d.size(0), lay.n2), dtype=torch.float32, device=x2d.device)
-    if x2d.size(0) == 0:
-        return y.to(store)
     for e, r0, r1 in _segments(lay.expert_counts, x2d.size(0)):
         bias1 = _pick(b1, e)
         h = torch.mm(x32[r0:r1], _pick(w1, e)) if bias1 is None else torch.addmm(bias1, x32[r0:r1], _pick(w1, e))
         if fp16_intermediate:
             h = _round_to(h, torch.float16)
-        act = _round_to(apply_activation(lay.activation, h), store)
+        act = apply_activation(lay.activation, h)
+        # fp16 arithmetic rounds to nearest even; the high-precision cast is CAST_ROUND (SPEC §5.4).
+        act = _round_to(act, store) if fp16_intermediate else _cast_round(act, store)
         bias2 = _pick(b2, e)
         if bias2 is None:
             torch.mm(act, _pick(w2, e), out=y[r0:r1])
@@ -148,7 +165,8 @@ def _quant(x2d, w1, w2, lay, b1, b2, scale, offset, deq1, deq2) -> torch.Tensor:
     out = lay.out_dtype
     x64, w1, w2 = x2d.double(), w1.double(), w2.double()
     deq1, deq2 = decode_deq_scale(deq1).double(), decode_deq_scale(deq2).double()
-    per_channel = scale.dim() == (2 if lay.expert_counts is not None else 1) and scale.size(-1) == lay.n1 and lay.n1 != 1
+    # Anything but (E,) / (1,) is per-channel, also (E, 1) when N1 == 1.
+    per_channel = tuple(scale.shape) != ((1,) if lay.expert_counts is None else (len(lay.expert_counts),))
     y = torch.zeros((x2d.size(0), lay.n2), dtype=out, device=x2d.device)
     for e, r0, r1 in _segments(lay.expert_counts, x2d.size(0)):
         h = x64[r0:r1] @ _pick(w1, e)

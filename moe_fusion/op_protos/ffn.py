@@ -96,11 +96,12 @@ def layout(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activa
     for d in x.shape[:-1]:
         m = m * d
     if counts is not None:
+        tokens_arg = "expert_tokens_index" if expert_tokens_index else "expert_tokens"
         require(all(c >= 0 for c in counts), NAME, "expert_tokens", "entries must be >= 0", list(counts))
-        require(sum(counts) == m, NAME, "expert_tokens" if expert_tokens else "expert_tokens_index",
-                f"must cover all M={m} rows of x (sum of counts / last end)", list(expert_tokens or expert_tokens_index))
+        require(sum(counts) == m, NAME, tokens_arg, f"must cover all M={m} rows of x (sum of counts / last end)",
+                list(expert_tokens or expert_tokens_index))
         if device:
-            require(len(counts) <= MAX_EXPERTS, NAME, "expert_tokens", f"must have at most {MAX_EXPERTS} experts", len(counts))
+            require(len(counts) <= MAX_EXPERTS, NAME, tokens_arg, f"must have at most {MAX_EXPERTS} experts", len(counts))
     w_dims = 3 if counts is not None else 2
     require_dim(NAME, "weight1", weight1, (w_dims,))
     require_dim(NAME, "weight2", weight2, (w_dims,))
@@ -113,13 +114,13 @@ def layout(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activa
     k2, n2 = weight2.size(-2), _logical_n(weight2)
     require(x.size(-1) == k1, NAME, "weight1", f"must have K1 == x.size(-1) == {x.size(-1)}", f"shape {shape_of(weight1)}")
     if act in GLU_ACTIVATIONS:
-        require(n1 % 2 == 0 and k2 * 2 == n1, NAME, "weight2", f"must have K2 == N1 / 2 == {n1 / 2} for {act}",
-                f"shape {shape_of(weight2)}")
+        require(n1 % 2 == 0 and k2 * 2 == n1, NAME, "weight2", f"must have an even N1 and K2 == N1 / 2 for {act} "
+                f"(N1 = {n1})", f"shape {shape_of(weight2)}")
     else:
         require(k2 == n1, NAME, "weight2", f"must have K2 == N1 == {n1}", f"shape {shape_of(weight2)}")
     if device:
         # The device kernel writes y in x's layout (GE InferShape y.shape == x.shape).
-        require(n2 == k1, NAME, "weight2", f"must have N2 == K1 == {k1} on {'A2/A3'}", f"shape {shape_of(weight2)}")
+        require(n2 == k1, NAME, "weight2", f"must have N2 == K1 == {k1} on A2/A3", f"shape {shape_of(weight2)}")
         require(k1 <= MAX_K and k2 <= MAX_K, NAME, "weight1/weight2", f"must have K1, K2 <= {MAX_K}", (k1, k2))
 
     ip = 0 if inner_precise is None else inner_precise
@@ -137,7 +138,7 @@ def layout(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activa
         require_in(NAME, "output_dtype", output_dtype, (None, torch.float16, torch.bfloat16))
         out_dtype = output_dtype or torch.float16
         bias_dtype = torch.int32
-        _validate_quant_params(given, e_lead, n1, n2, out_dtype)
+        _validate_quant_params(given, e_lead, n1, n2, out_dtype, act)
     elif weight1.dtype in (torch.int8, INT4_CARRIER):
         mode = "antiquant"
         out_dtype = x.dtype
@@ -162,7 +163,7 @@ def layout(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activa
     return FfnLayout(mode, act, counts, k1, n1, k2, n2, out_dtype)
 
 
-def _validate_quant_params(given, e_lead, n1, n2, out_dtype) -> None:
+def _validate_quant_params(given, e_lead, n1, n2, out_dtype, act) -> None:
     missing = [p for p in QUANT_PARAMS if p not in given]
     require(not missing, NAME, missing[0] if missing else "", "is required with int8 x (quant mode)", None)
     extra = [p for p in ANTIQUANT_PARAMS if p in given]
@@ -186,6 +187,9 @@ def _validate_quant_params(given, e_lead, n1, n2, out_dtype) -> None:
         # fp32 deq scales exist for per-tensor quant only (SPEC §5.5).
         require(deq1.dtype != torch.float32, NAME, "deq_scale1",
                 "must be uint64/int64/bfloat16 with a per-channel scale", dtype_name(deq1.dtype))
+        # A GLU output has N1 / 2 columns: an (.., N1) scale has no defined meaning (no device runs it).
+        require(act not in GLU_ACTIVATIONS, NAME, "scale", f"must be per-tensor {per_tensor} with {act}",
+                f"shape {shape_of(scale)}")
 
 
 def _validate_antiquant_params(given, x_dtype, w_dtype, e_lead, kn1, kn2) -> None:
