@@ -6,9 +6,14 @@ here and one entry in each consumer.
 """
 from __future__ import annotations
 
-from . import ffn, moe_re_routing, moe_update_expert
+from . import alltoall_allgather_bmm, bmm_reducescatter_alltoall, ffn, moe_re_routing, moe_update_expert
+from . import moe_distribute_combine_add_rms_norm, moe_distribute_combine_v2, moe_distribute_dispatch_v2
 from ._proto import GeAttr, GeInput, GeOutput, OpProto, OutSpec
 
-PROTOS: dict[str, OpProto] = {p.name: p for p in (moe_re_routing.PROTO, moe_update_expert.PROTO, ffn.PROTO)}
+PROTOS: dict[str, OpProto] = {p.name: p for p in (moe_re_routing.PROTO, moe_update_expert.PROTO, ffn.PROTO,
+                                                  alltoall_allgather_bmm.PROTO, bmm_reducescatter_alltoall.PROTO)}
+
+PROTOS.update({p.name: p for p in (moe_distribute_dispatch_v2.PROTO, moe_distribute_combine_v2.PROTO,
+                                   moe_distribute_combine_add_rms_norm.PROTO)})
 
 __all__ = ["PROTOS", "OpProto", "OutSpec", "GeInput", "GeAttr", "GeOutput"]

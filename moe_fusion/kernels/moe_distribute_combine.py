@@ -1,0 +1,280 @@
+"""Reference kernels of ``npu_moe_distribute_combine_v2`` and ``..._combine_add_rms_norm`` (SPEC §4.3).
+
+Combine consumes only what the paired dispatch wrote (canonical layout, see
+``moe_distribute_dispatch``): this rank's own row count is the last entry of its part of
+``ep_send_counts``; row ``i < own`` returns to ``(source rank, token, slot) = assist[3i : 3i+3]``.
+
+1. TP (T == 2): the pair all-gathers ``[error, own rows, peer rows]`` (both ranks stop together on
+   an error), then one fp32 ``reduce_scatter_single`` adds the peer's copy of our rows (its rows
+   ``[peer_own, peer_own + own)``) to ours; the sum is rounded to the ``expand_x`` dtype;
+2. EP return: one count exchange (header + rows per source rank), one payload exchange of packed
+   rows ``[row or int8 row + per-8-group scales | token, slot]`` (``comm_quant_mode`` 2 quantizes
+   per group of 8 elements, SPEC §4.3);
+3. on the token's rank, in fp32: ``acc = sum_j w_j * row_j`` over slots ``j = 0..K-1`` (copy
+   experts use ``ori_x``, const experts ``ori_x * alpha_1 + v * alpha_2``, zero experts nothing),
+   then the shared-expert rows and ``shared_expert_x`` unweighted.
+
+Rows of tokens that are not processed (masked out) are zero in every output (rstd too).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..errors import OpValidationError, fail
+from ..op_protos import moe_distribute_combine_add_rms_norm as rms_proto
+from ..op_protos import moe_distribute_combine_v2 as combine_proto
+from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
+from ._moe_exchange import (DTYPE_CODES, check_agreement, exchange_counts, exchange_rows,
+                            group_or_none, pack_rows, raise_agreed, unpack_rows)
+from ._moe_tokens import active_slots, valid_tokens
+
+Tensor = torch.Tensor
+QUANT_GROUP = 8                       # elements per comm-quant scale (one 32-byte fp32 block)
+AGREED = ("expand_x (hidden size H)", "expand_x (dtype)", "comm_quant_mode")
+
+
+# ---------------------------------------------------------------------------------------------
+# comm_quant_mode 2: int8 per group of 8 elements (SPEC §4.3).
+# ---------------------------------------------------------------------------------------------
+
+def comm_quant(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``rows`` ``(N, H)`` -> ``q`` ``(N, H)`` int8 and ``scales`` ``(N, G)`` in the rows' dtype,
+    ``G = ceil(H / 8)``. All-zero groups give zeros (the device divides by 0 there)."""
+    n, h = rows.shape
+    groups = -(-h // QUANT_GROUP)
+    xf = F.pad(rows.float(), (0, groups * QUANT_GROUP - h)).view(n, groups, QUANT_GROUP)
+    amax = xf.abs().amax(dim=2, keepdim=True)
+    scale = amax * torch.tensor(1.0 / 127.0, dtype=torch.float32)
+    q = (xf / scale).to(torch.float16).float().round()          # fp32 div -> RINT to fp16 -> RINT
+    q = torch.where(amax > 0, q, 0.0).to(torch.int8).view(n, groups * QUANT_GROUP)[:, :h]
+    return q, scale.squeeze(2).to(rows.dtype)
+
+
+def comm_dequant(q: Tensor, scales: Tensor) -> Tensor:
+    """``round_to_dtype(f32(f16(q)) * f32(scale))`` per group; returns the scales' dtype."""
+    n, h = q.shape
+    groups = scales.size(1)
+    qf = F.pad(q.to(torch.float16).float(), (0, groups * QUANT_GROUP - h)).view(n, groups, QUANT_GROUP)
+    return (qf * scales.float().unsqueeze(2)).to(scales.dtype).view(n, groups * QUANT_GROUP)[:, :h]
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert side: own rows, TP reduce-scatter, return exchange.
+# ---------------------------------------------------------------------------------------------
+
+def _local_error(cfg: DistConfig, op: str, expand_x: Tensor, expert_ids: Tensor, assist: Tensor, assist_arg: str,
+                 ep_send_counts: Tensor, tp_send_counts: Optional[Tensor], x_active_mask: Optional[Tensor],
+                 elastic_info: Optional[Tensor]) -> tuple[Optional[OpValidationError], int, int]:
+    """Value rules and the rows this rank owns: ``(error, own rows, TP peer rows)``."""
+    try:
+        validate_id_values(op, expert_ids, cfg.special_bounds[3])
+        validate_mask_values(op, x_active_mask)
+        if elastic_info is not None and int(elastic_info[0]) != 0:
+            fail(op, "elastic_info", "must not request a scale-down (elastic_info[0] != 0 is not supported)",
+                 int(elastic_info[0]))
+        own = int(ep_send_counts[cfg.recv_slots - 1])
+        peer = int(tp_send_counts[1 - cfg.tp_rank]) if cfg.tp_world == 2 else 0
+        if cfg.tp_world == 2:
+            require_value(int(tp_send_counts[cfg.tp_rank]) == own, op, "tp_send_counts",
+                          f"[tp_rank_id] must equal the own row count ep_send_counts[{cfg.recv_slots - 1}] = {own}",
+                          int(tp_send_counts[cfg.tp_rank]))
+        require_value(0 <= own and 0 <= peer and own + peer <= expand_x.size(0), op, "ep_send_counts",
+                      f"must count at most expand_x.size(0) = {expand_x.size(0)} rows (own + TP peer)",
+                      f"{own} + {peer}")
+        require_value(3 * own <= assist.numel(), op, assist_arg, f"must hold 3 entries per own row ({3 * own})",
+                      f"{assist.numel()} entries")
+        triples = assist[:3 * own].view(own, 3)
+        bad = (triples[:, 0] < 0) | (triples[:, 0] >= cfg.world) | (triples[:, 1:] < 0).any(dim=1)
+        require_value(not bool(bad.any()), op, assist_arg, f"source ranks must be in [0, {cfg.world})",
+                      triples[bad][0].tolist() if bool(bad.any()) else None)
+    except OpValidationError as error:
+        return error, 0, 0
+    return None, own, peer
+
+
+def require_value(cond: bool, op: str, arg: str, rule: str, seen: Any) -> None:
+    if not cond:
+        fail(op, arg, rule, seen)
+
+
+def _tp_reduce(op: str, group, cfg: DistConfig, expand_x: Tensor, own: int, peer: int,
+               error: Optional[OpValidationError]) -> tuple[Tensor, Optional[OpValidationError], bool]:
+    """Own rows plus the peer's copy of them (SPEC §4.3 step 1).
+
+    Returns ``(rows, error, failed)``: ``error`` may now also be a pairing error found here (both
+    ranks find it), ``failed`` is True when either rank of the pair has an error; the caller then
+    reports it in the EP count exchange so that every rank stops together.
+    """
+    info = torch.tensor([int(error is not None), own, peer], dtype=torch.int64, device=expand_x.device)
+    infos = info.new_empty(6)
+    dist.all_gather_single(infos, info, group=group)
+    infos = infos.view(2, 3)
+    t = cfg.tp_rank
+    if bool(infos[:, 0].any()):
+        return expand_x[:0], error, True
+    # Our peer rows are copies of the peer's own rows: the two counts must match across the pair.
+    if int(infos[1 - t, 1]) != peer or int(infos[1 - t, 2]) != own:
+        mismatch = OpValidationError(f"{op}: tp_send_counts must be the same on both TP ranks, got "
+                                     f"{[own, peer]} here and {infos[1 - t, 1:].tolist()} on the peer")
+        return expand_x[:0], mismatch, True
+    rows = max(own, peer)
+    send = expand_x.new_zeros((2, rows, expand_x.size(1)), dtype=torch.float32)
+    send[t, :own] = expand_x[:own].float()
+    send[1 - t, :peer] = expand_x[own:own + peer].float()
+    summed = send.new_empty((rows, expand_x.size(1)))
+    dist.reduce_scatter_single(summed, send.view(2 * rows, expand_x.size(1)), group=group)
+    return summed[:own].to(expand_x.dtype), None, False
+
+
+def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1–2: every row this rank computed for another rank's token, delivered there.
+    Returns ``(rows (R, H) fp32, token (R,), slot (R,))`` of the rows this rank received."""
+    expand_x, expert_ids = inputs["expand_x"], inputs["expert_ids"]
+    dtype, h = expand_x.dtype, expand_x.size(1)
+    assist, comm_quant_mode = inputs["assist"], inputs["comm_quant_mode"]
+    ep_group = group_or_none(op, "group_ep", inputs["group_ep"], cfg.world, cfg.rank)
+    error, own, peer = _local_error(cfg, op, expand_x, expert_ids, assist, inputs["assist_arg"],
+                                    inputs["ep_send_counts"], inputs["tp_send_counts"], inputs["x_active_mask"],
+                                    inputs["elastic_info"])
+    failed = error is not None
+    rows = expand_x[:own]
+    if cfg.tp_world == 2:
+        tp_group = group_or_none(op, "group_tp", inputs["group_tp"], 2, cfg.tp_rank)
+        rows, error, failed = _tp_reduce(op, tp_group, cfg, expand_x, own, peer, error)
+    triples = assist[:3 * rows.size(0)].view(-1, 3).long()
+    order = torch.argsort(triples[:, 0], stable=True)
+    send_counts = torch.bincount(triples[:, 0], minlength=cfg.world)
+    header = [int(failed), expert_ids.size(0), h, DTYPE_CODES[dtype], comm_quant_mode]
+    headers, recv_counts = exchange_counts(ep_group, header, send_counts.unsqueeze(1))
+    raise_agreed(op, "group_ep", error, headers[:, 0])
+    check_agreement(op, "group_ep", AGREED, headers[:, 2:], cfg.rank)
+
+    rows, triples = rows[order], triples[order]
+    meta = triples[:, 1:].int()
+    if comm_quant_mode == combine_proto.COMM_QUANT_INT8:
+        q, scales = comm_quant(rows)
+        layout = [(torch.int8, h), (dtype, scales.size(1)), (torch.int32, 2)]
+        buf = pack_rows([q, scales, meta])
+    else:
+        layout = [(dtype, h), (torch.int32, 2)]
+        buf = pack_rows([rows, meta])
+    parts = unpack_rows(exchange_rows(ep_group, buf, send_counts, recv_counts.squeeze(1)), layout)
+    got = comm_dequant(parts[0], parts[1]) if comm_quant_mode == combine_proto.COMM_QUANT_INT8 else parts[0]
+    return got.float(), parts[-1][:, 0].long(), parts[-1][:, 1].long()
+
+
+# ---------------------------------------------------------------------------------------------
+# Token side: the weighted reduction.
+# ---------------------------------------------------------------------------------------------
+
+def _check_received(op: str, assist_arg: str, expected: Tensor, token: Tensor, slot: Tensor) -> None:
+    """The rows received are exactly one per (token, slot) this rank dispatched (else the inputs
+    do not come from the paired dispatch)."""
+    bs, slots = expected.shape
+    in_range = (token >= 0) & (token < bs) & (slot >= 0) & (slot < slots)
+    seen = torch.zeros(bs * slots, dtype=torch.int64, device=token.device)
+    seen.index_add_(0, (token * slots + slot)[in_range], torch.ones_like(token[in_range]))
+    if not bool(in_range.all()) or not torch.equal(seen.view(bs, slots), expected.long()):
+        fail(op, assist_arg, "and ep_send_counts must come from the paired dispatch (one returned row per "
+             "dispatched token and slot)", f"{token.numel()} rows received for {int(expected.sum())} dispatched")
+
+
+def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """``(acc (BS, H) fp32, processed (BS,) bool)``: the combined value of each token before rounding."""
+    expert_ids, expert_scales = inputs["expert_ids"], inputs["expert_scales"]
+    mask = inputs["x_active_mask"]
+    bs, k = expert_ids.shape
+    h = inputs["expand_x"].size(1)
+    dev = expert_ids.device
+    rows, token, slot = _return_rows(op, cfg, inputs)
+    ids = expert_ids.long()
+    active = active_slots(mask, bs, k, dev)
+    processed = valid_tokens(mask, bs, dev)
+    moe_end, zero_end, copy_end, const_end = cfg.special_bounds
+    expected = torch.cat([active & (ids < moe_end), processed.unsqueeze(1).expand(bs, cfg.n_shared)], dim=1)
+    _check_received(op, inputs["assist_arg"], expected, token, slot)
+
+    # One (BS, H) plane per slot: received rows sorted by slot, scattered to their tokens.
+    by_slot = torch.argsort(slot, stable=True)
+    per_slot = torch.bincount(slot, minlength=k + cfg.n_shared).tolist()
+    rows_by_slot = rows[by_slot].split(per_slot)
+    token_by_slot = token[by_slot].split(per_slot)
+
+    def plane(j: int) -> Tensor:
+        out = rows.new_zeros((bs, h))
+        out[token_by_slot[j]] = rows_by_slot[j]
+        return out
+
+    ori = inputs["ori_x"].float() if inputs["ori_x"] is not None else None
+    acc = torch.zeros((bs, h), dtype=torch.float32, device=dev)
+    for j in range(k):                           # fixed slot order 0..K-1, as the kernel sums
+        e = ids[:, j]
+        w = expert_scales[:, j:j + 1]
+        acc = acc + torch.where((active[:, j] & (e < moe_end)).unsqueeze(1), plane(j) * w, 0.0)
+        if copy_end > zero_end:
+            acc = acc + torch.where((active[:, j] & (e >= zero_end) & (e < copy_end)).unsqueeze(1), ori * w, 0.0)
+        if const_end > copy_end:
+            is_const = active[:, j] & (e >= copy_end) & (e < const_end)
+            acc = acc + torch.where(is_const.unsqueeze(1), _const_expert(inputs, ori, e - copy_end) * w, 0.0)
+    for q in range(cfg.n_shared):                # shared experts: unweighted (SPEC §9 #3)
+        acc = acc + plane(k + q)
+    if inputs["shared_expert_x"] is not None:
+        acc = acc + inputs["shared_expert_x"].reshape(bs, h).float()
+    return acc, processed
+
+
+def _const_expert(inputs: dict[str, Any], ori: Tensor, c: Tensor) -> Tensor:
+    """``ori_x * alpha_1[c] + v[c] * alpha_2[c]`` in fp32; alphas ``(Q,)`` scalars or ``(Q, H)`` rows."""
+    c = c.clamp(0, inputs["const_expert_v"].size(0) - 1)
+    a1, a2 = (inputs[name].float()[c] for name in ("const_expert_alpha_1", "const_expert_alpha_2"))
+    a1, a2 = (a if a.dim() == 2 else a.unsqueeze(1) for a in (a1, a2))
+    return ori * a1 + inputs["const_expert_v"].float()[c] * a2
+
+
+def _inputs(expand_x, expert_ids, assist, assist_arg, ep_send_counts, expert_scales, group_ep, kwargs) -> dict:
+    names = ("tp_send_counts", "x_active_mask", "shared_expert_x", "elastic_info", "ori_x", "const_expert_alpha_1",
+             "const_expert_alpha_2", "const_expert_v")
+    inputs = {name: kwargs.get(name) for name in names}
+    inputs.update(expand_x=expand_x, expert_ids=expert_ids, assist=assist, assist_arg=assist_arg,
+                  ep_send_counts=ep_send_counts, expert_scales=expert_scales, group_ep=group_ep,
+                  group_tp=kwargs.get("group_tp", ""), comm_quant_mode=kwargs.get("comm_quant_mode", 0))
+    return inputs
+
+
+def moe_distribute_combine_v2(expand_x: Tensor, expert_ids: Tensor, assist_info_for_combine: Tensor,
+                              ep_send_counts: Tensor, expert_scales: Tensor, group_ep: str, ep_world_size: int,
+                              ep_rank_id: int, moe_expert_num: int, **kwargs: Any) -> Tensor:
+    """``(BS, H)`` in the ``expand_x`` dtype: ``round(acc)``, zero rows for unprocessed tokens."""
+    cfg = combine_proto.validate(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales,
+                                 group_ep, ep_world_size, ep_rank_id, moe_expert_num, **kwargs)
+    inputs = _inputs(expand_x, expert_ids, assist_info_for_combine, "assist_info_for_combine", ep_send_counts,
+                     expert_scales, group_ep, kwargs)
+    acc, processed = combine_sum(combine_proto.NAME, cfg, inputs)
+    return torch.where(processed.unsqueeze(1), acc, 0.0).to(expand_x.dtype)
+
+
+def moe_distribute_combine_add_rms_norm(expand_x: Tensor, expert_ids: Tensor, expand_idx: Tensor,
+                                        ep_send_counts: Tensor, expert_scales: Tensor, residual_x: Tensor,
+                                        gamma: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
+                                        moe_expert_num: int, *, norm_eps: float = 1e-6,
+                                        **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y (BS,1,H), rstd (BS,1,1) fp32, x (BS,1,H))`` with SPEC §4.3's rounding steps:
+    ``xs = acc + residual`` (acc unrounded), ``rstd = 1 / sqrt(sum(xs*xs * (1/H)) + eps)``,
+    ``y = round(round(xs * rstd) * gamma)``, ``x = round(xs)``."""
+    cfg = rms_proto.validate(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, residual_x, gamma,
+                             group_ep, ep_world_size, ep_rank_id, moe_expert_num, norm_eps=norm_eps, **kwargs)
+    inputs = _inputs(expand_x, expert_ids, expand_idx, "expand_idx", ep_send_counts, expert_scales, group_ep, kwargs)
+    acc, processed = combine_sum(rms_proto.NAME, cfg, inputs)
+    dtype, h = expand_x.dtype, expand_x.size(1)
+    xs = acc + residual_x.reshape(acc.shape).float()
+    mean_sq = (xs * xs * torch.tensor(1.0 / h, dtype=torch.float32)).sum(dim=1, keepdim=True)
+    rstd = mean_sq.new_tensor(1.0) / torch.sqrt(mean_sq + norm_eps)     # IEEE division, not a reciprocal
+    y = ((xs * rstd).to(dtype).float() * gamma.float()).to(dtype)
+    keep = processed.unsqueeze(1)
+    zero = torch.zeros((), dtype=dtype, device=acc.device)
+    return (torch.where(keep, y, zero).unsqueeze(1), torch.where(keep, rstd, 0.0).unsqueeze(1),
+            torch.where(keep, xs.to(dtype), zero).unsqueeze(1))

@@ -1,0 +1,233 @@
+"""Reference kernel of ``npu_moe_distribute_dispatch_v2`` (SPEC §3.4), canonical A3 layout.
+
+Per rank, vectorized over all (token, slot) copies:
+
+1. plan: every active MoE slot ``(i, j)`` with ``e = expert_ids[i, j] < M`` is a copy for rank
+   ``S + e // L``, local expert ``e % L``; every valid token also goes to shared expert ``q`` on
+   rank ``r % R_sh + q * R_sh`` (slot ``K + q``). Copies are sorted by (destination, local expert,
+   token), which is the all-to-all send order;
+2. payload: the token row (``quant_mode`` 0) or its int8 dynamic quantization per copy with the
+   scale ``1 / ds`` (``quant_mode`` 2, optional smooth ``scales`` row of the destination expert);
+3. EP exchange: one count exchange (header + counts per destination and local expert), one
+   payload exchange of packed rows ``[payload | dynamic scale | expand scale | token, slot]``;
+4. receive layout: rows sorted local-expert-major, source-minor, token order kept;
+5. TP (T == 2): error flags are pooled over the TP pair first (so both EP domains stop together),
+   and after the EP exchange the peer's rows are appended after ours with one count all-gather
+   and one payload all-gather.
+
+Implementation-defined outputs (SPEC §3.4), all zero where not written:
+``assist_info_for_combine[3*row : 3*row+3] = (source rank, source token, slot)`` for own rows;
+``ep_recv_counts`` inclusive prefix sums over (local expert, source) (peer's at ``[W:2W]`` with
+TP); ``tp_recv_counts = [rows of tp rank 0, rows of tp rank 1]`` (T == 1: ``[own rows]``);
+``expand_scales[row]`` = the source's ``expert_scales`` weight for that copy (0 for shared rows).
+Rows past the received count are zero.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import OpValidationError, fail
+from ..meta import allocate_outputs
+from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
+from ..op_protos.moe_distribute_dispatch_v2 import NAME, PROTO, QUANT_DYNAMIC
+from ._moe_exchange import (DTYPE_CODES, any_error, check_agreement, exchange_counts, exchange_rows,
+                            group_or_none, pack_rows, raise_agreed, unpack_rows)
+from ._moe_tokens import active_slots, valid_tokens
+
+Tensor = torch.Tensor
+# Header fields every EP rank must agree on (after the per-rank error flag and BS).
+AGREED = ("x (hidden size H)", "x (dtype)", "expert_ids (K)", "moe_expert_num", "shared_expert_rank_num",
+          "shared_expert_num", "global_bs", "quant_mode", "expert_scales (given or not)", "zero_expert_num",
+          "copy_expert_num", "const_expert_num", "tp_world_size")
+
+
+def dynamic_quant(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row dynamic int8 quantization of fp32 ``rows`` ``(N, H)`` (SPEC §3.4 pseudo-code).
+
+    Returns ``q`` ``(N, H)`` int8 and ``scale`` ``(N,)`` fp32 = ``1 / ds`` with ``ds = 127 / amax``.
+    Rows with ``amax == 0`` quantize to zeros with scale 0 (the device's NaN path is undefined).
+    """
+    amax = rows.abs().amax(dim=1, keepdim=True)
+    # tensor / tensor is IEEE division; ``scalar / tensor`` would multiply by a rounded reciprocal.
+    ds = amax.new_tensor(127.0) / amax
+    q = torch.where(amax > 0, torch.round(rows * ds), 0.0).to(torch.int8)
+    return q, (amax.new_tensor(1.0) / ds).squeeze(1)
+
+
+def _plan(cfg: DistConfig, expert_ids: Tensor, x_active_mask: Optional[Tensor]) -> dict[str, Tensor]:
+    """Every copy this rank sends, in send order: token, slot, destination rank, local expert and
+    the smooth-scales row (``n_sh + e`` for MoE expert ``e``, ``q`` for shared expert ``q``)."""
+    bs, k = expert_ids.shape
+    dev = expert_ids.device
+    ids = expert_ids.long()
+    moe = active_slots(x_active_mask, bs, k, dev) & (ids < cfg.moe_experts)   # special experts stay local
+    tok, slot = moe.nonzero(as_tuple=True)
+    e = ids[tok, slot]
+    dst = cfg.shared_ranks + e // cfg.moe_local_experts
+    local = e % cfg.moe_local_experts
+    scale_row = cfg.n_shared + e
+    if cfg.n_shared:
+        shared_tok = valid_tokens(x_active_mask, bs, dev).nonzero().squeeze(1).repeat(cfg.n_shared)
+        q = torch.arange(cfg.n_shared, device=dev).repeat_interleave(shared_tok.numel() // cfg.n_shared)
+        r_sh = cfg.ranks_per_shared_expert
+        tok, slot = torch.cat([tok, shared_tok]), torch.cat([slot, k + q])
+        dst = torch.cat([dst, cfg.rank % r_sh + q * r_sh])
+        local, scale_row = torch.cat([local, torch.zeros_like(q)]), torch.cat([scale_row, q])
+    order = torch.argsort((dst * cfg.moe_local_experts + local) * max(bs, 1) + tok, stable=True)
+    return {"tok": tok[order], "slot": slot[order], "dst": dst[order], "local": local[order],
+            "scale_row": scale_row[order]}
+
+
+def _local_error(cfg: DistConfig, expert_ids: Tensor, x_active_mask: Optional[Tensor],
+                 elastic_info: Optional[Tensor]) -> Optional[OpValidationError]:
+    """The value rules (SPEC §3.5 doc-only rules), as an error to share with the peers."""
+    try:
+        validate_id_values(NAME, expert_ids, cfg.special_bounds[3])
+        validate_mask_values(NAME, x_active_mask)
+        if elastic_info is not None and int(elastic_info[0]) != 0:
+            # Scale-down remaps ranks and experts (SPEC §10.8): not implemented, so refuse it.
+            fail(NAME, "elastic_info", "must not request a scale-down (elastic_info[0] != 0 is not supported)",
+                 int(elastic_info[0]))
+    except OpValidationError as error:
+        return error
+    return None
+
+
+def _check_capacity(cfg: DistConfig, global_bs: int, source_bs: Tensor) -> None:
+    """Every source's BS fits the capacity ``A`` was sized for (identical on every rank: no hang)."""
+    if global_bs == 0:
+        # A = BS * W * ... assumes every rank has this rank's BS.
+        bad = (source_bs != source_bs[cfg.rank]).nonzero()
+        if bad.numel():
+            s = int(bad[0])
+            fail(NAME, "global_bs", "must be given (max BS * ep_world_size) when ranks have different BS",
+                 f"BS {int(source_bs[s])} on rank {s}, {int(source_bs[cfg.rank])} on rank {cfg.rank}")
+    else:
+        too_big = (source_bs > global_bs // cfg.world).nonzero()
+        if too_big.numel():
+            s = int(too_big[0])
+            fail(NAME, "global_bs", f"must be >= max BS * ep_world_size (max BS <= {global_bs // cfg.world})",
+                 f"BS {int(source_bs[s])} on rank {s}")
+
+
+def moe_distribute_dispatch_v2(x: Tensor, expert_ids: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
+                               moe_expert_num: int, *, scales: Optional[Tensor] = None,
+                               x_active_mask: Optional[Tensor] = None, expert_scales: Optional[Tensor] = None,
+                               elastic_info: Optional[Tensor] = None, group_tp: str = "", tp_world_size: int = 0,
+                               tp_rank_id: int = 0, quant_mode: int = 0, global_bs: int = 0,
+                               expert_token_nums_type: int = 1, **attrs: Any) -> tuple[Tensor, ...]:
+    """Returns the 7 outputs of SPEC §3.2 in the canonical layout of the module docstring."""
+    kwargs = dict(scales=scales, x_active_mask=x_active_mask, expert_scales=expert_scales, elastic_info=elastic_info,
+                  group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, quant_mode=quant_mode,
+                  global_bs=global_bs, expert_token_nums_type=expert_token_nums_type, **attrs)
+    cfg = PROTO.validate(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, **kwargs)
+    outs = allocate_outputs(PROTO, (x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num), kwargs)
+    for out in outs:
+        out.zero_()
+    expand_x, dynamic_scales, assist, token_nums, ep_counts, tp_counts, expand_scales = outs
+    bs, h = x.shape
+    k = expert_ids.size(1)
+    ep_group = group_or_none(NAME, "group_ep", group_ep, cfg.world, cfg.rank)
+    tp_group = group_or_none(NAME, "group_tp", group_tp, 2, tp_rank_id) if tp_world_size == 2 else None
+
+    error = _local_error(cfg, expert_ids, x_active_mask, elastic_info)
+    tp_flags = any_error(tp_group, error, x.device)   # a TP peer's error also stops this EP domain
+    failed = bool(tp_flags.any())
+    plan = _plan(cfg, expert_ids, x_active_mask) if not failed else {}   # ids may be out of range
+    lm = cfg.moe_local_experts
+    send_counts = (torch.zeros(cfg.world * lm, dtype=torch.int64, device=x.device) if failed else
+                   torch.bincount(plan["dst"] * lm + plan["local"], minlength=cfg.world * lm)).view(cfg.world, lm)
+    header = [int(failed), bs, h, DTYPE_CODES[x.dtype], k, moe_expert_num, cfg.shared_ranks,
+              cfg.n_shared, global_bs, quant_mode, int(expert_scales is not None), cfg.zero_experts,
+              cfg.copy_experts, cfg.const_experts, tp_world_size]
+    headers, recv_counts = exchange_counts(ep_group, header, send_counts)
+    raise_agreed(NAME, "group_ep", error, headers[:, 0])
+    check_agreement(NAME, "group_ep", AGREED, headers[:, 2:], cfg.rank)
+    _check_capacity(cfg, global_bs, headers[:, 1])
+
+    layout = [(x.dtype if quant_mode != QUANT_DYNAMIC else torch.int8, h)]
+    layout += [(torch.float32, 1)] * (quant_mode == QUANT_DYNAMIC) + [(torch.float32, 1)] * (expert_scales is not None)
+    layout += [(torch.int32, 2)]
+    buf = exchange_rows(ep_group, _pack(plan, x, scales, expert_scales, quant_mode, k),
+                        send_counts.sum(1), recv_counts.sum(1))
+    parts = unpack_rows(buf, layout)
+
+    # Receive order is (source, local expert, token); the layout is (local expert, source, token).
+    lo = cfg.local_experts
+    code = torch.repeat_interleave(torch.arange(cfg.world * lm, device=x.device), recv_counts.reshape(-1))
+    source, local = code // lm, code % lm
+    order = torch.argsort(local * cfg.world + source, stable=True)
+    own = order.numel()
+    expand_x[:own] = parts[0][order]
+    if quant_mode == QUANT_DYNAMIC:
+        dynamic_scales[:own] = parts[1][order, 0]
+    if expert_scales is not None:
+        expand_scales[:own] = parts[-2][order, 0]
+    meta = parts[-1][order]
+    assist[:3 * own] = torch.stack([source[order].int(), meta[:, 0], meta[:, 1]], dim=1).reshape(-1)
+
+    per_expert = recv_counts[:, :lo].t()                             # (L, W) rows per (local expert, source)
+    _write_prefix(ep_counts, 0, per_expert.reshape(-1).cumsum(0))
+    nums = per_expert.sum(1)
+    if tp_world_size == 2:
+        nums = nums + _tp_gather(tp_group, cfg, expand_x, dynamic_scales, ep_counts, tp_counts, own, quant_mode,
+                                 per_expert.reshape(-1))
+    elif tp_world_size == 1:
+        tp_counts[0] = own
+    token_nums[:lo] = nums.cumsum(0) if expert_token_nums_type == 0 else nums
+    return outs
+
+
+def _pack(plan: dict[str, Tensor], x: Tensor, scales: Optional[Tensor], expert_scales: Optional[Tensor],
+          quant_mode: int, k: int) -> Tensor:
+    """The send buffer ``(copies, row bytes)`` uint8: ``[payload | dyn scale | expand scale | token, slot]``."""
+    tok, slot = plan["tok"], plan["slot"]
+    parts: list[Tensor] = []
+    if quant_mode == QUANT_DYNAMIC:
+        rows = x.index_select(0, tok).float()
+        if scales is not None:
+            rows = rows * scales.index_select(0, plan["scale_row"])
+        q, dyn = dynamic_quant(rows)
+        parts += [q, dyn.unsqueeze(1)]
+    else:
+        parts.append(x.index_select(0, tok))
+    if expert_scales is not None:
+        moe = slot < k
+        weight = expert_scales[tok, slot.clamp(max=k - 1)]
+        parts.append(torch.where(moe, weight, 0.0).unsqueeze(1))
+    parts.append(torch.stack([tok, slot], dim=1).int())
+    return pack_rows(parts)
+
+
+def _write_prefix(out: Tensor, start: int, values: Tensor) -> None:
+    """``out[start:start+n] = values``, cut to the buffer (Meta's lengths may be shorter, e.g. with
+    ``expert_scales`` and TP, where it drops the TP factor)."""
+    n = max(0, min(values.numel(), out.numel() - start))
+    out[start:start + n] = values[:n].to(out.dtype)
+
+
+def _tp_gather(group, cfg: DistConfig, expand_x: Tensor, dynamic_scales: Tensor, ep_counts: Tensor,
+               tp_counts: Tensor, own: int, quant_mode: int, own_counts: Tensor) -> Tensor:
+    """Append the TP peer's rows after ours (SPEC §3.4 TP all-gather); returns the peer's row count."""
+    t = cfg.tp_rank
+    row_layout = [(expand_x.dtype, expand_x.size(1))] + [(torch.float32, 1)] * (quant_mode == QUANT_DYNAMIC)
+    info = torch.cat([own_counts.new_tensor([own]), own_counts.to(torch.int64)])
+    infos = info.new_empty(2 * info.numel())
+    dist.all_gather_single(infos, info, group=group)
+    infos = infos.view(2, -1)
+    rows = int(infos[:, 0].max())
+    parts = [expand_x[:rows]] + ([dynamic_scales[:rows].unsqueeze(1)] if quant_mode == QUANT_DYNAMIC else [])
+    mine = pack_rows(parts)
+    gathered = mine.new_empty((2 * rows, mine.size(1)))
+    dist.all_gather_single(gathered, mine, group=group)
+    peer = int(infos[1 - t, 0])
+    peer_parts = unpack_rows(gathered[(1 - t) * rows:(1 - t) * rows + peer], row_layout)
+    expand_x[own:own + peer] = peer_parts[0]
+    if quant_mode == QUANT_DYNAMIC:
+        dynamic_scales[own:own + peer] = peer_parts[1][:, 0]
+    _write_prefix(ep_counts, cfg.world, infos[1 - t, 1:].cumsum(0))
+    tp_counts[t], tp_counts[1 - t] = own, peer
+    return own_counts.new_tensor([peer])
