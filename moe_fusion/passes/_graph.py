@@ -61,8 +61,12 @@ def insert_call(graph: fx.Graph, before: fx.Node, target: Any, args: tuple, kwar
     example_args, example_kwargs = tree_map(val, (args, kwargs))
     fake_mode = detect_fake_mode(tuple(a for a in tree_leaves((example_args, example_kwargs))
                                        if isinstance(a, torch.Tensor)))
-    with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        node.meta["val"] = target(*example_args, **example_kwargs)
+    try:
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            node.meta["val"] = target(*example_args, **example_kwargs)
+    except Exception:
+        graph.erase_node(node)   # leave the graph as it was when the op rejects its inputs
+        raise
     return node
 
 

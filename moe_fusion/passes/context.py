@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 log = logging.getLogger("moe_fusion.passes")
@@ -39,8 +40,11 @@ def count_ops(graph: fx.Graph) -> collections.Counter:
 
 
 def _target_name(target: object) -> str:
-    name = str(target)
-    return name[len("torch.ops."):] if name.startswith("torch.ops.") else getattr(target, "__name__", name)
+    """``aten.mm.default`` for ops (their ``__name__`` drops the namespace), ``getitem`` for
+    Python callables."""
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(target)
+    return getattr(target, "__name__", str(target))
 
 
 @dataclass
