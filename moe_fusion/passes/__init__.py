@@ -6,5 +6,11 @@ from .context import FusionEvent, FusionReport, PassContext
 from .explain import explain
 from .pipeline import PASSES, MoeFusionGraphPass, backend, register_pass, run_fusion_passes
 
+# Pattern passes, in pipeline order.
+from . import alltoall_allgather_bmm, bmm_reducescatter_alltoall  # noqa: E402,F401
+# FFN stays after every pass that may consume matmul chains as a whole (a future dispatch/combine
+# pass included: import it above this line); re-routing is independent of the others.
+from . import ffn, re_routing  # noqa: E402,F401
+
 __all__ = ["FusionEvent", "FusionReport", "PassContext", "PASSES", "MoeFusionGraphPass", "backend", "explain",
            "register_pass", "run_fusion_passes"]
