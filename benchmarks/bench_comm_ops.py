@@ -1,0 +1,131 @@
+"""Communication operators on 4 gloo ranks vs the raw collectives / unfused chains they replace.
+
+    python benchmarks/bench_comm_ops.py [--repeats N]
+
+Ratios are medians over repeats of the slowest rank's time per step (every step starts at a
+barrier), so a ratio compares the same amount of synchronized work.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import moe_fusion
+from _timing import print_table
+from moe_fusion.launch import run_ranks
+
+WORLD = 4
+
+
+def _timed_pair(kernel, baseline, repeats: int) -> tuple[float, float]:
+    """Per-step times of kernel and baseline (max over ranks), interleaved; medians."""
+    k_times, b_times = [], []
+    for step in range(repeats + 1):
+        for fn, times in ((kernel, k_times), (baseline, b_times)):
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if step:  # step 0 warms up
+                times.append(elapsed.item())
+    return statistics.median(k_times), statistics.median(b_times)
+
+
+def _dispatch_combine_rank(rank: int, world: int, repeats: int) -> list:
+    group = dist.group.WORLD.group_name
+    bs, hidden, top_k, num_experts = 256, 4096, 8, 32
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.randn(bs, hidden, generator=gen).to(dtype)
+        expert_ids = torch.rand(bs, num_experts, generator=gen).topk(top_k, dim=1).indices.to(torch.int32)
+        weights = torch.rand(bs, top_k, generator=gen)
+        send = x.repeat_interleave(top_k, dim=0)          # the same payload bytes: BS*K rows of H
+        recv = torch.empty_like(send)
+
+        def fused():
+            expand_x, _, assist, _, ep_recv, tp_recv, _ = moe_fusion.npu_moe_distribute_dispatch_v2(
+                x, expert_ids, group, world, rank, num_experts)
+            return moe_fusion.npu_moe_distribute_combine_v2(
+                expand_x, expert_ids, assist, ep_recv, weights, group, world, rank, num_experts, tp_send_counts=tp_recv)
+
+        def raw():
+            dist.all_to_all_single(recv, send)
+            dist.all_to_all_single(send, recv)
+
+        k, b = _timed_pair(fused, raw, repeats)
+        rows.append((f"dispatch+combine BS={bs} H={hidden} K={top_k} E={num_experts} {str(dtype)[6:]} vs raw a2a x2",
+                     k, b, k / b, "<= 1.5"))
+    return rows
+
+
+def _ep_tp_groups(rank: int, ep: int, tp: int):
+    """rank = p * tp + q; EP groups hold one q, TP groups one p (SPEC §6.3)."""
+    ep_groups = [dist.new_group([p * tp + q for p in range(ep)]) for q in range(tp)]
+    tp_groups = [dist.new_group([p * tp + q for q in range(tp)]) for p in range(ep)]
+    return ep_groups[rank % tp], tp_groups[rank // tp]
+
+
+def _bmm_pair_rank(rank: int, world: int, repeats: int) -> list:
+    ep, tp = 2, 2
+    ep_group, tp_group = _ep_tp_groups(rank, ep, tp)
+    experts, capacity, hidden, ffn_out = 8, 256, 1024, 2048
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(experts, capacity, hidden // tp, generator=gen)                   # x_shard_type 0
+    weight = torch.randn(experts // ep, hidden, ffn_out // tp, generator=gen) / hidden ** 0.5
+    a2a = torch.empty_like(x)
+    gathered = torch.empty((tp,) + x.shape, dtype=x.dtype)
+
+    def fused_ag():
+        return moe_fusion.npu_alltoall_allgather_bmm(x, weight, ep_group.group_name, ep, tp_group.group_name, tp,
+                                                     act_type=1)[0]
+
+    def unfused_ag():
+        dist.all_to_all_single(a2a, x, group=ep_group)                                   # (ep, E/ep, C, H/tp)
+        dist.all_gather_into_tensor(gathered, a2a, group=tp_group)                       # (tp, ep, E/ep, C, H/tp)
+        y2 = gathered.reshape(tp, ep, experts // ep, capacity, hidden // tp).permute(2, 1, 3, 0, 4)
+        y2 = y2.reshape(experts // ep, ep * capacity, hidden)
+        return torch.nn.functional.gelu(torch.bmm(y2, weight))
+
+    k1, b1 = _timed_pair(fused_ag, unfused_ag, repeats)
+
+    y = torch.randn(experts // ep, ep * capacity, ffn_out // tp, generator=gen)
+    w2 = torch.randn(experts // ep, ffn_out // tp, hidden, generator=gen) / ffn_out ** 0.5
+    scattered = torch.empty(experts // ep, ep * capacity, hidden // tp)
+    out = torch.empty(experts, capacity, hidden // tp)
+
+    def fused_rs():
+        return moe_fusion.npu_bmm_reducescatter_alltoall(y, w2, ep_group.group_name, ep, tp_group.group_name, tp)
+
+    def unfused_rs():
+        t1 = torch.bmm(y, w2).reshape(experts // ep, ep * capacity, tp, hidden // tp).permute(2, 0, 1, 3).contiguous()
+        dist.reduce_scatter_tensor(scattered, t1, group=tp_group)                        # (E/ep, ep*C, H/tp)
+        send = scattered.reshape(experts // ep, ep, capacity, hidden // tp).transpose(0, 1).contiguous()
+        dist.all_to_all_single(out, send, group=ep_group)
+        return out
+
+    k2, b2 = _timed_pair(fused_rs, unfused_rs, repeats)
+    shape = f"E={experts} C={capacity} H={hidden} M={ffn_out} ep={ep} tp={tp} fp32"
+    return [(f"alltoall_allgather_bmm {shape} vs unfused chain", k1, b1, k1 / b1, "<= 1.10"),
+            (f"bmm_reducescatter_alltoall {shape} vs unfused chain", k2, b2, k2 / b2, "<= 1.10")]
+
+
+def _rank_main(rank: int, world: int, repeats: int) -> list:
+    return _dispatch_combine_rank(rank, world, repeats) + _bmm_pair_rank(rank, world, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    rows = run_ranks(WORLD, _rank_main, args.repeats, timeout=1800, pg_timeout=600)[0]
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
