@@ -524,7 +524,9 @@ def _stack(graph: fx.Graph, before: fx.Node, parts: list[fx.Node]) -> fx.Node:
             is_op(p, aten.select.int) and p.args[0] is whole and p.args[1] == 0 and p.args[2] == e
             for e, p in enumerate(parts)):
         return whole
-    return insert_call(graph, before, aten.stack.default, (parts,))
+    # cat of unsqueezed parts, not aten.stack: inductor cannot lower a stack inserted post-grad.
+    leading = [insert_call(graph, before, aten.unsqueeze.default, (p, 0)) for p in parts]
+    return insert_call(graph, before, aten.cat.default, (leading,))
 
 
 @register_pass("ffn")
