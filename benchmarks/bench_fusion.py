@@ -23,6 +23,8 @@ from moe_fusion.passes import FusionReport, backend
 # layer -> (EP, TP, demo shapes) at which it is measured.
 SHAPES = {
     "deepspeed-bmm": (2, 2, dict(tokens=512, hidden=1024, ffn_hidden=2048, experts=8)),
+    "allgather-ep": (4, 1, dict(tokens=128, hidden=2048, ffn_hidden=1024, experts=16)),
+    "capacity-a2a": (4, 1, dict(tokens=128, hidden=2048, ffn_hidden=1024, experts=16)),
 }
 
 

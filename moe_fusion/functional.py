@@ -99,6 +99,32 @@ def npu_ffn(x: Tensor, weight1: Tensor, weight2: Tensor, activation: str, *, exp
         antiquant_offset2=antiquant_offset2, inner_precise=inner_precise, output_dtype=output_dtype)
 
 
+def npu_ffn_grouped(x: Tensor, weight1: Tensor, weight2: Tensor, activation: str, *, expert_tokens: Tensor,
+                    bias1: Optional[Tensor] = None, bias2: Optional[Tensor] = None,
+                    inner_precise: Optional[int] = None, tokens_index_flag: bool = False) -> Tensor:
+    """Per-expert FFN whose expert row counts are a device tensor (GE ``FFN``, see ``op_protos.ffn_grouped``).
+
+    Feed it ``npu_moe_distribute_dispatch_v2``'s ``expand_x`` and ``expert_token_nums`` in a static
+    graph: no host read of the counts, no data-dependent shapes.
+
+    Args:
+        x: ``(M, K1)`` fp16/bf16 (fp32 on the portable target).
+        weight1, weight2: ``(E, K1, N1)``, ``(E, K2, N2)`` in x's dtype.
+        activation: as ``npu_ffn`` (GLU forms on the portable target only).
+        expert_tokens: ``(E,)`` int64 rows per expert (cumulative ends with ``tokens_index_flag``),
+            covering the first ``sum <= M`` rows in expert order.
+        bias1, bias2: ``(E, N1)``, ``(E, N2)``; fp16 for fp16 x, fp32 otherwise.
+        inner_precise: 0 high precision, 1 fp16 intermediate (fp16 only).
+        tokens_index_flag: ``expert_tokens`` holds cumulative ends instead of counts.
+
+    Returns:
+        ``y`` ``(M, N2)`` in x's dtype; rows past the counted ones are zero.
+    """
+    return torch.ops.moe_fusion.npu_ffn_grouped(
+        x, weight1, weight2, activation, expert_tokens=expert_tokens, bias1=bias1, bias2=bias2,
+        inner_precise=inner_precise, tokens_index_flag=tokens_index_flag)
+
+
 def npu_alltoall_allgather_bmm(x: Tensor, weight: Tensor, group_ep: str, group_ep_worldsize: int, group_tp: str,
                                group_tp_worldsize: int, *, bias: Optional[Tensor] = None, shard_type: int = 0,
                                act_type: Union[int, str] = 0, need_allgather_out: bool = False,

@@ -46,6 +46,8 @@ def test_schemas_are_torch_npus():
         "npu_ffn": ["x", "weight1", "weight2", "activation", "expert_tokens", "expert_tokens_index", "bias1", "bias2",
                     "scale", "offset", "deq_scale1", "deq_scale2", "antiquant_scale1", "antiquant_scale2",
                     "antiquant_offset1", "antiquant_offset2", "inner_precise", "output_dtype"],
+        "npu_ffn_grouped": ["x", "weight1", "weight2", "activation", "expert_tokens", "bias1", "bias2",
+                            "inner_precise", "tokens_index_flag"],
         "npu_alltoall_allgather_bmm": ["x", "weight", "group_ep", "group_ep_worldsize", "group_tp", "group_tp_worldsize",
                                        "bias", "shard_type", "act_type", "need_allgather_out",
                                        "need_activation_feature"],

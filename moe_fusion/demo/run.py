@@ -35,6 +35,8 @@ class DemoConfig:
     dtype: str
     steps: int
     compiler: str
+    top_k: int = 2                  # experts per token (the top-k layers)
+    shared_expert: bool = False     # add a shared expert (the top-k layers)
 
     @property
     def label(self) -> str:
@@ -62,8 +64,20 @@ def _build_deepspeed(cfg: DemoConfig, rank: int) -> torch.nn.Module:
                         dtype=DTYPES[cfg.dtype])
 
 
+def _build_top_k(class_name: str) -> Callable[[DemoConfig, int], torch.nn.Module]:
+    """Builder of a ``moe_layers`` class: experts over the EP group (TP ranks hold replicas)."""
+    def build(cfg: DemoConfig, rank: int) -> torch.nn.Module:
+        from . import moe_layers
+
+        ep_group, _ = ep_tp_groups(rank, cfg.ep, cfg.tp)
+        return getattr(moe_layers, class_name)(cfg.hidden, cfg.ffn_hidden, cfg.experts, cfg.top_k, ep_group=ep_group,
+                                               shared_expert=cfg.shared_expert, dtype=DTYPES[cfg.dtype])
+    return build
+
+
 # --layer name -> builder(cfg, rank) of the unfused layer.
 LAYERS: dict[str, Callable[[DemoConfig, int], torch.nn.Module]] = {"deepspeed-bmm": _build_deepspeed}
+LAYERS.update({"allgather-ep": _build_top_k("AllGatherEPMoE"), "capacity-a2a": _build_top_k("CapacityAllToAllMoE")})
 
 
 def _median_step(fn: Callable[[], torch.Tensor], steps: int) -> float:

@@ -14,6 +14,7 @@ from .. import meta
 from ..op_protos import PROTOS, OpProto
 from .bmm_collectives import npu_alltoall_allgather_bmm, npu_bmm_reducescatter_alltoall
 from .ffn import npu_ffn
+from .ffn_grouped import npu_ffn_grouped
 from .moe_distribute_combine import moe_distribute_combine_add_rms_norm, moe_distribute_combine_v2
 from .moe_distribute_dispatch import moe_distribute_dispatch_v2
 from .re_routing import moe_re_routing
@@ -23,6 +24,7 @@ KERNELS: dict[str, Callable[..., Any]] = {
     "npu_moe_re_routing": moe_re_routing,
     "npu_moe_update_expert": moe_update_expert,
     "npu_ffn": npu_ffn,
+    "npu_ffn_grouped": npu_ffn_grouped,
     "npu_alltoall_allgather_bmm": npu_alltoall_allgather_bmm,
     "npu_bmm_reducescatter_alltoall": npu_bmm_reducescatter_alltoall,
     "npu_moe_distribute_dispatch_v2": moe_distribute_dispatch_v2,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import alltoall_allgather_bmm, bmm_reducescatter_alltoall, ffn, moe_re_routing, moe_update_expert
 from . import moe_distribute_combine_add_rms_norm, moe_distribute_combine_v2, moe_distribute_dispatch_v2
+from . import ffn_grouped
 from ._proto import GeAttr, GeInput, GeOutput, OpProto, OutSpec
 
 PROTOS: dict[str, OpProto] = {p.name: p for p in (moe_re_routing.PROTO, moe_update_expert.PROTO, ffn.PROTO,
@@ -15,5 +16,6 @@ PROTOS: dict[str, OpProto] = {p.name: p for p in (moe_re_routing.PROTO, moe_upda
 
 PROTOS.update({p.name: p for p in (moe_distribute_dispatch_v2.PROTO, moe_distribute_combine_v2.PROTO,
                                    moe_distribute_combine_add_rms_norm.PROTO)})
+PROTOS[ffn_grouped.PROTO.name] = ffn_grouped.PROTO
 
 __all__ = ["PROTOS", "OpProto", "OutSpec", "GeInput", "GeAttr", "GeOutput"]

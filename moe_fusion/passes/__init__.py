@@ -7,6 +7,8 @@ from .explain import explain
 from .pipeline import PASSES, MoeFusionGraphPass, backend, register_pass, run_fusion_passes
 
 # Pattern passes, in pipeline order.
+# Whole expert-parallel MoE blocks first: they consume their expert FFNs, which the FFN pass would take alone.
+from . import allgather_ep, capacity_a2a  # noqa: E402,F401
 from . import alltoall_allgather_bmm, bmm_reducescatter_alltoall  # noqa: E402,F401
 # FFN stays after every pass that may consume matmul chains as a whole (a future dispatch/combine
 # pass included: import it above this line); re-routing is independent of the others.

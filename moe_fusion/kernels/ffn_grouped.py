@@ -1,0 +1,80 @@
+"""Reference kernel of ``npu_ffn_grouped``: ``npu_ffn``'s float modes with the expert counts as a tensor.
+
+Vectorized over rows, with no read of the counts on the host: both matmuls are
+``torch._grouped_mm`` calls with int32 segment ends computed on the device, the per-row biases
+are gathered by each row's expert index (``searchsorted`` of the row number in the ends), and rows
+past the last segment are zeroed with a mask. Numerics are ``npu_ffn``'s (SPEC §5.4): fp32
+matmuls, activation in fp32, ``CAST_ROUND`` to the storage dtype after the activation (fp16
+rounding of mm1 with ``inner_precise=1``), round-to-nearest-even at the output.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .ffn import _cast_round, _round_to, apply_activation
+
+Tensor = torch.Tensor
+ALIGN = 4     # fp32 elements per 16 bytes
+
+
+def _segment_ends(expert_tokens: Tensor, tokens_index_flag: bool) -> Tensor:
+    """int32 end row of each expert's segment ``(E,)``."""
+    ends = expert_tokens if tokens_index_flag else torch.cumsum(expert_tokens, 0)
+    return ends.to(torch.int32)
+
+
+def _grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+    """fp32 ``a[s_e:s_{e+1}] @ w[e]`` per segment ``(M, N)``; rows past ``ends[-1]`` are unspecified.
+
+    ``torch._grouped_mm`` needs 16-byte aligned strides: K and N are zero-padded to multiples of 4
+    (a no-op for the usual sizes), which adds zero products and drops the padded columns. ``w`` may
+    be a transposed view (stacked ``nn.Linear`` weights): it is read in place, not copied.
+    """
+    k, n = w.shape[1:]
+    pad_k, pad_n = -k % ALIGN, -n % ALIGN
+    a, w = a.float(), w.float()
+    if pad_k or pad_n:
+        a = F.pad(a, (0, pad_k))
+        w = F.pad(w, (0, pad_n, 0, pad_k))
+    if any(stride % ALIGN for stride in w.stride() if stride != 1):
+        w = w.contiguous()
+    return torch._grouped_mm(a.contiguous(), w, offs=ends)[:, :n]
+
+
+def _row_bias(bias: Optional[Tensor], expert_of_row: Tensor) -> Optional[Tensor]:
+    """``bias[expert_of_row]`` ``(M, N)`` fp32; rows of expert ``E`` (padding) get zeros."""
+    if bias is None:
+        return None
+    padded = torch.cat([bias.float(), bias.new_zeros((1, bias.size(1)), dtype=torch.float32)])
+    return padded.index_select(0, expert_of_row)
+
+
+def npu_ffn_grouped(x: Tensor, weight1: Tensor, weight2: Tensor, activation: str, *, expert_tokens: Tensor,
+                    bias1: Optional[Tensor] = None, bias2: Optional[Tensor] = None, inner_precise: Optional[int] = None,
+                    tokens_index_flag: bool = False) -> Tensor:
+    """``y`` ``(M, N2)`` in x's dtype: ``act(x_e @ W1[e] + b1[e]) @ W2[e] + b2[e]`` per segment, 0 past the last."""
+    store = x.dtype
+    act = activation.lower()
+    ends = _segment_ends(expert_tokens, tokens_index_flag)
+    rows = torch.arange(x.size(0), device=x.device, dtype=torch.int32)
+    expert_of_row = torch.searchsorted(ends, rows, right=True)          # (M,) in [0, E]; E = padding row
+    counted = (expert_of_row < ends.numel()).unsqueeze(1)
+    h = _grouped_mm(x, weight1, ends)
+    b1 = _row_bias(bias1, expert_of_row)
+    if b1 is not None:
+        h = h + b1
+    if store == torch.float16 and inner_precise == 1:
+        # High-performance fp16: mm1 and the activation in fp16, as the device does.
+        h = apply_activation(act, _round_to(h, torch.float16))
+        h = _round_to(h, torch.float16)
+    else:
+        h = _cast_round(apply_activation(act, h), store)
+    y = _grouped_mm(h, weight2, ends)
+    b2 = _row_bias(bias2, expert_of_row)
+    if b2 is not None:
+        y = y + b2
+    y = torch.where(counted, y, 0.0)
+    return y if store == torch.float32 else y.to(store)

@@ -1,0 +1,445 @@
+"""Capacity all-to-all MoE (GShard/DeepSpeed) => ``dispatch_v2 -> npu_ffn_grouped -> combine_v2``
+(pass ``moe_capacity_a2a``).
+
+The static-shape form with per-expert capacity ``C``::
+
+    combine = gating(topk(scores))                        # (S, E, C): weight of token s in slot c of expert e
+    d = einsum("sec,sm->ecm", combine.bool(), x)          # (E, C, H)
+    r = all_to_all(d)                                     # over EP: (W, L, C, H), source-rank-major
+    o = <expert i on the rows (p, i, c) of r, for each local expert i>
+    y = einsum("sec,ecm->sm", combine, all_to_all(o))  [+ shared(x)]
+
+When every token fits (no slot is taken twice, every chosen expert gets a slot), token ``s``'s row is
+``sum_k combine_weight(s, ids[s,k]) * expert_{ids[s,k]}(x[s])``: dispatch_v2/combine_v2 with
+``expert_scales[s,k] = combine[s, ids[s,k], :].sum()`` (one non-zero slot, so exactly that weight).
+
+Guards, proven on the graph rather than assumed from its look:
+
+* both all_to_alls run over one group with equal splits; ``E == W * L``;
+* the all_to_all input is ``einsum("sec,sm->ecm", mask, x)`` and the output
+  ``einsum("sec,ecm->sm", combine, returned)``: the subgraphs between them and their inputs are
+  multilinear (views, permutes, mm/bmm, mul, sum), so one evaluation on random inputs equal to the
+  einsum's proves the identity (polynomial identity testing);
+* the expert section between the all_to_alls only moves rows (views, split/chunk, cat, ...) into and
+  out of FFNs: evaluated with ``r = arange`` and each FFN replaced by ``row + tag_i``, it must send
+  every row ``(p, i, c)`` through one FFN (one per local expert ``i``) back to ``(p, i, c)``;
+* dropless: ``C >= S`` (an expert has at most ``S`` tokens), and the gating subgraph from the top-k
+  scores to ``mask`` and ``combine``, evaluated on extreme and random routings (all tokens on the same
+  experts, round robin, random), gives every (token, chosen expert) exactly one slot, no slot two
+  tokens, and no weight outside a token's own slots;
+* the expert FFNs share activation and shapes; the target's protos accept the fused ops.
+
+A capacity that can drop tokens is refused: dispatch_v2 is dropless, so "capacity dropping stays
+capacity dropping" could not hold.
+"""
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from ._graph import insert_call, is_op, val
+from .collectives import Collective, as_collective, find_collectives
+from .context import PassContext
+from .moe_dispatch_combine import (MOVE_OPS, MoeBlock, Refusal, check_same_experts, collective_nodes, ffn_matches,
+                                   group_rank, output_value, rewrite, shared_addend, topk_layout, widening_cast)
+from .pipeline import register_pass
+
+if TYPE_CHECKING:
+    from .ffn import FfnMatch
+
+aten = torch.ops.aten
+PATTERN = "moe_capacity_a2a"
+# Ops whose output is a polynomial (of degree <= 2 here) in their tensor inputs.
+MULTILINEAR = MOVE_OPS + (aten.bmm.default, aten.mm.default, aten.mul.Tensor, aten.sum.dim_IntList)
+# Ops that only move rows between the all_to_alls (besides the expert FFNs).
+ROW_MOVES = MOVE_OPS + (aten.split.Tensor, aten.split_with_sizes.default, aten.cat.default, aten.stack.default,
+                        aten.select.int, aten.slice.Tensor)
+ROUTING_SEEDS = 2   # random routings tried besides the extreme ones
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating subgraphs on chosen inputs
+# ---------------------------------------------------------------------------------------------
+
+def _real(fn: Callable) -> Callable:
+    """Run ``fn`` on real tensors: passes run inside the compiler's fake mode."""
+    def run(*args, **kwargs):
+        with unset_fake_temporarily(), torch.no_grad():
+            return fn(*args, **kwargs)
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
+def _evaluate(nodes: list[fx.Node], env: dict[fx.Node, object], identity_casts: bool = False) -> None:
+    """Run ``nodes`` (in graph order) on the values in ``env``; widening casts are the identity when
+    ``identity_casts`` (exact float64 tracking)."""
+    for node in nodes:
+        if node in env:
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        if identity_casts and widening_cast(node):
+            env[node] = args[0]
+        else:
+            env[node] = node.target(*args, **kwargs)
+
+
+def _in_order(nodes: set[fx.Node]) -> list[fx.Node]:
+    if not nodes:
+        return []
+    graph = next(iter(nodes)).graph
+    return [n for n in graph.nodes if n in nodes]
+
+
+def _multilinear_region(root: fx.Node, stop: set[fx.Node]) -> tuple[set[fx.Node], list[fx.Node]]:
+    """``(region, leaves)``: the nodes above ``root`` (included) reached through single-use
+    multilinear ops and widening casts, and the values they start from. A narrowing cast is a leaf:
+    its rounding belongs to the value the einsum reads."""
+    region: set[fx.Node] = set()
+    leaves: list[fx.Node] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node in region or node in leaves:
+            continue
+        inner = node is root or len(node.users) == 1
+        if node not in stop and inner and (is_op(node, *MULTILINEAR) or widening_cast(node)):
+            region.add(node)
+            stack.extend(node.all_input_nodes)
+        else:
+            leaves.append(node)
+    return region, leaves
+
+
+@_real
+def _check_einsum(root: fx.Node, region: set[fx.Node], leaves: dict[str, fx.Node], equation: str,
+                  operands: tuple[str, ...], shapes: dict[str, tuple]) -> None:
+    """``root == einsum(equation, *operands)``: evaluate the region on random leaf values."""
+    gen = torch.Generator().manual_seed(0)
+    env: dict[fx.Node, object] = {}
+    for name, node in leaves.items():
+        env[node] = torch.randn(tuple(val(node).shape), generator=gen, dtype=torch.float64)
+    _evaluate(_in_order(region), env, identity_casts=True)
+    expected = torch.einsum(equation, *(env[leaves[n]].reshape(shapes[n]) for n in operands))
+    got = env[root]
+    if got.numel() != expected.numel() or not torch.allclose(got.reshape(expected.shape), expected, rtol=1e-9,
+                                                              atol=1e-9):
+        raise Refusal(f"{root.name} is not einsum('{equation}') of {', '.join(leaves[n].name for n in operands)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of a block
+# ---------------------------------------------------------------------------------------------
+
+def _dispatch_einsum(a2a: Collective) -> tuple[fx.Node, fx.Node, set[fx.Node], tuple[int, int, int, int]]:
+    """``(mask, x, region, (S, E, C, H))`` of ``einsum("sec,sm->ecm", mask, x)`` feeding ``a2a``."""
+    region, leaves = _multilinear_region(a2a.input, set())
+    # The mask is the operand computed from the routing (a top-k); the tokens are the other one.
+    masks = [n for n in leaves if val(n).dim() == 3 and any(is_op(a, aten.topk) for a in _ancestors(n))]
+    if len(leaves) != 2 or len(masks) != 1:
+        raise Refusal(f"the all_to_all input {a2a.input.name} is not einsum('sec,sm->ecm', mask, x) of a 3-D mask "
+                      f"from the routing and the tokens (it reads {', '.join(n.name for n in leaves)})")
+    mask = masks[0]
+    x = leaves[1] if leaves[0] is mask else leaves[0]
+    s, e, c = val(mask).shape
+    h = val(x).size(-1)
+    if val(x).numel() != s * h:
+        raise Refusal(f"the tokens {x.name} {tuple(val(x).shape)} do not match the {s} rows of the mask {mask.name}")
+    _check_einsum(a2a.input, region, {"mask": mask, "x": x}, "sec,sm->ecm", ("mask", "x"),
+                  {"mask": (s, e, c), "x": (s, h)})
+    return mask, x, region, (s, e, c, h)
+
+
+def _continues_einsum(node: fx.Node) -> bool:
+    return is_op(node, *MULTILINEAR) or widening_cast(node)
+
+
+def _combine_einsum(returned: fx.Node, sizes: tuple[int, int, int, int]) -> tuple[fx.Node, fx.Node, set[fx.Node]]:
+    """``(y, combine, region)`` of ``y = einsum("sec,ecm->sm", combine, returned)``."""
+    s, e, c, h = sizes
+    y = returned
+    while len(y.users) == 1 and _continues_einsum(next(iter(y.users))):
+        y = next(iter(y.users))
+    region, leaves = _multilinear_region(y, {returned})
+    others = [n for n in leaves if n is not returned]
+    if y is returned or returned not in leaves or len(others) != 1 or tuple(val(others[0]).shape) != (s, e, c):
+        raise Refusal(f"the returned expert outputs {returned.name} do not feed einsum('sec,ecm->sm', combine, .) "
+                      f"with a ({s}, {e}, {c}) combine tensor")
+    combine = others[0]
+    if val(y).numel() != s * h:
+        raise Refusal(f"the combine einsum result {y.name} {tuple(val(y).shape)} is not ({s}, {h})")
+    _check_einsum(y, region, {"combine": combine, "returned": returned}, "sec,ecm->sm", ("combine", "returned"),
+                  {"combine": (s, e, c), "returned": (e, c, h)})
+    return y, combine, region
+
+
+def _reaches_an_expert(received: fx.Node, experts: dict[fx.Node, FfnMatch]) -> bool:
+    """Some expert FFN reads rows of ``received`` through row moves: the all_to_all is a candidate."""
+    inputs = {m.x for m in experts.values()}
+    stack, seen = [received], set()
+    while stack:
+        node = stack.pop()
+        if node in inputs:
+            return True
+        if node not in seen:
+            seen.add(node)
+            stack.extend(u for u in node.users if is_op(u, *ROW_MOVES) or u.target is operator.getitem)
+    return False
+
+
+def _expert_section(received: fx.Node, experts: dict[fx.Node, FfnMatch]
+                    ) -> tuple[Collective, list[FfnMatch], set[fx.Node]]:
+    """Walk from the first all_to_all's result to the second one's input: ``(a2a back, FFNs in
+    order of first use, row-moving nodes)``; raises Refusal on any other op."""
+    owner = {n: m for m in experts.values() for n in m.nodes | {m.out}}
+    section: set[fx.Node] = set()
+    used: list[FfnMatch] = []
+    back: list[Collective] = []
+    frontier = [received]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            found = as_collective(user)
+            if found is not None and found.kind == "all_to_all" and found.input is node:
+                back.append(found)
+            elif user in owner:
+                match = owner[user]
+                if all(match.out is not m.out for m in used):
+                    used.append(match)
+                    frontier.append(match.out)
+            elif is_op(user, *ROW_MOVES) or user.target is operator.getitem:
+                if user not in section:
+                    section.add(user)
+                    frontier.append(user)
+            else:
+                raise Refusal(f"between the all_to_alls, {user.name} ({user.target}) is neither a row move nor "
+                              "an expert FFN")
+    if len(back) != 1:
+        raise Refusal(f"the received tokens reach {len(back)} all_to_alls, not one that returns the expert outputs")
+    inside = section | {received} | {m.out for m in used}
+    for match in used:
+        if match.x not in inside:
+            raise Refusal(f"the expert FFN {match.out.name} reads {match.x.name}, not rows of the received tokens")
+    for node in section:
+        # A row from outside (padding, another tensor) would be returned as an expert output.
+        outside = [n.name for n in node.all_input_nodes if n not in inside]
+        if outside:
+            raise Refusal(f"{node.name} between the all_to_alls also reads {', '.join(outside)}")
+    return back[0], used, section
+
+
+@_real
+def _order_experts(received: fx.Node, back: Collective, used: list[FfnMatch], section: set[fx.Node],
+                   world: int, hidden: int) -> list[FfnMatch]:
+    """Prove that row ``(p, i, c)`` of the received ``(W, L, C, H)`` goes through exactly one FFN and
+    back to ``(p, i, c)``; return the FFNs in local-expert order ``i``."""
+    local, numel = len(used), val(received).numel()
+    if numel % (world * local * hidden):
+        raise Refusal(f"the received tokens {tuple(val(received).shape)} do not split into ({world}, {local}, C, {hidden})")
+    for m in used:
+        if tuple(val(m.out).shape) != tuple(val(m.x).shape):
+            raise Refusal(f"the expert FFN {m.out.name} changes the row shape {tuple(val(m.x).shape)}")
+    env: dict[fx.Node, object] = {received: torch.arange(numel, dtype=torch.float64).view(val(received).shape)}
+    tags = {m.out: float((i + 1) * 2 * numel) for i, m in enumerate(used)}
+    columns = torch.arange(hidden, dtype=torch.float64)
+    order = _in_order(section | {m.out for m in used})
+    for node in order:
+        match = next((m for m in used if m.out is node), None)
+        if match is None:
+            _evaluate([node], env)
+            continue
+        rows = env[match.x].reshape(-1, hidden)
+        # An FFN works on whole token rows: its input rows must be rows of the received tensor.
+        if not (torch.equal(rows - rows[:, :1], columns.expand_as(rows)) and bool((rows[:, 0] % hidden == 0).all())):
+            raise Refusal(f"the rows fed to expert FFN {match.out.name} are not whole received token rows")
+        env[node] = env[match.x] + tags[node]
+    diff = (env[back.input].reshape(world, local, -1) - env[received].reshape(world, local, -1))
+    by_tag = {tags[m.out]: m for m in used}
+    ordered = []
+    for i in range(local):
+        tag = float(diff[0, i, 0])
+        if tag not in by_tag or not bool((diff[:, i] == tag).all()):
+            raise Refusal(f"the rows of local expert {i} do not all go through one expert FFN and back to their "
+                          "place before the return all_to_all")
+        ordered.append(by_tag[tag])
+    if len({m.out for m in ordered}) != local:
+        raise Refusal("two local experts' rows go through the same FFN")
+    return ordered
+
+
+def _gating(mask: fx.Node, combine: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """``(topk, nodes)``: the one top-k the mask and combine tensors derive from, and every node
+    between its scores and them; raises Refusal if they read anything else."""
+    topks = [n for n in _ancestors(combine) if is_op(n, torch.ops.aten.topk)]
+    if len(topks) != 1 or topks[0] not in _ancestors(mask):
+        raise Refusal(f"the combine weights {combine.name} do not derive from exactly one torch.topk shared with "
+                      "the dispatch mask")
+    topk = topks[0]
+    scores = topk.args[0]
+    nodes: set[fx.Node] = set()
+    stack = [mask, combine]
+    while stack:
+        node = stack.pop()
+        if node is scores or node in nodes:
+            continue
+        # Evaluating the gating needs it to be a pure function of the scores.
+        if node.op != "call_function" or node.is_impure() or "rand" in str(node.target):
+            raise Refusal(f"the routing tensors depend on {node.name} ({node.op} {node.target}) besides the "
+                          f"top-k scores {scores.name}")
+        nodes.add(node)
+        stack.extend(node.all_input_nodes)
+    return topk, _in_order(nodes)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    out, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in out:
+            out.add(n)
+            stack.extend(n.all_input_nodes)
+    return out
+
+
+def _routings(tokens: int, experts: int, k: int) -> list[tuple[str, torch.Tensor]]:
+    """Expert choices ``(S, K)`` to evaluate the gating on: the extremes of per-expert load and random."""
+    ids = [("all tokens on experts 0..K-1", torch.arange(k).expand(tokens, k)),
+           ("all tokens on the last K experts", torch.arange(experts - 1, experts - 1 - k, -1).expand(tokens, k)),
+           ("round robin", (torch.arange(tokens).unsqueeze(1) * k + torch.arange(k)) % experts)]
+    gen = torch.Generator().manual_seed(0)
+    ids += [(f"random #{i}", torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)]))
+            for i in range(ROUTING_SEEDS)]
+    return ids
+
+
+@_real
+def _check_dropless(topk: fx.Node, nodes: list[fx.Node], mask: fx.Node, combine: fx.Node) -> None:
+    """Every chosen (token, expert) gets exactly one slot, no slot holds two tokens and no weight
+    lies outside a token's own slots, for every routing of ``_routings``."""
+    scores = topk.args[0]
+    tokens, experts = val(scores).shape
+    k = topk.args[1]
+    gen = torch.Generator().manual_seed(1)
+    for name, ids in _routings(tokens, experts, k):
+        values = 0.1 * torch.rand(tokens, experts, generator=gen, dtype=torch.float64)
+        values.scatter_(1, ids, (1.0 - 0.01 * torch.arange(k, dtype=torch.float64)).expand(tokens, k))
+        env: dict[fx.Node, object] = {scores: values.to(val(scores).dtype)}
+        _evaluate(nodes, env)
+        dm, cw = env[mask].double(), env[combine].double()
+        chosen = torch.zeros(tokens, experts, dtype=torch.float64).scatter_(1, ids, 1.0)
+        problems = [("a dispatch mask entry is not 0 or 1", bool(((dm != 0) & (dm != 1)).any())),
+                    ("a slot holds two tokens", bool((dm.sum(0) > 1).any())),
+                    ("a chosen expert does not get exactly one slot of the token (dropped)",
+                     not torch.equal(dm.sum(-1), chosen)),
+                    ("a combine weight lies outside the token's dispatched slots", bool(((cw != 0) & (dm == 0)).any()))]
+        for problem, found in problems:
+            if found:
+                raise Refusal(f"the capacity gating is not dropless one-slot routing: with {name}, {problem}")
+
+
+def _scales_builder(combine: fx.Node, topk_ids: fx.Node) -> Callable[[fx.Graph, fx.Node], fx.Node]:
+    """``combine.sum(-1).gather(1, ids)``: each (token, choice)'s weight, exact (one non-zero slot)."""
+    def build(graph: fx.Graph, before: fx.Node) -> fx.Node:
+        per_expert = insert_call(graph, before, aten.sum.dim_IntList, (combine, [-1]))
+        return insert_call(graph, before, aten.gather.default, (per_expert, 1, topk_ids))
+    return build
+
+
+def _topk_indices(topk: fx.Node) -> fx.Node:
+    for user in topk.users:
+        if user.target is operator.getitem and user.args[1] == 1:
+            return user
+    raise Refusal(f"the indices of the top-k {topk.name} are not used; the routing has no expert ids")
+
+
+def match_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[MoeBlock]:
+    """The capacity MoE block whose dispatch all_to_all is ``a2a``; None when ``a2a`` feeds no
+    expert FFN (not a candidate); raises Refusal."""
+    received = output_value(a2a)
+    if not _reaches_an_expert(received, experts):
+        return None
+    back, used, section = _expert_section(received, experts)
+    # One EP group with equal splits: chunk p of dim 0 (experts [p*L, (p+1)*L)) goes to rank p.
+    if back.group_name != a2a.group_name or back.group_size != a2a.group_size:
+        raise Refusal(f"the all_to_alls run over different groups ({a2a.group_name!r}, {back.group_name!r})")
+    if not (a2a.equal_splits and back.equal_splits):
+        raise Refusal("an all_to_all has unequal splits; the capacity layout sends E/W experts to each rank")
+    world = a2a.group_size
+    mask, x, dispatch_region, (s, e, c, h) = _dispatch_einsum(a2a)
+    if e != world * len(used):
+        raise Refusal(f"the mask has {e} experts but the {world} ranks run {len(used)} expert FFNs each")
+    ordered = _order_experts(received, back, used, section, world, h)
+    check_same_experts(ordered)
+    returned = output_value(back)
+    y, combine, combine_region = _combine_einsum(returned, (s, e, c, h))
+    topk, gating_nodes = _gating(mask, combine)
+    gate_experts, _ = topk_layout(topk)
+    if gate_experts != e or val(topk.args[0]).size(0) != s:
+        raise Refusal(f"the top-k chooses among {gate_experts} experts for {val(topk.args[0]).size(0)} tokens, "
+                      f"the capacity tensors have ({s}, {e}, C)")
+    # Dropless by counting: one expert receives at most S tokens, so C >= S slots always suffice.
+    if c < s:
+        raise Refusal(f"capacity C={c} < tokens per rank S={s}: an expert chosen by more than {c} tokens drops "
+                      "some, and dispatch_v2 is dropless")
+    _check_dropless(topk, gating_nodes, mask, combine)
+    dtype = val(x).dtype
+    if ordered[0].dtype != dtype or val(y).dtype != dtype:
+        raise Refusal(f"x is {dtype} but the experts run in {ordered[0].dtype} and the combine in {val(y).dtype}")
+
+    out, shared = shared_addend(y)
+    ids = _topk_indices(topk)
+    nodes = dispatch_region | section | combine_region | collective_nodes(a2a, received) | collective_nodes(back, returned)
+    return MoeBlock(PATTERN, a2a.nodes[0], x, ids, _scales_builder(combine, ids), ordered, a2a.group_name, world,
+                    group_rank(a2a.group_name), e, out, shared, nodes)
+
+
+@register_pass(PATTERN)
+def fuse_moe_capacity_a2a(graph: fx.Graph, ctx: PassContext) -> None:
+    """Rewrite every dropless capacity all-to-all MoE block (anchored at its dispatch all_to_all).
+
+    Before (W = 2, S = 8, E = 4, C = 8, H = 16, post-grad; einsums as bmm between views)::
+
+        view_5:        "f32[8, 4, 8]"  = <combine weights from topk(div, 2)>
+        convert_4:     "f32[8, 4, 8]"  = prims.convert_element_type(convert_3 (bool), torch.float32)
+        bmm:           "f32[1, 32, 16]" = aten.bmm(view_6 <- convert_4, view_7 <- x)     # dispatch einsum
+        view_9:        "f32[4, 8, 16]" = aten.view(...)
+        all_to_all_single = _c10d_functional.all_to_all_single(view_9, [2, 2], [2, 2], "0")
+        copy:          "f32[4, 8, 16]" = aten.copy(empty, wait_tensor)
+        view_12 -> split -> getitem_4 -> clone -> view_13 "f32[16, 16]" -> <FFN 0> -> view_14 "f32[2, 1, 8, 16]"
+        ... local expert 1 -> view_17 ...
+        cat:           "f32[2, 2, 8, 16]" = aten.cat([view_14, view_17], 1)
+        all_to_all_single_1 = _c10d_functional.all_to_all_single(view_18, [2, 2], [2, 2], "0")
+        copy_1:        "f32[4, 8, 16]" = aten.copy(empty_1, wait_tensor_1)
+        bmm_2:         "f32[1, 8, 16]" = aten.bmm(view_19 <- view_5, view_20 <- copy_1)  # combine einsum
+        view_22:       "f32[8, 16]"    = aten.view(...)
+        add_3:         "f32[8, 16]"    = aten.add.Tensor(view_22, mm_6)                  # + shared(x)
+
+    After::
+
+        sum_5:   "f32[8, 4]" = aten.sum.dim_IntList(view_5, [-1])
+        gather:  "f32[8, 2]" = aten.gather(sum_5, 1, getitem_1)                          # topk indices
+        npu_moe_distribute_dispatch_v2 = moe_fusion.npu_moe_distribute_dispatch_v2(x, ids_i32, "0", 2, 1, 4)
+        npu_ffn_grouped: "f32[32, 16]" = moe_fusion.npu_ffn_grouped(getitem, stack, stack_1, "silu",
+                                                                    expert_tokens=getitem_2, inner_precise=0)
+        npu_moe_distribute_combine_v2: "f32[8, 16]" = moe_fusion.npu_moe_distribute_combine_v2(
+            npu_ffn_grouped, ids_i32, getitem_1, getitem_3, gather, "0", 2, 1, 4,
+            tp_send_counts=getitem_4, shared_expert_x=mm_6)
+
+    The gating stays; the dispatch mask chain it fed dies and is erased.
+    """
+    experts = ffn_matches(graph)
+    blocks = []
+    for a2a in find_collectives(graph, "all_to_all"):
+        try:
+            block = match_block(a2a, experts)
+        except Refusal as refusal:
+            ctx.refuse(PATTERN, a2a.nodes[0], str(refusal))
+            continue
+        if block is not None:
+            blocks.append(block)
+    fused = [rewrite(graph, block, ctx) for block in blocks]
+    if any(fused):
+        graph.eliminate_dead_code()     # the dispatch mask chain the einsum read

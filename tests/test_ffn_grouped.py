@@ -1,0 +1,179 @@
+"""``npu_ffn_grouped``: the kernel against the independent FFN oracle (``oracle_ffn``, written from SPEC
+§5.4) on the counted rows, zeros on the padding rows, agreement with ``npu_ffn``'s list form, a static
+graph without host reads of the counts, and every validation rule in eager and compiled mode."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.exc import TorchRuntimeError
+
+import moe_fusion
+from cases.npu_ffn_grouped import GroupedCase, make_call
+from moe_fusion import OpValidationError, npu_ffn, npu_ffn_grouped
+from oracle_ffn import ffn_reference
+
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def assert_matches_oracle(y: torch.Tensor, args: tuple, kwargs: dict) -> None:
+    """Counted rows inside the oracle's enclosure (``npu_ffn`` with the counts as a list); padding rows zero."""
+    x, w1, w2, activation = args
+    tokens = kwargs["expert_tokens"]
+    counts = torch.diff(tokens, prepend=tokens.new_zeros(1)) if kwargs.get("tokens_index_flag") else tokens
+    total = int(counts.sum())
+    assert y.dtype == x.dtype and y.shape == (x.size(0), w2.size(2))
+    assert not y[total:].any(), "padding rows must be zero"
+    if total == 0:
+        return
+    ref = ffn_reference(x[:total], w1, w2, activation, expert_tokens=counts.tolist(), bias1=kwargs.get("bias1"),
+                        bias2=kwargs.get("bias2"), inner_precise=kwargs.get("inner_precise"))
+    values = y[:total].double()
+    outside = (values < ref.lo) | (values > ref.hi)
+    assert not outside.any(), f"{int(outside.sum())} values outside the oracle's enclosure"
+
+
+CASES = [GroupedCase(dtype=dtype, activation=act, bias=bias, counts=counts, rows=rows, index_form=index)
+         for dtype in (FP32, BF16, FP16)
+         for act, bias, index in (("silu", False, False), ("gelu", True, True), ("relu", True, False),
+                                  ("fastgelu", False, True))
+         for counts, rows in (((2, 0, 3), 7), ((4, 1), 5), ((0, 0, 0), 4))]
+CASES += [GroupedCase(dtype=FP32, activation="swiglu", bias=True), GroupedCase(dtype=BF16, activation="geglu"),
+          GroupedCase(dtype=FP16, activation="reglu", inner_precise=1), GroupedCase(dtype=FP16, inner_precise=1)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_matches_oracle(case):
+    args, kwargs = make_call(case)
+    assert_matches_oracle(npu_ffn_grouped(*args, **kwargs), args, kwargs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(counts=st.lists(st.integers(0, 6), min_size=1, max_size=5), padding=st.integers(0, 4),
+       dtype=st.sampled_from([FP32, BF16]), seed=st.integers(0, 100))
+def test_random_counts_match_oracle(counts, padding, dtype, seed):
+    case = GroupedCase(counts=tuple(counts), rows=sum(counts) + padding, dtype=dtype, bias=True, seed=seed)
+    args, kwargs = make_call(case)
+    assert_matches_oracle(npu_ffn_grouped(*args, **kwargs), args, kwargs)
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_equals_npu_ffn_on_counted_rows(dtype):
+    """The tensor-count form computes what npu_ffn's list form computes, with the same roundings (the
+    fp32 bias is added after the matmul instead of inside addmm: an fp32 ulp apart at most)."""
+    args, kwargs = make_call(GroupedCase(counts=(3, 0, 4, 1), rows=11, dtype=dtype, bias=True, activation="gelu"))
+    x, w1, w2, act = args
+    y = npu_ffn_grouped(*args, **kwargs)
+    expected = npu_ffn(x[:8], w1, w2, act, expert_tokens=[3, 0, 4, 1], bias1=kwargs["bias1"], bias2=kwargs["bias2"])
+    torch.testing.assert_close(y[:8], expected, rtol=2e-7, atol=2e-7)
+
+
+def test_static_graph_keeps_counts_on_device():
+    """Compiled fullgraph with the counts computed in the graph: no host read, no data-dependent shape."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def block(x, w1, w2, ids):
+        counts = torch.nn.functional.one_hot(ids, w1.size(0)).sum(0)     # like dispatch's expert_token_nums
+        return npu_ffn_grouped(x, w1, w2, "silu", expert_tokens=counts)
+
+    (x, w1, w2, _), _ = make_call(GroupedCase(counts=(2, 2, 3), rows=7))
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    compiled = torch.compile(block, backend=capture, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x, w1, w2, ids), block(x, w1, w2, ids), rtol=0, atol=0)
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert not any("item" in t or "_local_scalar_dense" in t or "tolist" in t for t in targets), targets
+
+
+def test_compiles_with_inductor():
+    args, kwargs = make_call(GroupedCase(counts=(2, 3), rows=6, bias=True))
+    compiled = torch.compile(npu_ffn_grouped, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(*args, **kwargs), npu_ffn_grouped(*args, **kwargs), rtol=0, atol=0)
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def _call(case: GroupedCase = GroupedCase(), **changes) -> tuple[tuple, dict]:
+    args, kwargs = make_call(case)
+    named = {**dict(zip(("x", "weight1", "weight2", "activation"), args)), **kwargs, **changes}
+    return tuple(named.pop(k) for k in ("x", "weight1", "weight2", "activation")), named
+
+
+BF = GroupedCase(dtype=BF16)
+STRUCTURAL = [
+    ("portable", _call(x=torch.randn(7)), "npu_ffn_grouped: x must be 2-D, got shape (7,)"),
+    ("portable", _call(x=torch.randn(7, 8, dtype=torch.float64)),
+     "npu_ffn_grouped: x dtype must be one of (float16, bfloat16, float32), got float64"),
+    ("portable", _call(weight1=torch.randn(3, 8, 6, dtype=BF16)),
+     "npu_ffn_grouped: weight1 dtype must equal x's (float32), got bfloat16"),
+    ("portable", _call(weight2=torch.randn(3, 6)), "npu_ffn_grouped: weight2 must be 3-D, got shape (3, 6)"),
+    ("portable", _call(expert_tokens=torch.tensor([2, 0, 3], dtype=torch.int32)),
+     "npu_ffn_grouped: expert_tokens dtype must be one of (int64), got int32"),
+    ("portable", _call(expert_tokens=torch.tensor([2, 5])),
+     "npu_ffn_grouped: weight1 must have E=2 experts in dim 0 (len(expert_tokens)), got shape (3, 8, 6)"),
+    ("portable", _call(weight1=torch.randn(3, 4, 6)),
+     "npu_ffn_grouped: weight1 must have K1 == x.size(1) == 8, got shape (3, 4, 6)"),
+    ("portable", _call(weight2=torch.randn(3, 5, 8)), "npu_ffn_grouped: weight2 must have K2 == N1 == 6, got shape (3, 5, 8)"),
+    ("portable", _call(bias1=torch.randn(3, 5)), "npu_ffn_grouped: bias1 must have shape (3, 6), got shape (3, 5)"),
+    ("portable", _call(BF, bias2=torch.randn(3, 8, dtype=BF16)),
+     "npu_ffn_grouped: bias2 dtype must be one of (float32), got bfloat16"),
+    ("portable", _call(activation="tanh"),
+     "npu_ffn_grouped: activation must be one of ('fastgelu', 'gelu', 'relu', 'silu', 'geglu', 'swiglu', 'reglu') "
+     "(case-insensitive), got 'tanh'"),
+    ("portable", _call(inner_precise=2), "npu_ffn_grouped: inner_precise must be one of (0, 1), got 2"),
+    ("A3", _call(), "npu_ffn_grouped: x dtype must be one of (float16, bfloat16), got float32"),
+    ("A2", _call(replace(BF, activation="swiglu")),
+     "npu_ffn_grouped: activation swiglu is not supported with experts on A2/A3, got 'swiglu'"),
+    ("A3", _call(BF, inner_precise=1), "npu_ffn_grouped: inner_precise must be 0 (high precision) for bfloat16 x, got 1"),
+    ("A3", _call(replace(BF, n2=4)), "npu_ffn_grouped: weight2 must have N2 == K1 == 8 on A2/A3, got shape (3, 6, 4)"),
+]
+VALUES = [
+    (_call(expert_tokens=torch.tensor([2, -1, 3])), "npu_ffn_grouped: expert_tokens entries must be >= 0, got [2, -1, 3]"),
+    (_call(expert_tokens=torch.tensor([2, 4, 3])), "npu_ffn_grouped: expert_tokens must cover at most the M=7 rows of x, "
+                                                   "got [2, 4, 3]"),
+    (_call(expert_tokens=torch.tensor([2, 1, 3]), tokens_index_flag=True),
+     "npu_ffn_grouped: expert_tokens must be non-negative, non-decreasing cumulative ends (tokens_index_flag=True), "
+     "got [2, 1, 3]"),
+]
+
+
+@pytest.mark.parametrize("target, call, message", STRUCTURAL, ids=lambda v: v if isinstance(v, str) else "")
+def test_structural_rules_eager_and_compiled(target, call, message):
+    args, kwargs = call
+    with moe_fusion.target(target):
+        with pytest.raises(OpValidationError) as eager:
+            npu_ffn_grouped(*args, **kwargs)
+        assert str(eager.value) == message
+        torch._dynamo.reset()
+        with pytest.raises(TorchRuntimeError) as traced:     # raised by the fake kernel at trace time
+            torch.compile(npu_ffn_grouped, backend="eager", fullgraph=True)(*args, **kwargs)
+        assert message in str(traced.value)
+
+
+@pytest.mark.parametrize("call, message", VALUES, ids=lambda v: v if isinstance(v, str) else "")
+def test_count_values_rejected_eager_and_compiled(call, message):
+    args, kwargs = call
+    with pytest.raises(OpValidationError) as eager:
+        npu_ffn_grouped(*args, **kwargs)
+    assert str(eager.value) == message
+    torch._dynamo.reset()
+    with pytest.raises(OpValidationError) as compiled:      # the counts exist only when the graph runs
+        torch.compile(npu_ffn_grouped, backend="aot_eager", fullgraph=True)(*args, **kwargs)
+    assert str(compiled.value) == message
+
+
+def test_transposed_weight_views():
+    """Stacked ``nn.Linear`` weights arrive as transposed views (the passes' layout): same result up to
+    the matmul's blocking for that layout (fp32 ulps)."""
+    args, kwargs = make_call(GroupedCase(counts=(3, 2), rows=6, k1=8, hidden=12, n2=8))
+    x, w1, w2, act = args
+    views = (w1.transpose(1, 2).contiguous().transpose(1, 2), w2.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not views[0].is_contiguous()
+    torch.testing.assert_close(npu_ffn_grouped(x, *views, act, **kwargs), npu_ffn_grouped(*args, **kwargs),
+                               rtol=1e-6, atol=1e-6)
