@@ -1,0 +1,138 @@
+"""``moe_fusion.torchair_backend()``: torchair's NPU backend with moe_fusion's fusion passes.
+
+torchair compiles a dynamo graph with AOT autograd (its own decompositions, which turn
+``_c10d_functional.all_to_all_single`` into ``npu_define.all_to_all_single_npu``) and then, on the
+forward/inference graph it is about to convert to GE, calls
+``CompilerConfig.post_grad_custom_pre_pass(gm, example_inputs, config)`` (``npu_fx_compiler.
+_optimize_fx``). The fusion passes run there, with torchair's collective forms recognized
+(``moe_fusion.passes.torchair_collectives``), and the fused ops reach GE through the converters
+``register_converters()`` installs.
+
+Group names: the passes name groups by their c10d names. GE's communication ops need HCCL
+communicator names instead, so after fusion every ``group_ep``/``group_tp`` argument naming a
+c10d group with an HCCL backend becomes that group's HCCL communicator name, as torchair does for
+its own collectives (``hcom_utils``). Other groups (the CPU fake process group of the tests) keep
+their c10d names.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..passes import FusionReport, run_fusion_passes
+from ..passes import torchair_collectives  # noqa: F401  (adds torchair's collective forms to the recognizers)
+from . import _importable_torchair, register_converters
+
+GROUP_ARGUMENTS = ("group_ep", "group_tp")
+aten = torch.ops.aten
+# Allocations that read only the size, dtype and device of their tensor argument.
+LIKE_ALLOCATIONS = (aten.empty_like.default, aten.new_empty.default, aten.new_empty_strided.default)
+
+
+def detach_allocations(graph: fx.Graph) -> None:
+    """Replace ``empty_like(t)`` / ``t.new_empty(...)`` of a contiguous result by
+    ``empty(size, dtype, device)`` (what torchair converts: not ``empty_strided``).
+
+    ``dist.all_to_all_single(torch.empty_like(x), x)`` allocates its out= buffer from ``x``:
+    inductor's decompositions make that allocation independent of ``x``, torchair's keep it a user
+    of ``x``, which the passes would count as a second use of a value they replace. Only static
+    sizes are rewritten.
+
+    Before / after::
+
+        buffer = empty_like(x)                      buffer = empty([E, c, h], dtype=bf16, device=cpu)
+        out = all_to_all_single_npu(x, ...)         out = all_to_all_single_npu(x, ...)
+    """
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in LIKE_ALLOCATIONS:
+            continue
+        value = node.meta.get("val")
+        static = isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape)
+        if not static or not value.is_contiguous():
+            continue
+        with graph.inserting_before(node):
+            empty = graph.call_function(aten.empty.memory_format, (list(value.shape),),
+                                        {"dtype": value.dtype, "device": value.device})
+        empty.meta.update(node.meta)
+        node.replace_all_uses_with(empty)
+        graph.erase_node(node)
+
+
+def hccl_group_name(group_name: str) -> str:
+    """The HCCL communicator name of the c10d group ``group_name`` when it runs on HCCL, else
+    ``group_name`` unchanged (unknown names included: they are not c10d groups)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return group_name
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        group = _resolve_process_group(group_name)
+    except Exception:  # unknown names raise several types; such a name is already what the op gets
+        return group_name
+    if dist.get_backend(group) != "hccl":
+        return group_name
+    return group._get_backend(torch.device("npu")).get_hccl_comm_name(dist.get_rank(), init_comm=True)
+
+
+def use_hccl_group_names(graph: fx.Graph) -> None:
+    """Rename the groups of every moe_fusion op in ``graph`` to HCCL names (``hccl_group_name``)."""
+    for node in graph.nodes:
+        if node.op != "call_function" or not str(node.target).startswith("moe_fusion."):
+            continue
+        names = [a.name for a in node.target._schema.arguments]
+        args = list(node.args)
+        for i, name in enumerate(names[:len(args)]):
+            if name in GROUP_ARGUMENTS and isinstance(args[i], str):
+                args[i] = hccl_group_name(args[i])
+        node.args = tuple(args)
+        node.kwargs = {k: hccl_group_name(v) if k in GROUP_ARGUMENTS and isinstance(v, str) else v
+                       for k, v in node.kwargs.items()}
+
+
+def fusion_pre_pass(target: str = "A3", passes: Optional[Sequence[str]] = None,
+                    report: Optional[FusionReport] = None,
+                    then: Optional[Callable[..., Any]] = None) -> Callable[[fx.GraphModule, list, Any], None]:
+    """The fusion passes as a torchair ``post_grad_custom_pre_pass``, ``fn(gm, example_inputs,
+    config)``; ``then`` is a pre-pass of the user's to run afterwards (kept as ``pre_pass.user_pass``)."""
+    def pre_pass(gm: fx.GraphModule, example_inputs: list, config: Any) -> None:
+        detach_allocations(gm.graph)
+        run_fusion_passes(gm.graph, target=target, passes=passes, report=report)
+        use_hccl_group_names(gm.graph)
+        gm.recompile()
+        if then is not None:
+            then(gm, example_inputs, config)
+
+    pre_pass.user_pass = then
+    return pre_pass
+
+
+def torchair_backend(config: Any = None, target: str = "A3", *, passes: Optional[Sequence[str]] = None,
+                     report: Optional[FusionReport] = None) -> Callable[..., Any]:
+    """A ``torch.compile`` backend: ``torchair.get_npu_backend(compiler_config=config)`` with the
+    fusion passes installed as ``config.post_grad_custom_pre_pass`` and the GE converters of the
+    moe_fusion ops registered.
+
+    Args:
+        config: a ``torchair.CompilerConfig`` (default: a new one). Its pre-pass is set in place;
+            a pre-pass already set there runs after the fusion passes.
+        target: ``"A3"`` (default), ``"A2"`` or ``"portable"``: whose limits a rewrite must respect.
+        passes: names of the passes to run (default: all, see ``moe_fusion.passes.PASSES``).
+        report: a ``FusionReport`` to fill with what was fused or refused, and why.
+
+    Raises:
+        RuntimeError: torchair is not importable (it comes with torch_npu; without CANN see
+            ``moe_fusion.ge_plugin.torchair_env.import_torchair``).
+    """
+    torchair = _importable_torchair()
+    if torchair is None or not register_converters():
+        raise RuntimeError("moe_fusion.torchair_backend needs torchair: install torch_npu (on a machine without "
+                           "CANN, moe_fusion.ge_plugin.torchair_env.import_torchair() provides its Python layer)")
+    config = config if config is not None else torchair.CompilerConfig()
+    current = config.post_grad_custom_pre_pass.value
+    user_pass = getattr(current, "user_pass", current)   # a config passed here before keeps one fusion pre-pass
+    config.post_grad_custom_pre_pass = fusion_pre_pass(target, passes, report, then=user_pass)
+    return torchair.get_npu_backend(compiler_config=config)
