@@ -8,5 +8,9 @@ setup(
     python_requires=">=3.10",
     # A range 2.13.0 satisfies: pip then keeps the CPU build installed first (see README).
     install_requires=["torch>=2.13"],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "numpy", "pytest-timeout"]},
+    extras_require={
+        "onnx": ["onnx>=1.20", "onnxscript>=0.5", "onnxruntime>=1.22"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "numpy", "pytest-timeout",
+                 "onnx>=1.20", "onnxscript>=0.5", "onnxruntime>=1.22", "protobuf>=4.21"],
+    },
 )

@@ -7,16 +7,35 @@ kernels and reference kernels for every device. It never needs torch_npu or torc
 from __future__ import annotations
 
 from .errors import OpValidationError
-from .functional import npu_ffn, npu_moe_re_routing, npu_moe_update_expert
+from .functional import npu_ffn, npu_ffn_grouped, npu_moe_re_routing, npu_moe_update_expert
 from .functional import npu_alltoall_allgather_bmm, npu_bmm_reducescatter_alltoall
 from .functional import (npu_moe_distribute_combine_add_rms_norm, npu_moe_distribute_combine_v2,
                          npu_moe_distribute_dispatch_v2)
+from .ge_plugin import register_npu_dispatch
 from .int4 import pack_int4, unpack_int4
 from .targets import get_target, set_target, target
 
+register_npu_dispatch()   # NPU tensors run CANN's kernels through torch_npu when it is installed
+
 __all__ = [
-    "OpValidationError", "npu_ffn", "npu_moe_re_routing", "npu_moe_update_expert",
+    "OpValidationError", "npu_ffn", "npu_ffn_grouped", "npu_moe_re_routing", "npu_moe_update_expert",
     "npu_alltoall_allgather_bmm", "npu_bmm_reducescatter_alltoall",
     "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2", "npu_moe_distribute_combine_add_rms_norm",
     "pack_int4", "unpack_int4", "get_target", "set_target", "target",
+    "backend", "explain", "MoeFusionGraphPass", "FusionReport", "torchair_backend",
 ]
+
+_PASS_EXPORTS = ("backend", "explain", "MoeFusionGraphPass", "FusionReport")
+
+
+def __getattr__(name: str):
+    # The passes import inductor: load them on first use, not with the ops.
+    if name in _PASS_EXPORTS:
+        from . import passes
+
+        return getattr(passes, name)
+    if name == "torchair_backend":   # the passes, and torchair when the backend is built
+        from .ge_plugin.backend import torchair_backend
+
+        return torchair_backend
+    raise AttributeError(f"module 'moe_fusion' has no attribute {name!r}")

@@ -1,20 +1,17 @@
-"""``python -m moe_fusion {demo,explain,bench}``."""
+"""``python -m moe_fusion {demo,explain,export,bench}``."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import runpy
 import sys
 from pathlib import Path
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from .factory import load_factory
     from .passes import explain
 
-    module_name, _, factory_name = args.factory.partition(":")
-    if not factory_name:
-        raise SystemExit("explain: give the factory as module:function (returning (model, inputs))")
-    model, inputs = getattr(importlib.import_module(module_name), factory_name)()
+    model, inputs = load_factory(args.factory, "explain")
     explain(model, *inputs, target=args.target)
     return 0
 
@@ -42,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     explain_parser.add_argument("factory", help="module:function returning (model, inputs)")
     explain_parser.add_argument("--target", choices=["portable", "A2", "A3"], default=None)
 
+    from .onnx import cli as onnx_cli
+
+    onnx_cli.add_arguments(commands.add_parser("export", help="export a model to ONNX (fused ops as ai.moe_fusion nodes)"))
+
     bench_parser = commands.add_parser("bench", help="run a benchmark script of the source checkout")
     bench_parser.add_argument("which", choices=["local_ops", "comm_ops", "fusion"])
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo.main(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "export":
+        return onnx_cli.main(args)
     return _bench(args)
 
 

@@ -2,7 +2,8 @@
 
 Nothing in it mentions moe_fusion: it is the unfused code the fusion passes rewrite. The expert
 FFN of one rank runs as two batched matmuls over its ``E/ep`` local experts; the communication is
-``torch.distributed`` on the EP and TP groups (a group of size 1 means no collective)::
+``torch.distributed`` on the EP and TP groups (``None`` means no collective; a group of one rank
+communicates with itself, as DeepSpeed code does, so a world of one still holds the collectives)::
 
     gate -> dispatch einsum (E, C, H) -> all_to_all(EP) -> all_gather(TP) -> permute/reshape
          -> bmm W1 (+b1) -> act -> bmm W2 -> reduce_scatter(TP) (+b2) -> all_to_all(EP) -> combine
@@ -32,6 +33,12 @@ Tensor = torch.Tensor
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
 
+def _frozen(t: Tensor) -> torch.nn.Parameter:
+    """An inference weight: the fused ops have no autograd, and gloo's in-place collectives
+    reject outputs that require grad."""
+    return torch.nn.Parameter(t, requires_grad=False)
+
+
 def _size_rank(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     """(size, this process's rank) of ``group``; ``None`` is a group of one."""
     if group is None:
@@ -47,7 +54,7 @@ class DeepSpeedMoE(torch.nn.Module):
         hidden: ``H``, the model size.
         ffn_hidden: ``M``, the expert FFN size (split over TP).
         num_experts: ``E``, a multiple of the EP group size.
-        ep_group, tp_group: process groups (``None`` or a group of size 1: no communication).
+        ep_group, tp_group: process groups (``None``: no communication).
         capacity_factor: ``C = ceil(tokens * top_k * capacity_factor / E)``, rounded up to a
             multiple of ``tp`` for ``shard="capacity"``. Tokens beyond an expert's capacity are dropped.
         activation: ``"gelu"`` (erf), ``"silu"`` or ``"relu"``.
@@ -86,13 +93,13 @@ class DeepSpeedMoE(torch.nn.Module):
         experts = slice(self.ep_rank * self.local_experts, (self.ep_rank + 1) * self.local_experts)
         m = ffn_hidden // self.tp
         cols = slice(self.tp_rank * m, (self.tp_rank + 1) * m)
-        self.wg = torch.nn.Parameter(wg)                                           # (H, E) fp32, replicated
-        self.w1 = torch.nn.Parameter(w1[experts, :, cols].to(dtype).contiguous())  # (local, H, M/tp)
-        self.w2 = torch.nn.Parameter(w2[experts, cols, :].to(dtype).contiguous())  # (local, M/tp, H)
+        self.wg = _frozen(wg)                                           # (H, E) fp32, replicated
+        self.w1 = _frozen(w1[experts, :, cols].to(dtype).contiguous())  # (local, H, M/tp)
+        self.w2 = _frozen(w2[experts, cols, :].to(dtype).contiguous())  # (local, M/tp, H)
         if bias:
-            self.b1 = torch.nn.Parameter(b1[experts, :, cols].to(dtype).contiguous())   # (local, 1, M/tp)
+            self.b1 = _frozen(b1[experts, :, cols].to(dtype).contiguous())   # (local, 1, M/tp)
             h_out = self.hidden_slice(hidden)
-            self.b2 = torch.nn.Parameter(b2[experts, :, h_out].to(dtype).contiguous())  # (local, 1, H or H/tp)
+            self.b2 = _frozen(b2[experts, :, h_out].to(dtype).contiguous())  # (local, 1, H or H/tp)
         else:
             self.b1 = self.b2 = None
 
@@ -154,14 +161,14 @@ class DeepSpeedMoE(torch.nn.Module):
 
         # Send each expert's slots to the EP rank owning it: dim 0 becomes (source EP rank, local expert).
         received = dispatched
-        if ep > 1:
+        if self.ep_group is not None:
             received = torch.empty_like(dispatched)
             dist.all_to_all_single(received, dispatched, group=self.ep_group)
         received = received.view(ep, local, c, h).permute(1, 0, 2, 3).contiguous()   # (local, ep, c, h)
 
         # Collect the TP ranks' shards: (tp, local, ep, c, h) -> (local, ep*C, H).
         gathered = received
-        if tp > 1:
+        if self.tp_group is not None:
             gathered = received.new_empty((tp * local, ep, c, h))
             dist.all_gather_into_tensor(gathered, received, group=self.tp_group)
         gathered = gathered.view(tp, local, ep, c, h)
@@ -178,7 +185,7 @@ class DeepSpeedMoE(torch.nn.Module):
         else:
             send = partial.view(local, ep, c, tp, h).permute(3, 0, 1, 2, 4)     # (tp, local, ep, C, h)
         send = send.contiguous()
-        if tp > 1:
+        if self.tp_group is not None:
             reduced = send.new_empty(send.shape[1:])
             dist.reduce_scatter_tensor(reduced, send.flatten(0, 1), group=self.tp_group)
         else:
@@ -189,15 +196,15 @@ class DeepSpeedMoE(torch.nn.Module):
         # Return every expert output to the EP rank its tokens came from.
         outgoing = reduced.permute(1, 0, 2, 3).contiguous()                    # (ep, local, c, h)
         returned = outgoing
-        if ep > 1:
+        if self.ep_group is not None:
             returned = torch.empty_like(outgoing)
             dist.all_to_all_single(returned, outgoing, group=self.ep_group)
         expert_out = returned.view(ep * local, c, h)                           # (E, c, h), by global expert
 
         out = torch.einsum("sec,ecm->sm", combine[:, :, cap_slice].to(x.dtype), expert_out)   # (S, h)
-        if tp > 1 and self.shard == "capacity":     # each TP rank combined its own slots
+        if self.tp_group is not None and self.shard == "capacity":     # each TP rank combined its own slots
             dist.all_reduce(out, group=self.tp_group)
-        elif tp > 1:                                # each TP rank combined its own columns
+        elif self.tp_group is not None:                                # each TP rank combined its own columns
             columns = out.new_empty((tp * out.size(0), h))
             dist.all_gather_into_tensor(columns, out.contiguous(), group=self.tp_group)
             out = columns.view(tp, -1, h).permute(1, 0, 2).reshape(-1, tp * h)
