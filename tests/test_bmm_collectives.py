@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_fusion
-from dist_harness import run_ranks
+from moe_fusion.launch import run_ranks
 from moe_fusion.op_protos.alltoall_allgather_bmm import transpose_weight
 from oracle_bmm_collectives import alltoall_allgather_bmm_world, bmm_reducescatter_alltoall_world
 

@@ -29,7 +29,7 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
-from dist_harness import run_ranks
+from moe_fusion.launch import run_ranks
 from oracle_moe_distribute import (MoeAttrs, add_rms_norm_rows, combine_add_rms_norm_world, combine_world,
                                    comm_quant_levels, dispatch_world, dynamic_quant_row, roundtrip_world)
 

@@ -15,7 +15,7 @@ import zlib
 import pytest
 import torch
 
-from dist_harness import run_ranks
+from moe_fusion.launch import run_ranks
 from oracle_moe_distribute import MoeAttrs, combine_world, dispatch_world
 from test_moe_distribute_ranks import (ALL_CASES, BF16, FP16, FP32, assert_mostly_bitwise, assert_rows_close, expected,
                                        nterms, results_for)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import moe_fusion
-from dist_harness import run_ranks
+from moe_fusion.launch import run_ranks
 from moe_fusion import OpValidationError
 
 BF16, FP16, FP32, I32 = torch.bfloat16, torch.float16, torch.float32, torch.int32

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import bmm_forms
-from dist_harness import run_ranks
+from moe_fusion.launch import run_ranks
 from moe_fusion.demo.deepspeed_layer import DeepSpeedMoE
 from moe_fusion.passes import FusionReport, MoeFusionGraphPass, backend
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_ranks
+from moe_fusion.launch import run_ranks
 from moe_dispatch_combine_variants import LAYERS, skew_gate, tokens
 from moe_fusion.passes import FusionReport, backend
 
