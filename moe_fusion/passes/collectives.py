@@ -86,7 +86,7 @@ def _c10d_reduce_scatter(node: fx.Node) -> Optional[Collective]:
     return Collective("reduce_scatter", inp, wait, group_name, group_size, (node, wait), reduce_op=reduce_op)
 
 
-# Recognizers tried on every node; torchair's forms register here too (moe_fusion.passes.torchair).
+# Recognizers tried on every node; torchair's forms register here too (passes.torchair_collectives).
 RECOGNIZERS: list[Callable[[fx.Node], Optional[Collective]]] = [_c10d_all_to_all, _c10d_all_gather, _c10d_reduce_scatter]
 
 
