@@ -17,8 +17,11 @@ class OpValidationError(ValueError):
 def _with_example_sizes(message: str) -> str:
     """Symbolic sizes (``s97``) replaced by the sizes of the example being traced, so a message at
     trace time with ``dynamic=True`` reads like the eager one."""
+    import torch
     from torch._guards import detect_fake_mode
 
+    if torch.compiler.is_dynamo_compiling():   # dynamo tracing Python code (not a fake kernel): nothing to replace
+        return message
     shape_env = getattr(detect_fake_mode(), "shape_env", None)
     if shape_env is None:
         return message
