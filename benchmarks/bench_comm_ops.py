@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -79,7 +80,7 @@ def _bmm_pair_rank(rank: int, world: int, repeats: int) -> list:
     x = torch.randn(experts, capacity, hidden // tp, generator=gen)                   # x_shard_type 0
     weight = torch.randn(experts // ep, hidden, ffn_out // tp, generator=gen) / hidden ** 0.5
     a2a = torch.empty_like(x)
-    gathered = torch.empty((tp,) + x.shape, dtype=x.dtype)
+    gathered = torch.empty((tp * experts,) + x.shape[1:], dtype=x.dtype)            # gloo: concatenated on dim 0
 
     def fused_ag():
         return moe_fusion.npu_alltoall_allgather_bmm(x, weight, ep_group.group_name, ep, tp_group.group_name, tp,
@@ -87,7 +88,7 @@ def _bmm_pair_rank(rank: int, world: int, repeats: int) -> list:
 
     def unfused_ag():
         dist.all_to_all_single(a2a, x, group=ep_group)                                   # (ep, E/ep, C, H/tp)
-        dist.all_gather_into_tensor(gathered, a2a, group=tp_group)                       # (tp, ep, E/ep, C, H/tp)
+        dist.all_gather_into_tensor(gathered, a2a, group=tp_group)                       # (tp*ep*E/ep, C, H/tp)
         y2 = gathered.reshape(tp, ep, experts // ep, capacity, hidden // tp).permute(2, 1, 3, 0, 4)
         y2 = y2.reshape(experts // ep, ep * capacity, hidden)
         return torch.nn.functional.gelu(torch.bmm(y2, weight))
@@ -104,7 +105,7 @@ def _bmm_pair_rank(rank: int, world: int, repeats: int) -> list:
 
     def unfused_rs():
         t1 = torch.bmm(y, w2).reshape(experts // ep, ep * capacity, tp, hidden // tp).permute(2, 0, 1, 3).contiguous()
-        dist.reduce_scatter_tensor(scattered, t1, group=tp_group)                        # (E/ep, ep*C, H/tp)
+        dist.reduce_scatter_tensor(scattered, t1.flatten(0, 1), group=tp_group)          # (E/ep, ep*C, H/tp)
         send = scattered.reshape(experts // ep, ep, capacity, hidden // tp).transpose(0, 1).contiguous()
         dist.all_to_all_single(out, send, group=ep_group)
         return out
@@ -116,6 +117,8 @@ def _bmm_pair_rank(rank: int, world: int, repeats: int) -> list:
 
 
 def _rank_main(rank: int, world: int, repeats: int) -> list:
+    # torch 2.13 deprecates the *_into_tensor collectives the unfused chains are written with.
+    warnings.filterwarnings("ignore", message=".*is deprecated. Please use", category=FutureWarning)
     return _dispatch_combine_rank(rank, world, repeats) + _bmm_pair_rank(rank, world, repeats)
 
 

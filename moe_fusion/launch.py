@@ -36,6 +36,8 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], ar
     import torch.distributed as dist
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"   # gloo must never pick a non-loopback interface
+    # Share the cores between the ranks, as torchrun does: oversubscribed intra-op threads thrash.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK}:{port}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout))

@@ -132,7 +132,8 @@ def _tp_reduce(op: str, group, cfg: DistConfig, expand_x: Tensor, own: int, peer
 
 def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """Steps 1–2: every row this rank computed for another rank's token, delivered there.
-    Returns ``(rows (R, H) fp32, token (R,), slot (R,))`` of the rows this rank received."""
+    Returns ``(rows (R, H), token (R,), slot (R,))`` of the rows this rank received (rows in
+    expand_x's dtype, or fp32 after int8 comm quant)."""
     expand_x, expert_ids = inputs["expand_x"], inputs["expert_ids"]
     dtype, h = expand_x.dtype, expand_x.size(1)
     assist, comm_quant_mode = inputs["assist"], inputs["comm_quant_mode"]
@@ -164,7 +165,7 @@ def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tens
         buf = pack_rows([rows, meta])
     parts = unpack_rows(exchange_rows(ep_group, buf, send_counts, recv_counts.squeeze(1)), layout)
     got = comm_dequant(parts[0], parts[1]) if comm_quant_mode == combine_proto.COMM_QUANT_INT8 else parts[0]
-    return got.float(), parts[-1][:, 0].long(), parts[-1][:, 1].long()
+    return got, parts[-1][:, 0].long(), parts[-1][:, 1].long()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,30 +199,24 @@ def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tenso
     expected = torch.cat([active & (ids < moe_end), processed.unsqueeze(1).expand(bs, cfg.n_shared)], dim=1)
     _check_received(op, inputs["assist_arg"], expected, token, slot)
 
-    # One (BS, H) plane per slot: received rows sorted by slot, scattered to their tokens.
-    by_slot = torch.argsort(slot, stable=True)
-    per_slot = torch.bincount(slot, minlength=k + cfg.n_shared).tolist()
-    rows_by_slot = rows[by_slot].split(per_slot)
-    token_by_slot = token[by_slot].split(per_slot)
-
-    def plane(j: int) -> Tensor:
-        out = rows.new_zeros((bs, h))
-        out[token_by_slot[j]] = rows_by_slot[j]
-        return out
-
+    # Received rows laid out by (token, slot); absent (token, slot) pairs stay zero.
+    slots = k + cfg.n_shared
+    by_slot = rows.new_zeros((bs * slots, h))
+    by_slot.index_copy_(0, token * slots + slot, rows)
+    by_slot = by_slot.view(bs, slots, h)
     ori = inputs["ori_x"].float() if inputs["ori_x"] is not None else None
     acc = torch.zeros((bs, h), dtype=torch.float32, device=dev)
     for j in range(k):                           # fixed slot order 0..K-1, as the kernel sums
         e = ids[:, j]
-        w = expert_scales[:, j:j + 1]
-        acc = acc + torch.where((active[:, j] & (e < moe_end)).unsqueeze(1), plane(j) * w, 0.0)
+        w = expert_scales[:, j:j + 1].float()
+        acc += by_slot[:, j].float() * w         # zero rows where slot j did not go to a MoE expert
         if copy_end > zero_end:
-            acc = acc + torch.where((active[:, j] & (e >= zero_end) & (e < copy_end)).unsqueeze(1), ori * w, 0.0)
+            acc += torch.where((active[:, j] & (e >= zero_end) & (e < copy_end)).unsqueeze(1), ori * w, 0.0)
         if const_end > copy_end:
             is_const = active[:, j] & (e >= copy_end) & (e < const_end)
-            acc = acc + torch.where(is_const.unsqueeze(1), _const_expert(inputs, ori, e - copy_end) * w, 0.0)
+            acc += torch.where(is_const.unsqueeze(1), _const_expert(inputs, ori, e - copy_end) * w, 0.0)
     for q in range(cfg.n_shared):                # shared experts: unweighted (SPEC §9 #3)
-        acc = acc + plane(k + q)
+        acc += by_slot[:, k + q].float()
     if inputs["shared_expert_x"] is not None:
         acc = acc + inputs["shared_expert_x"].reshape(bs, h).float()
     return acc, processed

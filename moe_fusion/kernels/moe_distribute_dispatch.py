@@ -125,9 +125,9 @@ def moe_distribute_dispatch_v2(x: Tensor, expert_ids: Tensor, group_ep: str, ep_
                   global_bs=global_bs, expert_token_nums_type=expert_token_nums_type, **attrs)
     cfg = PROTO.validate(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, **kwargs)
     outs = allocate_outputs(PROTO, (x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num), kwargs)
-    for out in outs:
-        out.zero_()
     expand_x, dynamic_scales, assist, token_nums, ep_counts, tp_counts, expand_scales = outs
+    for out in outs[1:]:
+        out.zero_()   # expand_x, the big one, is written once below: rows, then zero padding
     bs, h = x.shape
     k = expert_ids.size(1)
     ep_group = group_or_none(NAME, "group_ep", group_ep, cfg.world, cfg.rank)
@@ -161,7 +161,8 @@ def moe_distribute_dispatch_v2(x: Tensor, expert_ids: Tensor, group_ep: str, ep_
     source, local = code // lm, code % lm
     order = torch.argsort(local * cfg.world + source, stable=True)
     own = order.numel()
-    expand_x[:own] = parts[0][order]
+    torch.index_select(parts[0], 0, order, out=expand_x[:own])
+    expand_x[own:].zero_()
     if quant_mode == QUANT_DYNAMIC:
         dynamic_scales[:own] = parts[1][order, 0]
     if expert_scales is not None:
