@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     explain_parser.add_argument("factory", help="module:function returning (model, inputs)")
     explain_parser.add_argument("--target", choices=["portable", "A2", "A3"], default=None)
 
-    from .onnx import cli as onnx_cli
+    from . import onnx_cli
 
     onnx_cli.add_arguments(commands.add_parser("export", help="export a model to ONNX (fused ops as ai.moe_fusion nodes)"))
 

@@ -2,8 +2,6 @@
 demo layer in a world of one rank."""
 from __future__ import annotations
 
-import argparse
-
 import onnx
 import pytest
 import torch
@@ -11,7 +9,7 @@ from onnx_support import Mlp, custom_nodes, eager, export_fn, node_attrs, run_or
 
 import moe_fusion.onnx as mo
 from moe_fusion.demo.deepspeed_layer import DeepSpeedMoE
-from moe_fusion.onnx import cli
+from moe_fusion.__main__ import main as moe_fusion_main
 from moe_fusion.passes import FusionReport
 
 
@@ -44,10 +42,9 @@ def test_dynamic_batch():
 
 
 def test_cli(tmp_path):
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
+    """``python -m moe_fusion export module:factory out.onnx``."""
     out = tmp_path / "mlp.onnx"
-    assert cli.main(parser.parse_args(["onnx_support:mlp_factory", str(out)])) == 0
+    assert moe_fusion_main(["export", "onnx_support:mlp_factory", str(out)]) == 0
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     assert [n.op_type for n in custom_nodes(model)] == ["FFN"]

@@ -1,13 +1,13 @@
 """``python -m moe_fusion export <module:factory> out.onnx``: export a model to ONNX.
 
 The factory is a function of no arguments returning ``(model, inputs)`` (as for ``explain``).
+Outside the ``moe_fusion.onnx`` package, so the CLI builds without onnx installed.
 """
 from __future__ import annotations
 
 import argparse
 
-from ..factory import load_factory
-from ..passes import FusionReport
+from .factory import load_factory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .export import DEFAULT_OPSET, export
+    from .onnx.export import DEFAULT_OPSET, export
+    from .passes import FusionReport
 
     model, inputs = load_factory(args.factory, "export")
     report = FusionReport()
