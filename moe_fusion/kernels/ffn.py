@@ -53,27 +53,30 @@ def apply_activation(name: str, h: torch.Tensor) -> torch.Tensor:
     return f(h)
 
 
-def _round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round fp32 values to ``dtype`` and back (a no-op for fp32)."""
     return t if dtype == torch.float32 else t.to(dtype).float()
 
 
-def _cast_round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round fp32 ``t`` to ``dtype`` half away from zero (AscendC ``CAST_ROUND``), back as fp32.
+def cast_round_(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 ``t`` to ``dtype`` half away from zero (AscendC ``CAST_ROUND``), back as fp32;
+    may overwrite ``t`` (callers pass their own temporaries).
 
-    ``t.to(dtype)`` rounds half to even; the two differ on exact ties only. Works in fp64, where
-    dividing by the spacing of ``dtype`` at ``t`` and adding 0.5 are exact.
+    ``t.to(dtype)`` rounds half to even; the two differ on exact ties only.
     """
     if dtype == torch.float32:
         return t
-    info = torch.finfo(dtype)
-    t64 = t.double()
-    _, exp = torch.frexp(t64)                                    # 2**(exp-1) <= |t| < 2**exp
-    # Subnormals of `dtype` keep the spacing of its smallest normal binade.
-    exp = exp.clamp(min=int(math.log2(info.tiny)) + 1)
-    spacing = torch.exp2((exp - 1).double()) * info.eps
-    steps = t64 / spacing
-    return (torch.trunc(steps + 0.5 * torch.sign(steps)) * spacing).to(dtype).float()
+    if dtype == torch.bfloat16 and t.is_contiguous() and not bool(torch.isnan(t).any()):
+        # bf16 is the top half of fp32: adding half a bf16 ulp to the magnitude bits and
+        # truncating rounds ties away from zero (a carry moves into the exponent as it should).
+        # (A NaN's payload could carry into the sign bit: those take the general path.)
+        t.view(torch.int32).add_(0x8000).bitwise_and_(-0x10000)
+        return t
+    nearest_even = t.to(dtype).float()
+    # On a tie t lies halfway between nearest_even and other = 2t - nearest_even, both representable.
+    other = 2 * t - nearest_even
+    away = (other.to(dtype).float() == other) & (other.abs() > nearest_even.abs()) & torch.isfinite(other)
+    return torch.where(away, other, nearest_even)
 
 
 def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
@@ -96,7 +99,7 @@ def _dequantize_weight(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tenso
         off = off.repeat_interleave(rows_per_group, dim=-2)
     else:
         sc, off = sc.unsqueeze(-2), off.unsqueeze(-2)
-    return _round_to((values + off) * sc, dtype)
+    return round_to((values + off) * sc, dtype)
 
 
 def _segments(counts: Optional[tuple], rows: int):
@@ -149,10 +152,10 @@ def _float(x2d, w1, w2, lay, b1, b2, fp16_intermediate: bool) -> torch.Tensor:
         bias1 = _pick(b1, e)
         h = torch.mm(x32[r0:r1], _pick(w1, e)) if bias1 is None else torch.addmm(bias1, x32[r0:r1], _pick(w1, e))
         if fp16_intermediate:
-            h = _round_to(h, torch.float16)
+            h = round_to(h, torch.float16)
         act = apply_activation(lay.activation, h)
         # fp16 arithmetic rounds to nearest even; the high-precision cast is CAST_ROUND (SPEC §5.4).
-        act = _round_to(act, store) if fp16_intermediate else _cast_round(act, store)
+        act = round_to(act, store) if fp16_intermediate else cast_round_(act, store)
         bias2 = _pick(b2, e)
         if bias2 is None:
             torch.mm(act, _pick(w2, e), out=y[r0:r1])
@@ -172,8 +175,8 @@ def _quant(x2d, w1, w2, lay, b1, b2, scale, offset, deq1, deq2) -> torch.Tensor:
         h = x64[r0:r1] @ _pick(w1, e)
         if b1 is not None:
             h = h + _pick(b1, e).double()
-        h1 = _round_to((h * _pick(deq1, e)).float(), out)
-        a = _round_to(apply_activation(lay.activation, h1), out)
+        h1 = round_to((h * _pick(deq1, e)).float(), out)
+        a = round_to(apply_activation(lay.activation, h1), out)
         # AscendQuant: per-channel scales are fp16 on the device; round half to even, saturate.
         sc = _pick(scale, e).half().float() if per_channel else scale.reshape(-1)[0 if e is None else e]
         off = offset.reshape(-1)[0 if e is None else e]

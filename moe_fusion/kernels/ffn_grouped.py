@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .ffn import _cast_round, _round_to, apply_activation
+from .ffn import round_to, apply_activation, cast_round_
 
 Tensor = torch.Tensor
 ALIGN = 4     # fp32 elements per 16 bytes
@@ -68,10 +68,10 @@ def npu_ffn_grouped(x: Tensor, weight1: Tensor, weight2: Tensor, activation: str
         h = h + b1
     if store == torch.float16 and inner_precise == 1:
         # High-performance fp16: mm1 and the activation in fp16, as the device does.
-        h = apply_activation(act, _round_to(h, torch.float16))
-        h = _round_to(h, torch.float16)
+        h = apply_activation(act, round_to(h, torch.float16))
+        h = round_to(h, torch.float16)
     else:
-        h = _cast_round(apply_activation(act, h), store)
+        h = cast_round_(apply_activation(act, h), store)
     y = _grouped_mm(h, weight2, ends)
     b2 = _row_bias(bias2, expert_of_row)
     if b2 is not None:
