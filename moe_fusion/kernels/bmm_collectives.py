@@ -70,6 +70,13 @@ def _fp32_bmm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.bmm(a.float(), b.float()).to(dtype)
 
 
+def _add_bias(t: Tensor, bias: Tensor) -> Tensor:
+    """``t + bias`` in fp32, rounded to t's dtype; in place on ``t`` (a temporary) when t is fp32."""
+    if t.dtype == torch.float32:
+        return t.add_(bias.float())
+    return (t.float() + bias.float()).to(t.dtype)
+
+
 def npu_alltoall_allgather_bmm(x: Tensor, weight: Tensor, group_ep: str, group_ep_worldsize: int, group_tp: str,
                                group_tp_worldsize: int, *, bias: Optional[Tensor] = None, shard_type: int = 0,
                                act_type: int = 0, need_allgather_out: bool = False,
@@ -94,7 +101,7 @@ def npu_alltoall_allgather_bmm(x: Tensor, weight: Tensor, group_ep: str, group_e
         y2.view(local, ep, tp, c, h).copy_(gathered.permute(2, 1, 0, 3, 4))
     y3 = _fp32_bmm(y2, weight, x.dtype)
     if bias is not None:
-        y3 = (y3.float() + bias.float().view(local, 1, -1)).to(x.dtype)
+        y3 = _add_bias(y3, bias.view(local, 1, -1))
     y1 = y3 if act_type == 0 else ACTIVATIONS[act_type](y3.float()).to(x.dtype)
     return (y1,
             y2 if need_allgather_out else x.new_empty((0, 0, 0)),
@@ -117,6 +124,6 @@ def npu_bmm_reducescatter_alltoall(x: Tensor, weight: Tensor, group_ep: str, gro
         send = t1.view(local, ep, tp, rows // (ep * tp), hidden).permute(2, 1, 0, 3, 4)
     reduced = _reduce_scatter(send.contiguous(), tp_group)              # (ep, local, c', h'), EP-peer-major
     if bias is not None:
-        reduced = (reduced.float() + bias.float().view(1, local, 1, -1)).to(x.dtype)
+        reduced = _add_bias(reduced, bias.view(1, local, 1, -1))
     y = _all_to_all(reduced.contiguous(), ep_group)                     # (ep * local, c', h'): expert-major
     return y.view(ep * local, *reduced.shape[2:])
