@@ -132,20 +132,11 @@ def _check_choice(op: str, attr: str, value: Any, allowed: tuple) -> None:
         fail(op, attr, f"must be one of {allowed}", value)
 
 
-def bind(op_name: str, args: tuple, kwargs: Mapping[str, Any]) -> Values:
-    """Every argument of ``torch.ops.moe_fusion.<op_name>`` by name, defaults filled in; dtype
-    arguments as torch dtypes."""
-    schema = getattr(torch.ops.moe_fusion, op_name).default._schema
-    bound: Values = {}
-    for i, arg in enumerate(schema.arguments):
-        if i < len(args):
-            bound[arg.name] = args[i]
-        elif arg.name in kwargs:
-            bound[arg.name] = kwargs[arg.name]
-        elif arg.has_default_value():
-            bound[arg.name] = arg.default_value
-        else:
-            raise TypeError(f"{op_name}: missing argument {arg.name!r}")
+def bind(proto: OpProto, args: tuple, kwargs: Mapping[str, Any]) -> Values:
+    """Every argument of a call by name (``OpProto.bind``), dtype arguments as torch dtypes."""
+    bound = proto.bind(args, dict(kwargs))
+    schema = torch._C.parse_schema(f"{proto.qualname}{proto.schema}")
+    for arg in schema.arguments:
         if "ScalarType" in str(arg.real_type) and isinstance(bound[arg.name], int):
             bound[arg.name] = onnx_to_torch(bound[arg.name])   # the exporter hands dtypes over as ONNX enums
     return bound

@@ -31,7 +31,7 @@ def translation(proto: OpProto) -> Callable[..., Any]:
     opset = Opset(DOMAIN, OPSET_VERSION)
 
     def translate(*args: Any, **kwargs: Any) -> Any:
-        inputs, attrs = to_node(proto, bind(proto.name, args, kwargs), _value_dtype)
+        inputs, attrs = to_node(proto, bind(proto, args, kwargs), _value_dtype)
         outputs = getattr(opset, proto.ge_type)(*inputs.values(), **attrs)
         return _torch_outputs(proto, outputs)
 

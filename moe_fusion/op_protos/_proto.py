@@ -75,6 +75,25 @@ class OpProto:
     def qualname(self) -> str:
         return f"moe_fusion::{self.name}"
 
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Every argument of a call by name, in schema order, defaults filled in."""
+        schema = torch._C.parse_schema(f"{self.qualname}{self.schema}")
+        names = [a.name for a in schema.arguments]
+        unknown = sorted(set(kwargs) - set(names))
+        if len(args) > len(names) or unknown:
+            raise TypeError(f"{self.name}: unexpected arguments {unknown or list(args[len(names):])}")
+        bound: dict[str, Any] = {}
+        for i, arg in enumerate(schema.arguments):
+            if i < len(args):
+                bound[arg.name] = args[i]
+            elif arg.name in kwargs:
+                bound[arg.name] = kwargs[arg.name]
+            elif arg.has_default_value():
+                bound[arg.name] = arg.default_value
+            else:
+                raise TypeError(f"{self.name}: missing argument {arg.name!r}")
+        return bound
+
     def check(self, *args: Any, **kwargs: Any) -> None:
         """Target support + structural rules: what both the fake and the eager kernel run first."""
         from ..targets import get_target

@@ -16,7 +16,7 @@ import torch
 from ..targets import get_target, is_device_target
 from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, dtype_name, require, require_dim, require_dtype,
                      require_in, require_shape, shape_of)
-from .moe_distribute_common import DistConfig, check_dist_attrs
+from .moe_distribute_common import ASSIST_ROW_STRIDE, DEVICE_X_DTYPES, X_DTYPES, DistConfig, check_dist_attrs
 
 NAME = "npu_moe_distribute_combine_v2"
 SCHEMA = (
@@ -30,10 +30,7 @@ SCHEMA = (
     "int comm_quant_mode=0, str comm_alg=\"\", int zero_expert_num=0, int copy_expert_num=0, "
     "int const_expert_num=0) -> Tensor"
 )
-DEVICE_X_DTYPES = (torch.bfloat16, torch.float16)
-X_DTYPES = DEVICE_X_DTYPES + (torch.float32,)
 COMM_QUANT_NONE, COMM_QUANT_INT8 = 0, 2
-ASSIST_ROW_STRIDE = 128
 
 
 def _same_dtype(op: str, arg: str, t: torch.Tensor, like: torch.Tensor) -> None:

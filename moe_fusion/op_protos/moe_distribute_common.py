@@ -22,6 +22,10 @@ from ..errors import fail
 from ..targets import get_target
 from ._proto import require, require_dim, require_dtype, require_in, require_range, require_shape, shape_of
 
+DEVICE_X_DTYPES = (torch.bfloat16, torch.float16)   # tokens (x, expand_x) on A2/A3
+X_DTYPES = DEVICE_X_DTYPES + (torch.float32,)       # the portable target adds fp32
+ASSIST_ROW_STRIDE = 128                             # Meta allocates A * 128 assist_info entries
+
 INT32_MAX = 2**31 - 1
 MAX_GROUP_NAME = 127          # group names are 1..127 characters (torch_npu hcomm names)
 A3_COMM_ALGS = ("", "fullmesh_v1", "fullmesh_v2")

@@ -14,7 +14,7 @@ import torch
 from ..targets import get_target, is_device_target
 from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim, require_dtype, require_in,
                      require_shape)
-from .moe_distribute_common import DistConfig, check_dist_attrs
+from .moe_distribute_common import ASSIST_ROW_STRIDE, DEVICE_X_DTYPES, X_DTYPES, DistConfig, check_dist_attrs
 
 NAME = "npu_moe_distribute_dispatch_v2"
 SCHEMA = (
@@ -26,11 +26,7 @@ SCHEMA = (
     "int copy_expert_num=0, int const_expert_num=0, int? y_dtype=None, int? x_dtype=None, int? scales_dtype=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-DEVICE_X_DTYPES = (torch.bfloat16, torch.float16)
-X_DTYPES = DEVICE_X_DTYPES + (torch.float32,)
 QUANT_NONE, QUANT_DYNAMIC = 0, 2
-# Rows of assist_info per received row in the Meta allocation (``A * 128``).
-ASSIST_ROW_STRIDE = 128
 
 
 def validate(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,

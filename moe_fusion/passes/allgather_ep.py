@@ -34,8 +34,8 @@ import torch.fx as fx
 
 from ._graph import VIEW_OPS, is_op, val
 from .collectives import Collective, find_collectives
-from .context import PassContext
-from .moe_dispatch_combine import (MoeBlock, Refusal, check_same_experts, collective_nodes, collective_value,
+from .context import PassContext, Refusal, attempt
+from .moe_dispatch_combine import (MoeBlock, check_same_experts, collective_nodes, collective_value,
                                    ffn_matches, group_rank, output_value, rewrite, shared_addend, strip_up,
                                    topk_layout, topk_source)
 from .pipeline import register_pass
@@ -249,10 +249,6 @@ def fuse_moe_allgather_ep(graph: fx.Graph, ctx: PassContext) -> None:
     """
     experts = ffn_matches(graph)
     for rs in find_collectives(graph, "reduce_scatter"):
-        try:
-            block = match_block(rs, experts)
-        except Refusal as refusal:
-            ctx.refuse(PATTERN, rs.nodes[0], str(refusal))
-            continue
+        block = attempt(ctx, PATTERN, rs.nodes[0], lambda: match_block(rs, experts))
         if block is not None:
             rewrite(graph, block, ctx)

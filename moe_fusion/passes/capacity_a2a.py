@@ -43,8 +43,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ._graph import insert_call, is_op, val
 from .collectives import Collective, as_collective, find_collectives
-from .context import PassContext
-from .moe_dispatch_combine import (MOVE_OPS, MoeBlock, Refusal, check_same_experts, collective_nodes, ffn_matches,
+from .context import PassContext, Refusal, attempt
+from .moe_dispatch_combine import (MOVE_OPS, MoeBlock, check_same_experts, collective_nodes, ffn_matches,
                                    group_rank, output_value, rewrite, shared_addend, topk_layout, widening_cast)
 from .pipeline import register_pass
 
@@ -433,11 +433,7 @@ def fuse_moe_capacity_a2a(graph: fx.Graph, ctx: PassContext) -> None:
     experts = ffn_matches(graph)
     blocks = []
     for a2a in find_collectives(graph, "all_to_all"):
-        try:
-            block = match_block(a2a, experts)
-        except Refusal as refusal:
-            ctx.refuse(PATTERN, a2a.nodes[0], str(refusal))
-            continue
+        block = attempt(ctx, PATTERN, a2a.nodes[0], lambda: match_block(a2a, experts))
         if block is not None:
             blocks.append(block)
     fused = [rewrite(graph, block, ctx) for block in blocks]

@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+from typing import Callable, TypeVar
+
 import torch
 import torch.fx as fx
 
@@ -20,6 +22,24 @@ try:  # TORCH_LOGS="+moe_fusion" turns the log on, like inductor's own artifacts
     register_log("moe_fusion", "moe_fusion")
 except ImportError:  # older torch: plain logging still works
     pass
+
+
+class Refusal(Exception):
+    """A candidate that looks like a pattern but must not be rewritten; the message says why
+    (it goes to the report)."""
+
+
+Found = TypeVar("Found")
+
+
+def attempt(ctx: Optional["PassContext"], pattern: str, anchor: fx.Node, match: Callable[[], Found]) -> Optional[Found]:
+    """``match()``, or None when it raises ``Refusal`` (recorded in ``ctx`` when there is one)."""
+    try:
+        return match()
+    except Refusal as refusal:
+        if ctx is not None:
+            ctx.refuse(pattern, anchor, str(refusal))
+        return None
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from ..errors import OpValidationError
 from ..op_protos import PROTOS
 from ._graph import VIEW_OPS, erase_unused, insert_call, is_op, val
 from .activations import ActivationMatch, match_activation
-from .context import PassContext
+from .context import PassContext, Refusal, attempt
 from .pipeline import register_pass
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -61,10 +61,6 @@ _ACTIVATION_REFUSALS = {
     "gelu_erf": "the GELU is the exact erf form (F.gelu default) and npu_ffn's 'gelu' is the tanh "
                 "approximation (SPEC §9 #15); pass approximate='tanh' to F.gelu to fuse",
 }
-
-
-class _Refusal(Exception):
-    """A candidate that looks like an FFN but must not be rewritten; the message says why."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +325,7 @@ def _private(nodes: frozenset[fx.Node], out: fx.Node) -> None:
         if outside:
             names = ", ".join(sorted("the graph output (returned, or saved for backward)" if u.op == "output"
                                      else u.name for u in outside))
-            raise _Refusal(f"the intermediate {node.name} is also used by {names}; npu_ffn does not expose it")
+            raise Refusal(f"the intermediate {node.name} is also used by {names}; npu_ffn does not expose it")
 
 
 def _activated(node: fx.Node, dtype: torch.dtype) -> Optional[tuple[ActivationMatch, tuple[fx.Node, ...], fx.Node,
@@ -350,7 +346,7 @@ def _match_plain(second: Linear, act: ActivationMatch, below: tuple, source: fx.
     if first is None:
         return None
     if act.kind not in PLAIN_ACTIVATIONS:
-        raise _Refusal(_ACTIVATION_REFUSALS.get(act.kind, f"npu_ffn has no {act.kind} activation"))
+        raise Refusal(_ACTIVATION_REFUSALS.get(act.kind, f"npu_ffn has no {act.kind} activation"))
     nodes = frozenset(first.nodes + above + act.nodes + below + second.nodes[:-1])
     return FfnMatch(PLAIN_ACTIVATIONS[act.kind], first.x, (Columns(first, 0, first.n, ()),), second, nodes)
 
@@ -363,7 +359,7 @@ def _match_glu(second: Linear, mul: fx.Node, below_mul: tuple, dtype: torch.dtyp
     if all(a is None for a in activated):
         return None
     if all(a is not None for a in activated):
-        raise _Refusal("both factors of the product are activated; npu_ffn's GLU computes left * f(right) "
+        raise Refusal("both factors of the product are activated; npu_ffn's GLU computes left * f(right) "
                        "with a raw left half")
     gate_index = 0 if activated[0] is not None else 1
     act, below, source, above = activated[gate_index]
@@ -372,21 +368,21 @@ def _match_glu(second: Linear, mul: fx.Node, below_mul: tuple, dtype: torch.dtyp
     if left is None or right is None:
         return None
     if act.kind not in GLU_ACTIVATIONS:
-        raise _Refusal(_ACTIVATION_REFUSALS.get(act.kind, f"npu_ffn has no GLU form of {act.kind}"))
+        raise Refusal(_ACTIVATION_REFUSALS.get(act.kind, f"npu_ffn has no GLU form of {act.kind}"))
     # left * f(right) needs column blocks of matmuls of one x; the factors' equal shapes then make
     # the blocks equally wide (the same M rows).
     if not _same_value(left.linear.x, right.linear.x):
-        raise _Refusal(f"the GLU factors come from matmuls of different inputs ({left.linear.x.name}, "
+        raise Refusal(f"the GLU factors come from matmuls of different inputs ({left.linear.x.name}, "
                        f"{right.linear.x.name})")
     if (left.linear.bias is None) != (right.linear.bias is None):
-        raise _Refusal("only one of the gate/up projections has a bias")
+        raise Refusal("only one of the gate/up projections has a bias")
     nodes = frozenset(left.nodes + right.nodes + left.linear.nodes + right.linear.nodes + above + act.nodes + below
                       + (mul,) + below_mul + second.nodes[:-1])
     return FfnMatch(GLU_ACTIVATIONS[act.kind], left.linear.x, (left, right), second, nodes)
 
 
 def _match_at(mm: fx.Node) -> Optional[FfnMatch]:
-    """The FFN whose second matmul is ``mm``, None when it is no FFN; raises _Refusal."""
+    """The FFN whose second matmul is ``mm``, None when it is no FFN; raises Refusal."""
     second = _second_linear(mm)
     if second is None:
         return None
@@ -403,7 +399,7 @@ def _match_at(mm: fx.Node) -> Optional[FfnMatch]:
         return None
     # npu_ffn computes in one dtype: x, W1 and W2 (mm forces x and W to agree).
     if found.dtype != dtype:
-        raise _Refusal(f"the two matmuls run in different dtypes ({found.dtype}, {dtype})")
+        raise Refusal(f"the two matmuls run in different dtypes ({found.dtype}, {dtype})")
     _private(found.nodes, found.out)
     return found
 
@@ -421,18 +417,18 @@ def _row_slice(node: fx.Node) -> Optional[tuple[fx.Node, int, int]]:
 
 
 def _match_experts(cat: fx.Node, by_out: dict[fx.Node, FfnMatch]) -> Optional[ExpertFfnMatch]:
-    """Per-expert FFNs concatenated along rows; raises _Refusal for look-alikes."""
+    """Per-expert FFNs concatenated along rows; raises Refusal for look-alikes."""
     tensors, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     if len(tensors) < 2 or any(t not in by_out for t in tensors) or dim % 2 != 0:
         return None
     experts = [by_out[t] for t in tensors]
     slices = [_row_slice(e.x) for e in experts]
     if any(s is None for s in slices) or len({s[0] for s in slices}) != 1:
-        raise _Refusal("the expert FFNs do not read static row slices of one 2-D tensor")
+        raise Refusal("the expert FFNs do not read static row slices of one 2-D tensor")
     # npu_ffn's expert_tokens partition x into adjacent segments in expert order.
     for (_, _, stop), (_, start, _) in zip(slices, slices[1:]):
         if start != stop:
-            raise _Refusal(f"the expert row segments {[(a, b) for _, a, b in slices]} "
+            raise Refusal(f"the expert row segments {[(a, b) for _, a, b in slices]} "
                            f"{'overlap' if start < stop else 'leave a gap'}; npu_ffn needs adjacent segments in order")
     reference = experts[0]
     for e in experts[1:]:
@@ -443,11 +439,11 @@ def _match_experts(cat: fx.Node, by_out: dict[fx.Node, FfnMatch]) -> Optional[Ex
                 and all(_same(a.width, b.width) and _same_shape(a.linear.weight, b.linear.weight)
                         for a, b in zip(e.first, reference.first)))
         if not same:
-            raise _Refusal(f"the experts differ in activation, bias or weight shapes ({reference.describe()} vs "
+            raise Refusal(f"the experts differ in activation, bias or weight shapes ({reference.describe()} vs "
                            f"{e.describe()})")
     for e in experts:
         if len(e.out.users) != 1:
-            raise _Refusal(f"the output of expert FFN {e.out.name} is also used outside the concatenation")
+            raise Refusal(f"the output of expert FFN {e.out.name} is also used outside the concatenation")
     bounds = tuple(s[1] for s in slices) + (slices[-1][2],)
     return ExpertFfnMatch(experts, slices[0][0], bounds, cat)
 
@@ -459,23 +455,13 @@ def find_ffn_patterns(graph: fx.Graph, ctx: Optional[PassContext] = None) -> lis
     for node in graph.nodes:
         if not is_op(node, aten.mm, aten.addmm):
             continue
-        try:
-            found = _match_at(node)
-        except _Refusal as refusal:
-            found = None
-            if ctx is not None:
-                ctx.refuse(PATTERN, node, str(refusal))
+        found = attempt(ctx, PATTERN, node, lambda: _match_at(node))
         if found is not None:
             singles.append(found)
     by_out = {m.out: m for m in singles}
     groups: list[Match] = []
     for node in graph.find_nodes(op="call_function", target=aten.cat.default):
-        try:
-            group = _match_experts(node, by_out)
-        except _Refusal as refusal:
-            group = None
-            if ctx is not None:
-                ctx.refuse(PATTERN, node, str(refusal))
+        group = attempt(ctx, PATTERN, node, lambda: _match_experts(node, by_out))
         if group is not None:
             groups.append(group)
     return groups + singles

@@ -33,7 +33,7 @@ from ..errors import OpValidationError
 from ._graph import VIEW_OPS, erase_unused, insert_call, insert_getitem, is_op, val
 from ._layout import is_identity_copy
 from .collectives import Collective, collective_producing
-from .context import PassContext
+from .context import PassContext, Refusal
 
 if TYPE_CHECKING:
     from .ffn import FfnMatch
@@ -46,10 +46,6 @@ F32 = torch.float32
 MOVE_OPS = VIEW_OPS + (aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim,
                        aten.squeeze.default, aten.squeeze.dims, aten.clone.default, aten.alias.default,
                        aten.expand.default, aten.flatten.using_ints)
-
-
-class Refusal(Exception):
-    """A candidate that must not be rewritten; the message says why (it goes to the report)."""
 
 
 # ---------------------------------------------------------------------------------------------

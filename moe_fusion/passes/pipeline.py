@@ -9,7 +9,6 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Callable, Optional, Sequence
 
-import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 

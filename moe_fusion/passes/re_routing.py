@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_map
 from ..errors import OpValidationError
 from ..op_protos import PROTOS
 from ._graph import VIEW_OPS, erase_unused, insert_call, insert_getitem, is_op, val
-from .context import PassContext
+from .context import PassContext, Refusal, attempt
 from .pipeline import register_pass
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -51,10 +51,6 @@ _CONSTANT_OPS = (prims.iota, aten.arange, aten.repeat, aten.expand, aten.clone, 
                  prims.convert_element_type, aten._to_copy, aten.full, aten.select, aten.slice,
                  aten.view, aten.reshape, aten._unsafe_view)
 _MAX_CONSTANT_NUMEL = 1 << 20
-
-
-class _Refusal(Exception):
-    """A candidate that looks like re-routing but is not SPEC §7.3's permutation; says why."""
 
 
 @dataclass
@@ -186,16 +182,16 @@ def _check_keys(table: fx.Node, counts_shape: tuple[int, int], descending: bool)
     with unset_fake_temporarily():      # passes run under the compile's fake mode; these are real values
         keys = _evaluate_constant(table, cache)
         if keys is None:
-            raise _Refusal("the expert key of each block is not a compile-time constant (build it from "
+            raise Refusal("the expert key of each block is not a compile-time constant (build it from "
                            "torch.arange, e.g. torch.arange(E).repeat(N))")
         if keys.dim() != 1 or keys.numel() != n * e:
-            raise _Refusal(f"the block keys have shape {tuple(keys.shape)}, the counts ({n}, {e}) need {n * e} keys")
+            raise Refusal(f"the block keys have shape {tuple(keys.shape)}, the counts ({n}, {e}) need {n * e} keys")
         by_rank = keys.reshape(n, e)
         if not bool((by_rank == by_rank[:1]).all()):
-            raise _Refusal("the block keys differ between ranks: the sort would not group rows by local expert")
+            raise Refusal("the block keys differ between ranks: the sort would not group rows by local expert")
         step = by_rank[0, 1:] - by_rank[0, :-1]
         if not bool((step < 0).all() if descending else (step > 0).all()):
-            raise _Refusal(f"the block keys {by_rank[0].tolist()} do not order the experts 0..E-1 "
+            raise Refusal(f"the block keys {by_rank[0].tolist()} do not order the experts 0..E-1 "
                            f"{'descending' if descending else 'ascending'} as the sort reads them")
     return tuple(node for node, value in cache.items() if value is not None)
 
@@ -223,7 +219,7 @@ def _gathers(order: fx.Node, rows) -> list[tuple[fx.Node, fx.Node]]:
 
 
 def _match_at(sort: fx.Node, position: dict[fx.Node, int]) -> Optional[ReRoutingMatch]:
-    """The re-routing whose sort is ``sort``; None when it is no such sort; raises _Refusal."""
+    """The re-routing whose sort is ``sort``; None when it is no such sort; raises Refusal."""
     keyed = _keys(sort.args[0])
     if keyed is None:
         return None
@@ -231,23 +227,23 @@ def _match_at(sort: fx.Node, position: dict[fx.Node, int]) -> Optional[ReRouting
     stable, descending = _sort_flags(sort)
     # An unstable sort may reorder the rows of one expert; the op keeps them in rank order.
     if not stable:
-        raise _Refusal("the sort is not stable: rows of one expert may leave rank order; use stable=True")
+        raise Refusal("the sort is not stable: rows of one expert may leave rank order; use stable=True")
     counts, flatten = repeats, []
     while len(val(counts).shape) != 2 and is_op(counts, *VIEW_OPS):
         flatten.append(counts)
         counts = counts.args[0]
     # The op reads counts as (N, E), rank-major: the repeats must be that tensor flattened.
     if len(val(counts).shape) != 2 or len(val(repeats).shape) != 1:
-        raise _Refusal(f"the repeat counts {tuple(val(counts).shape)} are not a 2-D (N, E) tensor flattened rank-major")
+        raise Refusal(f"the repeat counts {tuple(val(counts).shape)} are not a 2-D (N, E) tensor flattened rank-major")
     if not _static(*val(counts).shape):
-        raise _Refusal("the counts have a symbolic (N, E) shape; the key table cannot be checked against it")
+        raise Refusal("the counts have a symbolic (N, E) shape; the key table cannot be checked against it")
     key_nodes += _check_keys(table, tuple(val(counts).shape), descending)
     items = {u.args[1]: u for u in sort.users if u.target is operator.getitem}
     order = items.get(1)
     gathers = _gathers(order, rows) if order is not None else []
     tokens = [(s, g) for s, g in gathers if len(val(s).shape) == 2]
     if not tokens:
-        raise _Refusal(f"the sorted order gathers no 2-D token rows of length {rows}")
+        raise Refusal(f"the sorted order gathers no 2-D token rows of length {rows}")
     source, gather = tokens[0]
     # Per-token scales must exist before the fused op, which is inserted at the token gather.
     scales = [(s, g) for s, g in gathers if len(val(s).shape) == 1 and val(s).dtype == torch.float32
@@ -269,12 +265,7 @@ def find_re_routing_patterns(graph: fx.Graph, ctx: Optional[PassContext] = None)
     for sort in graph.nodes:
         if not is_op(sort, aten.sort):
             continue
-        try:
-            found = _match_at(sort, position)
-        except _Refusal as refusal:
-            found = None
-            if ctx is not None:
-                ctx.refuse(PATTERN, sort, str(refusal))
+        found = attempt(ctx, PATTERN, sort, lambda: _match_at(sort, position))
         if found is not None:
             matches.append(found)
     return matches

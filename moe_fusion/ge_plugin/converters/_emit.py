@@ -11,35 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional
 
-import torch
 from torchair import ge
 from torchair.core import _torchair  # pylint: disable=no-name-in-module
 
+from ...op_protos import PROTOS
 from ..ir import VT_TAGS
 
 _ATTR_BUILDERS = {tag: getattr(ge.attr, type_name) for type_name, tag in VT_TAGS.items()}
 
 Args = dict[str, Any]
-
-
-def bind(op_name: str, args: tuple, kwargs: Mapping[str, Any]) -> Args:
-    """Every argument of ``torch.ops.moe_fusion.<op_name>`` by name, defaults filled in."""
-    schema = getattr(torch.ops.moe_fusion, op_name).default._schema
-    names = [a.name for a in schema.arguments]
-    unknown = set(kwargs) - set(names)
-    if len(args) > len(names) or unknown:
-        raise TypeError(f"{op_name}: unexpected arguments {sorted(unknown) or args[len(names):]}")
-    bound: Args = {}
-    for i, arg in enumerate(schema.arguments):
-        if i < len(args):
-            bound[arg.name] = args[i]
-        elif arg.name in kwargs:
-            bound[arg.name] = kwargs[arg.name]
-        elif arg.has_default_value():
-            bound[arg.name] = arg.default_value
-        else:
-            raise TypeError(f"{op_name}: missing argument {arg.name!r}")
-    return bound
 
 
 def pick(args: Args, *names: str) -> Args:
@@ -80,7 +60,7 @@ def converter(op_name: str) -> Callable[[Callable[[Args], Any]], Callable[[Args]
 
     def declare(fn: Callable[[Args], Any]) -> Callable[[Args], Any]:
         def fx_converter(*args: Any, **kwargs: Any) -> Any:
-            return fn(bind(op_name, args, kwargs))
+            return fn(PROTOS[op_name].bind(args, kwargs))
 
         fx_converter.__name__ = fx_converter.__qualname__ = f"convert_{op_name}"
         fx_converter.__doc__ = fn.__doc__
