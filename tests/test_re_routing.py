@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import moe_fusion
+from compile_support import call_compiled, compiled
 from moe_fusion import OpValidationError
 from oracles_local import re_routing_oracle
 
@@ -240,23 +241,6 @@ STRUCTURAL_ERRORS = [
 STRUCTURAL_IDS = [case[0] for case in STRUCTURAL_ERRORS]
 
 
-def compiled(fn, *, dynamic=False, backend="aot_eager"):
-    torch._dynamo.reset()  # a fresh cache per case: the helpers below share one code object
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=backend)
-
-
-def call_compiled(call, *, dynamic=False, backend="aot_eager"):
-    """Run ``OP(*args, **kwargs)`` compiled, passing every tensor as a graph input."""
-    args, kwargs = call
-    tensor_names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    attrs = {k: v for k, v in kwargs.items() if k not in tensor_names}
-
-    def fn(*tensors):
-        return OP(*tensors[:len(args)], **dict(zip(tensor_names, tensors[len(args):])), **attrs)
-
-    return compiled(fn, dynamic=dynamic, backend=backend)(*args, *(kwargs[k] for k in tensor_names))
-
-
 @pytest.mark.parametrize("case_id,call,target,message", STRUCTURAL_ERRORS, ids=STRUCTURAL_IDS)
 def test_structural_error_eager(case_id, call, target, message):
     args, kwargs = call
@@ -267,14 +251,14 @@ def test_structural_error_eager(case_id, call, target, message):
 @pytest.mark.parametrize("case_id,call,target,message", STRUCTURAL_ERRORS, ids=STRUCTURAL_IDS)
 def test_structural_error_compiled(case_id, call, target, message):
     with moe_fusion.target(target), pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
-        call_compiled(call)
+        call_compiled(OP, call)
     assert message in str(info.value)
 
 
 @pytest.mark.parametrize("case_id,call,target,message", STRUCTURAL_ERRORS, ids=STRUCTURAL_IDS)
 def test_structural_error_compiled_dynamic(case_id, call, target, message):
     with moe_fusion.target(target), pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
-        call_compiled(call, dynamic=True)
+        call_compiled(OP, call, dynamic=True)
     assert message in str(info.value)
 
 
@@ -316,7 +300,7 @@ def test_accepted_at_the_limits(target, shape, dtype):
     with moe_fusion.target(target):
         got = moe_fusion.npu_moe_re_routing(tokens, counts)
         assert_outputs_equal(got, re_routing_oracle(tokens, counts))
-        compiled_out = call_compiled(((tokens, counts), {}))
+        compiled_out = call_compiled(OP, ((tokens, counts), {}))
     assert_outputs_equal(compiled_out, got)
 
 
@@ -351,7 +335,7 @@ def _inputs(counts, shape, dtype, count_dtype, with_scales, seed=4):
 def test_compile_aot_eager_equals_eager(case, dynamic):
     tokens, counts, scales = _inputs(*case)
     kwargs = {} if scales is None else {"per_token_scales": scales}
-    got = call_compiled(((tokens, counts), kwargs), dynamic=dynamic)
+    got = call_compiled(OP, ((tokens, counts), kwargs), dynamic=dynamic)
     assert_outputs_equal(got, moe_fusion.npu_moe_re_routing(tokens, counts, per_token_scales=scales))
 
 

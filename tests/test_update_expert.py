@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import moe_fusion
+from compile_support import call_compiled, compiled
 from moe_fusion import OpValidationError
 from oracles_local import update_expert_oracle
 
@@ -316,23 +317,6 @@ STRUCTURAL_ERRORS = [
 STRUCTURAL_IDS = [case[0] for case in STRUCTURAL_ERRORS]
 
 
-def compiled(fn, *, dynamic=False, backend="aot_eager"):
-    torch._dynamo.reset()  # a fresh cache per case: the helpers below share one code object
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=backend)
-
-
-def call_compiled(call, *, dynamic=False, backend="aot_eager"):
-    """Run ``OP(*args, **kwargs)`` compiled, passing every tensor as a graph input."""
-    args, kwargs = call
-    tensor_names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    attrs = {k: v for k, v in kwargs.items() if k not in tensor_names}
-
-    def fn(*tensors):
-        return OP(*tensors[:len(args)], **dict(zip(tensor_names, tensors[len(args):])), **attrs)
-
-    return compiled(fn, dynamic=dynamic, backend=backend)(*args, *(kwargs[k] for k in tensor_names))
-
-
 @pytest.mark.parametrize("case_id,call,target,message", STRUCTURAL_ERRORS, ids=STRUCTURAL_IDS)
 def test_structural_error_eager(case_id, call, target, message):
     args, kwargs = call
@@ -343,14 +327,14 @@ def test_structural_error_eager(case_id, call, target, message):
 @pytest.mark.parametrize("case_id,call,target,message", STRUCTURAL_ERRORS, ids=STRUCTURAL_IDS)
 def test_structural_error_compiled(case_id, call, target, message):
     with moe_fusion.target(target), pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
-        call_compiled(call)
+        call_compiled(OP, call)
     assert message in str(info.value)
 
 
 @pytest.mark.parametrize("case_id,call,target,message", STRUCTURAL_ERRORS, ids=STRUCTURAL_IDS)
 def test_structural_error_compiled_dynamic(case_id, call, target, message):
     with moe_fusion.target(target), pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
-        call_compiled(call, dynamic=True)
+        call_compiled(OP, call, dynamic=True)
     assert message in str(info.value)
 
 
@@ -419,7 +403,7 @@ def test_accepted_on_A3_at_the_limits(kwargs):
                    pruning_threshold=torch.full((1, 16), 0.0625), active_mask=torch.arange(512) < 300)
     with moe_fusion.target("A3"):
         got = moe_fusion.npu_moe_update_expert(ids, table, **pruning, **kwargs)
-        assert_outputs_equal(call_compiled(((ids, table), {**pruning, **kwargs})), got)
+        assert_outputs_equal(call_compiled(OP, ((ids, table), {**pruning, **kwargs})), got)
     assert_outputs_equal(got, update_expert_oracle(ids, table, **pruning, **kwargs))
 
 
@@ -448,7 +432,7 @@ COMPILE_CASES = ["mode0-int64", "mode1-int32", "mode0-pruning", "mode1-int32-pru
 @pytest.mark.parametrize("name", COMPILE_CASES)
 def test_compile_aot_eager_equals_eager(name, dynamic):
     args, kwargs = _compile_case(name)
-    got = call_compiled((args, kwargs), dynamic=dynamic)
+    got = call_compiled(OP, (args, kwargs), dynamic=dynamic)
     assert_outputs_equal(got, moe_fusion.npu_moe_update_expert(*args, **kwargs))
 
 
