@@ -32,6 +32,10 @@ def _fastgelu(z: Tensor) -> Tensor:
 
 # act_type -> f, applied to fp32 values; 0 (no activation) has no entry.
 ACTIVATIONS: dict[int, Callable[[Tensor], Tensor]] = {1: F.gelu, 2: F.silu, 3: torch.relu, 4: _fastgelu}
+# The same, overwriting their argument: a fresh output costs page faults on CPU.
+ACTIVATIONS_INPLACE: dict[int, Callable[[Tensor], Tensor]] = {
+    1: torch.ops.aten.gelu_, 2: lambda z: F.silu(z, inplace=True), 3: torch.relu_,
+    4: lambda z: z.mul_(torch.sigmoid(1.702 * z))}
 
 
 def _group(op: str, arg: str, name: str, size: int) -> Optional[dist.ProcessGroup]:
@@ -102,7 +106,12 @@ def npu_alltoall_allgather_bmm(x: Tensor, weight: Tensor, group_ep: str, group_e
     y3 = _fp32_bmm(y2, weight, x.dtype)
     if bias is not None:
         y3 = _add_bias(y3, bias.view(local, 1, -1))
-    y1 = y3 if act_type == 0 else ACTIVATIONS[act_type](y3.float()).to(x.dtype)
+    if act_type == 0:
+        y1 = y3
+    elif x.dtype == torch.float32 and not need_activation_feature:   # y3 is a temporary nobody sees
+        y1 = ACTIVATIONS_INPLACE[act_type](y3)
+    else:
+        y1 = ACTIVATIONS[act_type](y3.float()).to(x.dtype)
     return (y1,
             y2 if need_allgather_out else x.new_empty((0, 0, 0)),
             y3 if need_activation_feature else x.new_empty((0, 0, 0)))
