@@ -24,7 +24,7 @@ ids, keep = moe_fusion.npu_moe_update_expert(expert_ids, eplb_table, expert_scal
 print("npu_moe_update_expert")
 print("  physical ids:", ids.tolist(), " kept slots:", keep.tolist())
 
-# Two experts over contiguous row segments (3 rows, then 5), SwiGLU-free GELU FFN.
+# Two experts over contiguous row segments (3 rows, then 5), a GELU (tanh) FFN.
 x = torch.randn(8, 16)
 w1, w2 = torch.randn(2, 16, 32) / 4, torch.randn(2, 32, 16) / 6
 y = moe_fusion.npu_ffn(x, w1, w2, "gelu", expert_tokens=[3, 5])

@@ -10,12 +10,16 @@ from .pipeline import backend
 
 
 def explain(model: Any, *inputs: Any, target: Optional[str] = None, passes: Optional[Sequence[str]] = None,
-            print_report: bool = True) -> FusionReport:
+            print_report: bool = True, grad: bool = False) -> FusionReport:
     """Compile ``model`` with the fusion passes (no code generation), run it once on ``inputs``,
-    and return (and print) the report. Models with collectives need their process groups."""
+    and return (and print) the report. Models with collectives need their process groups.
+
+    By default the model runs as inference (``torch.no_grad``); ``grad=True`` reports on the
+    training graph, where values saved for backward keep some intermediates from fusing."""
     report = FusionReport()
     compiled = torch.compile(model, backend=backend(target, passes, report, compiler="eager"), dynamic=False)
-    compiled(*inputs)
+    with torch.set_grad_enabled(grad):
+        compiled(*inputs)
     if print_report:
         print(report.format())
     return report
