@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..op_protos import PROTOS, OpProto
+from ..op_protos import PROTOS, GeAttr, OpProto
 
 # GE attr type name (as in GeAttr.type and torchair.ge.attr) -> torchair's value-type tag.
 VT_TAGS = {
@@ -31,25 +31,15 @@ RegisteredIrDef = tuple[str, list[tuple[str, str]], list[tuple[str, str]], list[
 
 
 @dataclass(frozen=True)
-class IrAttr:
-    """One GE attr: ``type`` is a key of ``VT_TAGS``; ``default`` is None for a required attr."""
-
-    name: str
-    type: str
-    default: Any = None
-    required: bool = False
-
-
-@dataclass(frozen=True)
 class IrDef:
     """One GE op prototype, in GE order."""
 
     op_type: str
     inputs: tuple[tuple[str, str], ...]      # (name, kind)
-    attrs: tuple[IrAttr, ...]
+    attrs: tuple[GeAttr, ...]        # type is a key of VT_TAGS
     outputs: tuple[str, ...]
 
-    def attr(self, name: str) -> IrAttr:
+    def attr(self, name: str) -> GeAttr:
         return next(a for a in self.attrs if a.name == name)
 
     def registered(self) -> RegisteredIrDef:
@@ -65,7 +55,7 @@ def ir_def_of(proto: OpProto) -> IrDef:
             raise ValueError(f"{proto.name}: GE attr {a.name} has unknown type {a.type!r}")
     return IrDef(op_type=proto.ge_type,
                  inputs=tuple((i.name, i.kind) for i in proto.ge_inputs),
-                 attrs=tuple(IrAttr(a.name, a.type, a.default, a.required) for a in proto.ge_attrs),
+                 attrs=proto.ge_attrs,
                  outputs=tuple(o.name for o in proto.ge_outputs))
 
 

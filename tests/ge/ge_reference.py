@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from moe_fusion.ge_plugin.ir import IrAttr, IrDef
+from moe_fusion.ge_plugin.ir import IrDef
+from moe_fusion.op_protos import GeAttr
 
 # SPEC §6.1, GE REG_OPs of the BMM pair ([K] ops-transformer op_graph/*_proto.h).
 SPEC_REG_OPS = {
@@ -68,7 +69,7 @@ class RegOp:
 
     inputs: tuple[tuple[str, str], ...]          # (name, kind)
     outputs: tuple[str, ...]
-    attrs: tuple[IrAttr, ...]
+    attrs: tuple[GeAttr, ...]
 
 
 def _literal(text: str, attr_type: str) -> Any:
@@ -90,10 +91,10 @@ def parse_reg_op(text: str) -> RegOp:
         elif macro in ("OUTPUT", "DYNAMIC_OUTPUT"):
             outputs.append(name)
         elif macro == "REQUIRED_ATTR":
-            attrs.append(IrAttr(name, _ATTR_TYPES[rest[0]], None, True))
+            attrs.append(GeAttr(name, _ATTR_TYPES[rest[0]], None, True))
         elif macro == "ATTR":
             attr_type, default = [part.strip() for part in rest[0].split(",", 1)]
-            attrs.append(IrAttr(name, _ATTR_TYPES[attr_type], _literal(default, _ATTR_TYPES[attr_type])))
+            attrs.append(GeAttr(name, _ATTR_TYPES[attr_type], _literal(default, _ATTR_TYPES[attr_type])))
     return RegOp(tuple(inputs), tuple(outputs), tuple(attrs))
 
 
@@ -118,9 +119,9 @@ def _from_ir(op_type: str, ir: Any) -> IrDef:
     attrs = []
     for kind, name, default in ir.indexed_attrs:
         if kind == 3:   # IrElement.RequireAttr: "default" is the attr builder
-            attrs.append(IrAttr(name, default.cls, None, True))
+            attrs.append(GeAttr(name, default.cls, None, True))
         else:
-            attrs.append(IrAttr(name, default.cls, default.value))
+            attrs.append(GeAttr(name, default.cls, default.value))
     return IrDef(op_type, inputs, tuple(attrs), tuple(name for _, name, _ in ir.indexed_outputs))
 
 
@@ -133,7 +134,7 @@ def torchair_ir_def(op_type: str) -> IrDef:
     params = inspect.signature(builder).parameters.values()
     tensors = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     optional = {p.name for p in tensors if _annotation(p).startswith("typing.Optional")}
-    attrs = tuple(IrAttr(p.name, _PY_ATTR_TYPES[_annotation(p)],
+    attrs = tuple(GeAttr(p.name, _PY_ATTR_TYPES[_annotation(p)],
                          None if p.default is inspect.Parameter.empty else p.default,
                          p.default is inspect.Parameter.empty)
                   for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY
