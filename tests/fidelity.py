@@ -1,4 +1,5 @@
-"""Reads ../shared/fidelity/torch_npu_meta_shapes.jsonl: torch_npu's own Meta outputs on a grid.
+"""Reads tests/data/fidelity/torch_npu_meta_shapes.jsonl: torch_npu's own Meta outputs on a grid
+(a copy of the project's shared fidelity data, carried by the repository so a clone tests alone).
 
 ``cases(op)`` yields ``(case_id, args, kwargs, expected)`` with tensors built on the meta device
 and ``expected`` either a list of ``(shape, dtype)`` or the string ``"error"``.
@@ -11,7 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
-FIDELITY_FILE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fidelity" / "torch_npu_meta_shapes.jsonl"
+FIDELITY_FILE = pathlib.Path(__file__).resolve().parent / "data" / "fidelity" / "torch_npu_meta_shapes.jsonl"
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""Fake kernels of the local ops reproduce torch_npu 2.13's Meta outputs (shared/fidelity)."""
+"""Fake kernels of the local ops reproduce torch_npu 2.13's Meta outputs (tests/data/fidelity, a copy of the shared fidelity data)."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """Fake kernels of dispatch_v2 / combine_v2 / combine_add_rms_norm against torch_npu 2.13.0's own Meta
-functions (``fidelity/torch_npu_meta_shapes.jsonl`` of the shared project folder, DESIGN.md).
+functions (``tests/data/fidelity/torch_npu_meta_shapes.jsonl``, a copy of the shared project folder's, DESIGN.md).
 
 Every case runs the registered fake on meta tensors under ``moe_fusion.target("A3")`` (the grid was
 run with the SoC treated as A2/A3): an ``outputs`` case must give the same shapes and dtypes, an
@@ -14,7 +14,6 @@ supplied) must then give Meta's shapes, so every ``outputs`` case checks shapes.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ import torch
 import moe_fusion
 from moe_fusion import OpValidationError
 
-FIDELITY = os.path.join(os.environ.get("MOE_FUSION_SHARED", "/work/shared"), "fidelity", "torch_npu_meta_shapes.jsonl")
+from fidelity import FIDELITY_FILE
+
 OPS = ("npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2", "npu_moe_distribute_combine_add_rms_norm")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "int8": torch.int8,
           "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
@@ -76,7 +76,7 @@ EXCEPTIONS = (
 
 
 def _load() -> list[dict]:
-    with open(FIDELITY) as f:
+    with FIDELITY_FILE.open() as f:
         rows = [json.loads(line) for line in f.read().splitlines()[1:] if line]
     return [r for r in rows if r["op"] in OPS]
 
@@ -106,8 +106,6 @@ def _outcome(case: dict, target: str):
 
 @pytest.fixture(scope="module")
 def cases() -> list[dict]:
-    if not os.path.exists(FIDELITY):
-        pytest.skip(f"{FIDELITY} not found")
     return _load()
 
 
