@@ -6,6 +6,9 @@ kernels and reference kernels for every device. It never needs torch_npu or torc
 """
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from .errors import OpValidationError
 from .functional import npu_ffn, npu_ffn_grouped, npu_moe_re_routing, npu_moe_update_expert
 from .functional import npu_alltoall_allgather_bmm, npu_bmm_reducescatter_alltoall
@@ -22,14 +25,16 @@ __all__ = [
     "npu_alltoall_allgather_bmm", "npu_bmm_reducescatter_alltoall",
     "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2", "npu_moe_distribute_combine_add_rms_norm",
     "pack_int4", "unpack_int4", "get_target", "set_target", "target",
-    "backend", "explain", "MoeFusionGraphPass", "FusionReport", "torchair_backend",
+    "backend", "explain", "MoeFusionGraphPass", "FusionReport", "torchair_backend", "onnx",
 ]
 
 _PASS_EXPORTS = ("backend", "explain", "MoeFusionGraphPass", "FusionReport")
 
 
-def __getattr__(name: str):
-    # The passes import inductor: load them on first use, not with the ops.
+def __getattr__(name: str) -> Any:
+    # The passes import inductor and the ONNX package imports onnx: load them on first use, not with the ops.
+    if name == "onnx":   # ``moe_fusion.onnx.export(...)`` after a plain ``import moe_fusion``, as with torch.onnx
+        return importlib.import_module(".onnx", __name__)
     if name in _PASS_EXPORTS:
         from . import passes
 
