@@ -1,7 +1,8 @@
 """GE plugin: the ops on Ascend through torchair (graph mode) and torch_npu (eager mode).
 
-* ``register_converters()``: a GE converter for every op (``converters``), registered with
-  torchair when torchair is importable. Nothing here imports torchair or torch_npu otherwise.
+* ``register_converters()``: a GE converter for every op (``converters``, emitted from the
+  torch<->GE table ``op_protos.ge_mapping``), registered with torchair when torchair is
+  importable. Nothing here imports torchair or torch_npu otherwise.
 * ``ir``: the GE IR definitions derived from the protos.
 * ``register_npu_dispatch()``: NPU tensors call torch_npu's kernels (``npu_dispatch``).
 * ``torchair_env``: torchair's Python layer without CANN, for tests and development.

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 import onnx
 from onnx import helper
 
+from ..op_protos.ge_mapping import proto_of_ge_type
 from ._bodies import BODIES, Unsupported
 from ._builder import Builder, NodeView
-from ._mapping import proto_of_ge_type
 from ._schema import DOMAIN
 
 

@@ -25,10 +25,10 @@ from onnx.reference.op_run import OpRun
 
 from ..errors import fail
 from ..op_protos import PROTOS, OpProto
+from ..op_protos.ge_mapping import proto_for_node, proto_of_ge_type, to_torch
 from ..op_protos.moe_distribute_common import A3_MAX_EXPERTS
 from ..targets import target
 from ._dtypes import numpy_to_torch, torch_to_numpy
-from ._mapping import proto_for_node, proto_of_ge_type, to_torch
 from ._schema import DOMAIN, register_schemas
 
 _PY_TYPES = {"Int": int, "Bool": int, "Float": float, "Str": str, "ListInt": list}

@@ -5,7 +5,8 @@ inputs in GE order (an absent optional input is an empty name; trailing absent o
 out, as ONNX allows), every GE attr set explicitly with its ONNX type (schema in ``_schema``),
 and every GE output declared (the node has as many outputs as the GE op, whatever the torch op
 returns). The functions are traced by the exporter (plain Python, no ``@onnxscript.script``), so
-no return annotations are involved; the output count comes from the registered schema.
+no return annotations are involved; the output count comes from the registered schema. The
+inputs and attrs are the ones the GE converters emit: both read ``op_protos.ge_mapping``.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from onnxscript.values import Opset
 
 from ..meta import op_overload
 from ..op_protos import PROTOS, OpProto
+from ..op_protos.ge_mapping import to_ge
 from ._dtypes import onnx_to_torch
-from ._mapping import bind, to_node
 from ._schema import DOMAIN, OPSET_VERSION, register_schemas
 
 
@@ -26,12 +27,22 @@ def _value_dtype(value: Any) -> torch.dtype:
     return onnx_to_torch(int(value.dtype))
 
 
+def bind(proto: OpProto, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every argument of a call by name (``OpProto.bind``), dtype arguments as torch dtypes."""
+    bound = proto.bind(args, dict(kwargs))
+    schema = torch._C.parse_schema(f"{proto.qualname}{proto.schema}")
+    for arg in schema.arguments:
+        if "ScalarType" in str(arg.real_type) and isinstance(bound[arg.name], int):
+            bound[arg.name] = onnx_to_torch(bound[arg.name])   # the exporter hands dtypes over as ONNX enums
+    return bound
+
+
 def translation(proto: OpProto) -> Callable[..., Any]:
     """The exporter function for ``proto``'s op: binds the torch call, emits one GE node."""
     opset = Opset(DOMAIN, OPSET_VERSION)
 
     def translate(*args: Any, **kwargs: Any) -> Any:
-        inputs, attrs = to_node(proto, bind(proto, args, kwargs), _value_dtype)
+        inputs, attrs = to_ge(proto, bind(proto, args, kwargs), _value_dtype)
         outputs = getattr(opset, proto.ge_type)(*inputs.values(), **attrs)
         return _torch_outputs(proto, outputs)
 

@@ -1,6 +1,11 @@
 """Converter tier: each op traced with ``make_fx`` (fake tensors) and converted by torchair's FX→GE
 compiler yields the GE node SPEC describes: type, input wiring (empty optional inputs), attrs,
-output dtypes, and a node that checks out against the registered IR definition."""
+output dtypes, and a node that checks out against the registered IR definition.
+
+Every opcheck case is checked against the torch<->GE table (``op_protos.ge_mapping``): arguments
+pass through under their GE names, fixed attrs hold their value. The per-op tests below hold
+hand-written expectations from SPEC and torchair's converters, derived attrs included.
+"""
 from __future__ import annotations
 
 import importlib
@@ -13,20 +18,10 @@ from ge_graphs import attrs, node, output_dtypes, trace_ge_graph, wiring
 
 from moe_fusion.ge_plugin.ir import IR_DEFS, check_op_def
 from moe_fusion.op_protos import PROTOS
+from moe_fusion.op_protos.ge_mapping import GE_MAPPINGS
 
 DT = {torch.float32: "DT_FLOAT", torch.float16: "DT_FLOAT16", torch.bfloat16: "DT_BF16", torch.int8: "DT_INT8",
       torch.int32: "DT_INT32", torch.int64: "DT_INT64", torch.bool: "DT_BOOL", torch.uint8: "DT_UINT8"}
-# torch argument name -> GE name, where they differ.
-RENAMED = {
-    "npu_moe_distribute_combine_add_rms_norm": {"expand_idx": "assist_info"},
-    "npu_alltoall_allgather_bmm": {"group_ep_worldsize": "ep_world_size", "group_tp_worldsize": "tp_world_size",
-                                   "shard_type": "x_shard_type", "need_allgather_out": "output_y2_flag",
-                                   "need_activation_feature": "output_y3_flag"},
-    "npu_bmm_reducescatter_alltoall": {"group_ep_worldsize": "ep_world_size", "group_tp_worldsize": "tp_world_size",
-                                       "shard_type": "y_shard_type"},
-}
-# GE attrs named like a torch argument but computed by the converter (tested one by one below).
-COMPUTED = {"npu_ffn": {"output_dtype"}, "npu_moe_distribute_dispatch_v2": {"y_dtype"}}
 
 
 def _op(name: str):
@@ -71,22 +66,25 @@ def test_every_op_has_a_registered_converter(torchair):
 @pytest.mark.parametrize("name,args,kwargs", _cases())
 def test_converter_on_every_opcheck_case(torchair, name, args, kwargs):
     """Every representative call: one GE node of the op's type that checks out against the IR
-    the native module serves, its tensor arguments wired to the graph inputs, every absent optional
-    input empty, every attribute argument passed through, output dtypes of the fake kernel."""
+    the native module serves, its tensor arguments wired to the graph inputs under their GE names,
+    every absent optional input empty, every attribute argument passed through (or its GE default
+    for None) unless the table derives it, the table's fixed attrs, output dtypes of the fake kernel."""
     from torchair.core import _torchair
 
     assert args is not None, f"tests/cases/{name}.py is missing"
-    proto = PROTOS[name]
+    proto, mapping = PROTOS[name], GE_MAPPINGS[name]
     graph, tensor_names = build(torchair, name, args, kwargs)
     op = node(graph, proto.ge_type)
     check_op_def(op, _torchair.get_registered_ir_def(proto.ge_type))
 
-    renamed = RENAMED.get(name, {})
+    def ge_name(torch_name: str) -> str:
+        return mapping.renames.get(torch_name, torch_name)
+
     schema = _op(name)._schema
     bound = {a.name: v for a, v in zip(schema.arguments, args)} | kwargs
-    expected_wiring = {renamed.get(n, n): "" for n, kind in IR_DEFS[proto.ge_type].inputs if kind == "optional"}
+    expected_wiring = {n: "" for n, kind in IR_DEFS[proto.ge_type].inputs if kind == "optional"}
     for i, tensor_name in enumerate(tensor_names):
-        expected_wiring[renamed.get(tensor_name, tensor_name)] = f"arg{i}_1:0"
+        expected_wiring[ge_name(tensor_name)] = f"arg{i}_1:0"
     got = wiring(op)
     if name == "npu_ffn":  # the int lists become a Const node (test_ffn_expert_tokens_become_an_int64_const)
         got["expert_tokens"] = got["expert_tokens"] and "<const>"
@@ -96,13 +94,14 @@ def test_converter_on_every_opcheck_case(torchair, name, args, kwargs):
 
     node_attrs = attrs(op)
     ir_attrs = {a.name for a in IR_DEFS[proto.ge_type].attrs}
+    not_passed = set(mapping.torch_only) | set(mapping.derived.consumes if mapping.derived else ())
     for arg in schema.arguments:
-        ge_name = renamed.get(arg.name, arg.name)
-        if isinstance(arg.type, torch.TensorType) or ge_name not in ir_attrs or ge_name in COMPUTED.get(name, ()):
+        if isinstance(arg.type, torch.TensorType) or ge_name(arg.name) not in ir_attrs or arg.name in not_passed:
             continue
         value = bound.get(arg.name, arg.default_value)
-        expected = IR_DEFS[proto.ge_type].attr(ge_name).default if value is None else value
-        assert ge_name in node_attrs and node_attrs[ge_name] == pytest.approx(expected), ge_name
+        expected = IR_DEFS[proto.ge_type].attr(ge_name(arg.name)).default if value is None else value
+        assert node_attrs[ge_name(arg.name)] == pytest.approx(expected), arg.name
+    assert {k: node_attrs[k] for k in mapping.fixed_attrs} == mapping.fixed_attrs
 
     assert output_dtypes(op) == [DT[spec.dtype] for spec in proto.infer_shape(*args, **kwargs)]
 
@@ -218,7 +217,11 @@ def test_combine_v2_fills_the_v1_placeholders(torchair):
                      "tp_send_counts"]
     assert [wired[n] for n in names] == [f"arg{i}_1:0" for i in range(6)]
     assert wired["activation_scale"] == wired["weight_scale"] == wired["group_list"] == ""
-    assert attrs(op)["out_dtype"] == 0 and attrs(op)["group_list_type"] == 0
+    assert attrs(op) == {"group_ep": "ep", "ep_world_size": 1, "ep_rank_id": 0, "moe_expert_num": 4, "group_tp": "",
+                         "tp_world_size": 0, "tp_rank_id": 0, "expert_shard_type": 0, "shared_expert_num": 1,
+                         "shared_expert_rank_num": 0, "global_bs": 0, "out_dtype": 0, "comm_quant_mode": 0,
+                         "group_list_type": 0, "comm_alg": "", "zero_expert_num": 0, "copy_expert_num": 0,
+                         "const_expert_num": 0}
     assert output_dtypes(op) == ["DT_BF16"]
 
 
@@ -229,7 +232,11 @@ def test_combine_add_rms_norm_maps_expand_idx_to_assist_info(torchair):
     graph, names = build(torchair, "npu_moe_distribute_combine_add_rms_norm", args, kwargs)
     op = node(graph, "MoeDistributeCombineAddRmsNorm")
     assert wiring(op)["assist_info"] == f"arg{names.index('expand_idx')}_1:0"
-    assert attrs(op)["norm_eps"] == pytest.approx(1e-5)
+    assert attrs(op) == {"group_ep": "ep", "ep_world_size": 1, "ep_rank_id": 0, "moe_expert_num": 4, "group_tp": "",
+                         "tp_world_size": 0, "tp_rank_id": 0, "expert_shard_type": 0, "shared_expert_num": 1,
+                         "shared_expert_rank_num": 0, "global_bs": 0, "out_dtype": 0, "comm_quant_mode": 0,
+                         "group_list_type": 0, "comm_alg": "", "norm_eps": pytest.approx(1e-5),
+                         "zero_expert_num": 0, "copy_expert_num": 0, "const_expert_num": 0}
     assert output_dtypes(op) == ["DT_BF16", "DT_FLOAT", "DT_BF16"]
 
 

@@ -15,10 +15,10 @@ from onnx_support import assert_outputs, custom_nodes, eager, export_fn, node_at
 
 from moe_fusion.onnx import DOMAIN
 from moe_fusion.onnx._bodies import BODIES
-from moe_fusion.onnx._mapping import SPECS
 from moe_fusion.onnx._output_types import RULES
 from moe_fusion.onnx.translation import translation_table
 from moe_fusion.op_protos import PROTOS
+from moe_fusion.op_protos.ge_mapping import GE_MAPPINGS
 
 ops = torch.ops.moe_fusion
 
@@ -155,7 +155,7 @@ def test_every_op_has_a_translation_schema_and_runtime():
     for name, proto in PROTOS.items():
         assert getattr(torch.ops.moe_fusion, name).default in table, name
         assert onnx.defs.has(proto.ge_type, 1, DOMAIN), name
-        assert name in SPECS and name in RULES, name
+        assert name in GE_MAPPINGS and name in RULES, name
         assert proto.ge_type in BODIES or proto.communicates, f"{name}: local op without a function body"
         assert name in covered, f"{name}: no single-op ONNX test"
 
