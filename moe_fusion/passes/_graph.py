@@ -1,21 +1,21 @@
-"""Small FX helpers shared by the fusion passes: op tests, view chains, node insertion with
-``meta["val"]``, and erasing replaced nodes (collectives included)."""
+"""Small FX helpers shared by the fusion passes: op tests, walking views and ancestors, node
+insertion with ``meta["val"]``, and erasing replaced nodes (collectives included)."""
 from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_leaves, tree_map
 
-aten = torch.ops.aten
-
-VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-# A copy that keeps values: inductor materializes permuted tensors with clone before a reshape.
-COPY_OPS = (aten.clone.default, aten.contiguous.default)
+from ..errors import OpValidationError
+from ..targets import get_target
+from .context import Refusal
+from .vocabulary import VIEW_OPS
 
 
 def is_op(node: Any, *targets: Any) -> bool:
@@ -31,29 +31,43 @@ def val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else node
 
 
-def shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(val(node).shape)
+def same_size(a: Any, b: Any) -> bool:
+    """Sizes (ints or SymInts) known equal without adding a guard."""
+    return statically_known_true(a == b)
 
 
-def single_user(node: fx.Node) -> Optional[fx.Node]:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
+def strip_views(node: fx.Node) -> fx.Node:
+    """The first node above ``node`` that is not a view."""
+    while is_op(node, *VIEW_OPS):
+        node = node.args[0]
+    return node
 
 
-def follow_single_users(node: fx.Node, targets: Sequence[Any]) -> tuple[fx.Node, list[fx.Node]]:
-    """Walk down from ``node`` through single-user nodes calling ``targets``; return the last node
-    reached and the nodes walked (excluding ``node``)."""
-    walked: list[fx.Node] = []
-    current = node
-    while True:
-        user = single_user(current)
-        if user is None or not is_op(user, *targets) or user.args[0] is not current:
-            return current, walked
-        walked.append(user)
-        current = user
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it reads, transitively."""
+    out, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in out:
+            out.add(current)
+            stack.extend(current.all_input_nodes)
+    return out
 
 
-def insert_call(graph: fx.Graph, before: fx.Node, target: Any, args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
+def depends_on(node: fx.Node, ancestor: fx.Node) -> bool:
+    """``ancestor`` is ``node`` or one of its inputs, transitively."""
+    return ancestor in ancestors(node)
+
+
+def in_graph_order(nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    nodes = set(nodes)
+    if not nodes:
+        return []
+    graph = next(iter(nodes)).graph
+    return [n for n in graph.nodes if n in nodes]
+
+
+def insert_call(graph: fx.Graph, before: fx.Node, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
     """Insert ``target(*args, **kwargs)`` before ``before``, with ``meta["val"]`` from its fake kernel."""
     kwargs = kwargs or {}
     with graph.inserting_before(before):
@@ -77,6 +91,26 @@ def insert_getitem(graph: fx.Graph, before: fx.Node, tuple_node: fx.Node, index:
     return node
 
 
+def cast(graph: fx.Graph, before: fx.Node, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """``node`` converted to ``dtype`` (``node`` itself when it has that dtype)."""
+    if val(node).dtype == dtype:
+        return node
+    return insert_call(graph, before, torch.ops.prims.convert_element_type.default, (node, dtype))
+
+
+@contextlib.contextmanager
+def fused_ops_or_refusal(graph: fx.Graph, what: str) -> Iterator[None]:
+    """Insert fused ops inside this block; when one of them rejects its inputs under the compile
+    target (its fake kernel raises ``OpValidationError``), erase every node inserted in the block
+    and raise ``Refusal`` with the op's message, leaving the graph as it was."""
+    existing = set(graph.nodes)
+    try:
+        yield
+    except OpValidationError as error:
+        erase_unused([n for n in graph.nodes if n not in existing])
+        raise Refusal(f"{what} would be invalid on target {get_target()}: {error}") from error
+
+
 def erase_unused(nodes: Iterable[fx.Node]) -> None:
     """Erase ``nodes`` (last first) that no longer have users. Done by hand because dead-code
     elimination keeps collectives (they have side effects) and they would then run twice."""
@@ -87,3 +121,14 @@ def erase_unused(nodes: Iterable[fx.Node]) -> None:
     for node in reversed(list(graph.nodes)):
         if node in nodes and not node.users:
             graph.erase_node(node)
+
+
+def float_cast(node: fx.Node) -> bool:
+    """``node`` converts a floating tensor to another floating dtype."""
+    return (is_op(node, torch.ops.prims.convert_element_type) and isinstance(node.args[0], fx.Node)
+            and val(node.args[0]).dtype.is_floating_point and node.args[1].is_floating_point)
+
+
+def widening_cast(node: fx.Node) -> bool:
+    """A float cast that keeps every value (e.g. bf16 -> fp32)."""
+    return float_cast(node) and torch.finfo(node.args[1]).bits >= torch.finfo(val(node.args[0]).dtype).bits

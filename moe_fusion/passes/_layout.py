@@ -22,8 +22,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
-from ._graph import COPY_OPS, VIEW_OPS, is_op, val
-from .collectives import Collective, as_collective
+from ._graph import is_op, val
+from .collectives import Collective, as_collective, is_identity_copy
+from .vocabulary import PERMUTE_OPS, RESHAPE_OPS
 
 aten = torch.ops.aten
 
@@ -124,23 +125,9 @@ def static_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
 
 # -- chain steps ---------------------------------------------------------------------------------
 
-_RESHAPES = VIEW_OPS + COPY_OPS + (aten.alias.default, aten.unsqueeze.default, aten.squeeze.default,
-                                    aten.squeeze.dim, aten.squeeze.dims, aten.flatten.using_ints)
-_PERMUTES = (aten.permute.default, aten.transpose.int)
-
-
-def is_identity_copy(node: fx.Node, src: fx.Node) -> bool:
-    """``aten.copy(dst, src)`` into a same-shape, same-dtype buffer: how dynamo's out= collectives
-    (``dist.all_to_all_single(out, inp)``) hand their result over; the value is ``src``'s."""
-    if not is_op(node, aten.copy.default) or node.args[1] is not src or node.args[0] is src:
-        return False
-    dst, value = val(node.args[0]), val(src)
-    return tuple(dst.shape) == tuple(value.shape) and dst.dtype == value.dtype
-
-
 def shape_step(node: fx.Node, src: fx.Node) -> bool:
     """``node`` rearranges (or copies) ``src`` without changing any value or dtype."""
-    if is_op(node, *_RESHAPES, *_PERMUTES) and node.args[0] is src:
+    if is_op(node, *RESHAPE_OPS, *PERMUTE_OPS) and node.args[0] is src:
         return True
     if is_op(node, aten.expand.default) and node.args[0] is src:
         return tuple(val(node).shape) == tuple(val(src).shape)

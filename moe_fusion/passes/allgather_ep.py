@@ -27,21 +27,17 @@ Guards (each refusal names the node and the reason in the fusion report):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
 
-from ._graph import VIEW_OPS, is_op, val
-from .collectives import Collective, find_collectives
+from ._graph import is_op, strip_views, val
+from .collectives import Collective, collective_nodes, collective_value, find_collectives, group_rank, output_value
 from .context import PassContext, Refusal, attempt
-from .moe_dispatch_combine import (MoeBlock, check_same_experts, collective_nodes, collective_value,
-                                   ffn_matches, group_rank, output_value, rewrite, shared_addend, strip_up,
-                                   topk_layout, topk_source)
-from .pipeline import register_pass
-
-if TYPE_CHECKING:
-    from .ffn import FfnMatch
+from .ffn_forms import FfnMatch, check_same_form, find_ffn_forms
+from .moe_block import MoeBlock, shared_addend, topk_layout, topk_source
+from .vocabulary import VIEW_OPS
 
 aten, prims = torch.ops.aten, torch.ops.prims
 PATTERN = "moe_allgather_ep"
@@ -163,7 +159,7 @@ def _weights_an_expert(leaf: fx.Node, experts: dict[fx.Node, FfnMatch]) -> bool:
     return is_op(leaf, aten.mul.Tensor) and any(a in experts for a in leaf.args[:2])
 
 
-def match_block(rs: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[MoeBlock]:
+def _read_block(rs: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[MoeBlock]:
     """The MoE block ending in reduce_scatter ``rs``, None when ``rs`` sums no weighted expert
     output (not a candidate); raises Refusal."""
     leaves, sum_nodes = _summands(rs.input)
@@ -173,12 +169,12 @@ def match_block(rs: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[Mo
         raise Refusal(f"the reduce_scatter reduces with {rs.reduce_op!r}, not a sum")
     terms = [_term(leaf, experts) for leaf in leaves]
     first = terms[0]
-    gx_gather, gx = _gathered(strip_up(first.expert.x), "gathered x", rs)
+    gx_gather, gx = _gathered(strip_views(first.expert.x), "gathered x", rs)
     gids_gather, gids = _gathered(first.gathered_ids, "gathered top-k ids", rs)
     gw_gather, gw = _gathered(first.gathered_weights, "gathered top-k weights", rs)
     for t in terms:
         # Every expert reads the same gathered tokens, ids and weights.
-        if strip_up(t.expert.x) is not gx or t.gathered_ids is not gids or t.gathered_weights is not gw:
+        if strip_views(t.expert.x) is not gx or t.gathered_ids is not gids or t.gathered_weights is not gw:
             raise Refusal(f"the term of expert {t.expert_id} reads other gathered tensors than expert {first.expert_id}")
     _only_used_by(gx, {n for t in terms for n in t.expert.nodes} | {t.expert.x for t in terms}, "gathered x")
     _only_used_by(gids, {n for t in terms for n in t.nodes}, "gathered top-k ids")
@@ -197,7 +193,7 @@ def match_block(rs: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[Mo
     if num_experts != world * local:
         raise Refusal(f"the gate chooses among {num_experts} experts but the {world} ranks hold {local} each")
     ordered = [t.expert for t in sorted(terms, key=lambda t: t.expert_id)]
-    check_same_experts(ordered)
+    check_same_form(ordered, "local experts")
     dtype = val(x).dtype
     # combine_v2 returns x's dtype and the FFN runs in it: the unfused sum must too.
     if ordered[0].dtype != dtype or val(rs.input).dtype != dtype:
@@ -210,12 +206,12 @@ def match_block(rs: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[Mo
         nodes |= collective_nodes(gather, value)
     weights = gw_gather.input
     return MoeBlock(PATTERN, rs.nodes[0], x, ids, lambda graph, before: weights, ordered, rs.group_name, world,
-                    rank, num_experts, out, shared, nodes)
+                    rank, num_experts, out, shared, frozenset(nodes))
 
 
-@register_pass(PATTERN)
-def fuse_moe_allgather_ep(graph: fx.Graph, ctx: PassContext) -> None:
-    """Rewrite every AllGather-EP MoE block (anchored at its reduce_scatter).
+def find_moe_allgather_ep(graph: fx.Graph, ctx: Optional[PassContext] = None) -> list[MoeBlock]:
+    """Every AllGather-EP MoE block whose guards pass, anchored at its reduce_scatter;
+    refusals go to ``ctx``. ``MoeBlock.replace_with`` rewrites each:
 
     Before (W = 2, S = 8, H = 16, L = 2 local experts on rank 1, post-grad)::
 
@@ -247,8 +243,10 @@ def fuse_moe_allgather_ep(graph: fx.Graph, ctx: PassContext) -> None:
             npu_ffn_grouped, convert_element_type, getitem_1, getitem_3, weights, "0", 2, 1, 4,
             tp_send_counts=getitem_4, shared_expert_x=mm_6)
     """
-    experts = ffn_matches(graph)
+    experts = {m.out: m for m in find_ffn_forms(graph)}
+    blocks = []
     for rs in find_collectives(graph, "reduce_scatter"):
-        block = attempt(ctx, PATTERN, rs.nodes[0], lambda: match_block(rs, experts))
+        block = attempt(ctx, PATTERN, rs.nodes[0], lambda: _read_block(rs, experts))
         if block is not None:
-            rewrite(graph, block, ctx)
+            blocks.append(block)
+    return blocks

@@ -16,31 +16,25 @@ the op's ``y2`` for shard type 0 or 1.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import torch.fx as fx
-from torch._inductor.pattern_matcher import stable_topological_sort
 
-from ..errors import OpValidationError
 from ..meta import op_overload
-from ..op_protos import PROTOS
 from ..op_protos.alltoall_allgather_bmm import NAME
-from ..targets import target as target_scope
-from ._graph import erase_unused, insert_call, insert_getitem, is_op, val
+from ._graph import cast, erase_unused, fused_ops_or_refusal, insert_call, insert_getitem, is_op, val
 from ._layout import Chain, Layout, atom, apply_shape_step, same, static_shape, walk
 from .activations import ActivationMatch, activation_from_input
-from .collectives import Collective, find_collectives
-from .context import PassContext
-from .pipeline import register_pass
+from .collectives import SOLO_TP_GROUP, Collective, find_collectives, group_size_refusal
+from .context import PassContext, Refusal, attempt
+from .emit import bias_dtype
 
 aten, prims = torch.ops.aten, torch.ops.prims
 PATTERN = "alltoall_allgather_bmm"
 # activation kind -> the op's act_type; gelu_tanh is not computed by the op (its GELU is erf).
 ACT_TYPES = {"gelu_erf": 1, "silu": 2, "relu": 3, "fastgelu": 4}
-# group_tp for a TP group of one rank: never looked up, only has to differ from group_ep.
-SOLO_TP_GROUP = "moe_fusion.solo_tp"
 
 
 def gathered_layout(shard_type: int, local: int, ep: int, tp: int, c: int, h: int) -> Layout:
@@ -62,6 +56,7 @@ class AllToAllAllGatherBmmMatch:
     bmm: fx.Node
     bias_add: Optional[fx.Node]
     activation: Optional[ActivationMatch]
+    shard_type: Optional[int] = None      # set once the guards proved the chain is the op's y2 layout
 
     @property
     def x(self) -> fx.Node:
@@ -116,7 +111,7 @@ class AllToAllAllGatherBmmMatch:
     def need_activation_feature(self) -> bool:
         return self.activation is not None and any(u not in self.activation.nodes for u in self.y3.users)
 
-    def shard_type(self) -> Optional[int]:
+    def layout_shard_type(self) -> Optional[int]:
         """0 or 1 when the chain puts every element where the op's ``y2`` has it, else None."""
         shape = static_shape(self.x)
         if shape is None or len(shape) != 3:
@@ -133,22 +128,14 @@ class AllToAllAllGatherBmmMatch:
                 return None
         return next((s for s in (0, 1) if same(layout, gathered_layout(s, local, ep, tp, c, h))), None)
 
-    def op_args(self, shard_type: int) -> tuple[tuple, dict]:
+    def op_args(self) -> tuple[tuple, dict]:
         args = (self.x, self.weight, self.all_to_all.group_name, self.ep, self.group_tp, self.tp)
-        kwargs = {"bias": self.bias, "shard_type": shard_type, "act_type": self.act_type,
+        kwargs = {"bias": self.bias, "shard_type": self.shard_type, "act_type": self.act_type,
                   "need_allgather_out": self.need_allgather_out,
                   "need_activation_feature": self.need_activation_feature}
         return args, kwargs
 
-    def check_op(self, shard_type: int) -> None:
-        """The op's own validation (under the target in force) on the values it would get."""
-        args, kwargs = self.op_args(shard_type)
-        bias = kwargs["bias"]
-        if bias is not None:
-            kwargs["bias"] = torch.empty(val(bias).shape, dtype=bias_dtype(val(self.x).dtype), device="meta")
-        PROTOS[NAME].check(*(val(a) for a in args), **kwargs)
-
-    def replace_with(self, graph: fx.Graph, shard_type: int) -> fx.Node:
+    def replace_with(self, graph: fx.Graph) -> fx.Node:
         """Insert the fused op and route every outside use to its outputs.
 
         Before (``x`` ``(E, c, h)``, ``local = E/ep``; shard 1 shown)::
@@ -167,13 +154,14 @@ class AllToAllAllGatherBmmMatch:
                         need_activation_feature=<y3 used elsewhere>)
             y1, y2, y3 = fused[0], fused[1], fused[2]
 
-        A bf16 graph's bias gets a (lossless) cast to fp32, the op's bias dtype for bf16.
+        A bf16 graph's bias gets a (lossless) cast to fp32, the op's bias dtype for bf16. Refused
+        (graph unchanged) when the compile target's op rejects the call (dtypes, world sizes, shapes).
         """
-        args, kwargs = self.op_args(shard_type)
-        bias = kwargs["bias"]
-        if bias is not None and val(bias).dtype != bias_dtype(val(self.x).dtype):
-            kwargs["bias"] = insert_call(graph, self.bmm, prims.convert_element_type.default, (bias, torch.float32))
-        fused = insert_call(graph, self.bmm, op_overload(NAME), args, kwargs)
+        args, kwargs = self.op_args()
+        with fused_ops_or_refusal(graph, NAME):
+            if kwargs["bias"] is not None:
+                kwargs["bias"] = cast(graph, self.bmm, kwargs["bias"], bias_dtype(val(self.x).dtype))
+            fused = insert_call(graph, self.bmm, op_overload(NAME), args, kwargs)
         if kwargs["need_allgather_out"]:
             self.y2.replace_all_uses_with(insert_getitem(graph, self.bmm, fused, 1),
                                           delete_user_cb=lambda user: user is not self.bmm)
@@ -183,17 +171,24 @@ class AllToAllAllGatherBmmMatch:
         self.y1.replace_all_uses_with(insert_getitem(graph, self.bmm, fused, 0))
         return fused
 
+    @property
+    def anchor(self) -> fx.Node:
+        return self.all_to_all.result
+
+    @property
+    def nodes(self) -> frozenset[fx.Node]:
+        nodes = {*self.all_to_all.nodes, *self.chain.nodes, self.bmm}
+        nodes |= {self.bias_add} if self.bias_add is not None else set()
+        nodes |= set(self.activation.nodes) if self.activation is not None else set()
+        return frozenset(nodes)
+
     def erase(self) -> None:
         """Erase the replaced nodes, collectives included (dead-code elimination keeps those)."""
-        nodes = [*self.all_to_all.nodes, *self.chain.nodes, self.bmm]
-        nodes += [self.bias_add] if self.bias_add is not None else []
-        nodes += list(self.activation.nodes) if self.activation is not None else []
-        erase_unused(nodes)
+        erase_unused(self.nodes)
 
-
-def bias_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """The op's bias dtype: fp16 for fp16 x, fp32 for bf16 and fp32 x."""
-    return torch.float16 if x_dtype == torch.float16 else torch.float32
+    def describe(self) -> str:
+        return (f"{NAME}(shard_type={self.shard_type}, act_type={self.act_type}, ep={self.ep}, tp={self.tp}, "
+                f"bias={self.bias is not None}) from {self.all_to_all.result.name}")
 
 
 def _feeds_bmm(node: fx.Node) -> bool:
@@ -230,9 +225,48 @@ def _activation(y3: fx.Node) -> Optional[ActivationMatch]:
     return ActivationMatch(inner.kind, y3, users[0], (upcast, *inner.nodes, users[0]))
 
 
-def find_alltoall_allgather_bmm_patterns(graph: fx.Graph) -> list[AllToAllAllGatherBmmMatch]:
-    """Every all-to-all whose result reaches the first operand of a bmm through shape ops and
-    all-gathers (the guards in ``fuse_alltoall_allgather_bmm`` decide which are legal)."""
+def _guarded(match: AllToAllAllGatherBmmMatch) -> AllToAllAllGatherBmmMatch:
+    """``match`` with its shard type when every guard passes; raises Refusal."""
+    a2a, gathers = match.all_to_all, match.chain.collectives("all_gather")
+    # The op sends E/ep whole experts to every EP peer.
+    if not a2a.equal_splits:
+        raise Refusal(f"uneven splits: the all-to-all sends {a2a.input_split_sizes} rows and receives "
+                      f"{a2a.output_split_sizes}; the op needs E/ep experts to and from every peer")
+    # The op gathers once, over one TP group.
+    if len(gathers) > 1:
+        raise Refusal(f"{len(gathers)} all-gathers between the all-to-all and the bmm; the op gathers once")
+    # EP and TP must be different groups (aclnn rejects equal names; the data movement differs).
+    if match.all_gather is not None and match.all_gather.group_name == a2a.group_name:
+        raise Refusal(f"different groups needed: the all-to-all and the all-gather both run on group {a2a.group_name!r}; "
+                      "the op's EP and TP groups must differ")
+    for collective, what in ((a2a, "all-to-all"), *((g, "all-gather") for g in gathers)):
+        reason = group_size_refusal(collective, what)
+        if reason:
+            raise Refusal(reason)
+    # Values inside the chain are not outputs of the op: their collectives would have to stay.
+    shared = match.chain.shared_value()
+    if shared is not None:
+        raise Refusal(f"extra users change semantics: {shared[0].name} (between the all-to-all and the bmm input) is also "
+                      f"used by {shared[1].name}; the op only returns the gathered bmm input (y2)")
+    # The layout check works on static shapes.
+    if static_shape(match.x) is None or static_shape(match.y2) is None:
+        raise Refusal("symbolic shapes: the layout check needs static shapes")
+    if len(static_shape(match.x)) != 3:
+        raise Refusal(f"the all-to-all input must be a 3-D (E, C, H) tensor, got shape {static_shape(match.x)}")
+    if match.activation is not None and match.act_type < 0:
+        raise Refusal(f"activation not supported: {match.activation.kind} after the bmm (the op computes GELU (erf), "
+                      "SiLU, ReLU and FastGELU)")
+    shard_type = match.layout_shard_type()
+    # Exact data movement: anything else would feed the matmul permuted rows or columns.
+    if shard_type is None:
+        raise Refusal("the reshape/permute chain between the all-to-all and the bmm does not reproduce the op's layout "
+                      "(SPEC §6.3) for x_shard_type 0 (gather H) or 1 (gather C)")
+    return replace(match, shard_type=shard_type)
+
+
+def find_alltoall_allgather_bmm(graph: fx.Graph, ctx: Optional[PassContext] = None) -> list[AllToAllAllGatherBmmMatch]:
+    """Every all-to-all whose result reaches the first operand of a bmm through shape ops and one
+    all-gather, and whose guards pass (the op's own limits are checked by ``replace_with``)."""
     matches = []
     for a2a in find_collectives(graph, "all_to_all"):
         chain = walk(a2a.result, collective_kinds=("all_gather",), stop=_feeds_bmm)
@@ -243,97 +277,8 @@ def find_alltoall_allgather_bmm_patterns(graph: fx.Graph) -> list[AllToAllAllGat
         activation = _activation(bias_add if bias_add is not None else bmm)
         if activation is not None and not activation.internal_nodes_private():
             activation = None   # its pieces are used elsewhere: leave it in the graph, after y1
-        matches.append(AllToAllAllGatherBmmMatch(a2a, chain, bmm, bias_add, activation))
+        candidate = AllToAllAllGatherBmmMatch(a2a, chain, bmm, bias_add, activation)
+        match = attempt(ctx, PATTERN, a2a.result, lambda: _guarded(candidate))
+        if match is not None:
+            matches.append(match)
     return matches
-
-
-def _registered_size(group_name: str) -> Optional[int]:
-    """The size of the named process group when this process knows it."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return None
-    try:
-        from torch.distributed.distributed_c10d import _resolve_process_group
-
-        return _resolve_process_group(group_name).size()
-    except Exception:  # unknown names raise several types; the graph is then all we know
-        return None
-
-
-def group_size_refusal(collective: Collective, what: str) -> Optional[str]:
-    """Why the collective's group size in the graph disagrees with the registered group, if it does."""
-    size = _registered_size(collective.group_name)
-    if size is not None and size != collective.group_size:
-        return (f"group sizes inconsistent: the {what} treats group {collective.group_name!r} as "
-                f"{collective.group_size} ranks but it has {size}")
-    return None
-
-
-def refusal(match: AllToAllAllGatherBmmMatch) -> tuple[Optional[str], Optional[int]]:
-    """``(reason, None)`` when the match must not be rewritten, else ``(None, shard_type)``."""
-    a2a, gathers = match.all_to_all, match.chain.collectives("all_gather")
-    # The op sends E/ep whole experts to every EP peer.
-    if not a2a.equal_splits:
-        return (f"uneven splits: the all-to-all sends {a2a.input_split_sizes} rows and receives "
-                f"{a2a.output_split_sizes}; the op needs E/ep experts to and from every peer"), None
-    # The op gathers once, over one TP group.
-    if len(gathers) > 1:
-        return f"{len(gathers)} all-gathers between the all-to-all and the bmm; the op gathers once", None
-    # EP and TP must be different groups (aclnn rejects equal names; the data movement differs).
-    if match.all_gather is not None and match.all_gather.group_name == a2a.group_name:
-        return (f"different groups needed: the all-to-all and the all-gather both run on group {a2a.group_name!r}; "
-                "the op's EP and TP groups must differ"), None
-    for collective, what in ((a2a, "all-to-all"), *((g, "all-gather") for g in gathers)):
-        reason = group_size_refusal(collective, what)
-        if reason:
-            return reason, None
-    # Values inside the chain are not outputs of the op: their collectives would have to stay.
-    shared = match.chain.shared_value()
-    if shared is not None:
-        return (f"extra users change semantics: {shared[0].name} (between the all-to-all and the bmm input) is also "
-                f"used by {shared[1].name}; the op only returns the gathered bmm input (y2)"), None
-    # The layout check works on static shapes.
-    if static_shape(match.x) is None or static_shape(match.y2) is None:
-        return "symbolic shapes: the layout check needs static shapes", None
-    if len(static_shape(match.x)) != 3:
-        return f"the all-to-all input must be a 3-D (E, C, H) tensor, got shape {static_shape(match.x)}", None
-    if match.activation is not None and match.act_type < 0:
-        return (f"activation not supported: {match.activation.kind} after the bmm (the op computes GELU (erf), "
-                "SiLU, ReLU and FastGELU)"), None
-    shard_type = match.shard_type()
-    # Exact data movement: anything else would feed the matmul permuted rows or columns.
-    if shard_type is None:
-        return ("the reshape/permute chain between the all-to-all and the bmm does not reproduce the op's layout "
-                "(SPEC §6.3) for x_shard_type 0 (gather H) or 1 (gather C)"), None
-    # The op's own limits for the target (dtypes, world sizes, E/ep, shapes).
-    try:
-        match.check_op(shard_type)
-    except OpValidationError as error:
-        return str(error), None
-    return None, shard_type
-
-
-def fuse_alltoall_allgather_bmm(graph: fx.Graph, ctx: PassContext) -> int:
-    """Rewrite every legal match in ``graph``; refuse the others with a reason. Returns the count."""
-    fused = 0
-    with target_scope(ctx.target):
-        for match in find_alltoall_allgather_bmm_patterns(graph):
-            reason, shard_type = refusal(match)
-            if reason is not None:
-                ctx.refuse(PATTERN, match.all_to_all.result, reason)
-                continue
-            detail = (f"{NAME}(shard_type={shard_type}, act_type={match.act_type}, ep={match.ep}, tp={match.tp}, "
-                      f"bias={match.bias is not None}) from {match.all_to_all.result.name}")
-            node = match.replace_with(graph, shard_type)
-            match.erase()
-            fused += 1
-            ctx.record_fused(PATTERN, node, detail)
-    if fused:
-        stable_topological_sort(graph)   # a bias or a y2 user may sit on the wrong side of the bmm
-    return fused
-
-
-@register_pass(PATTERN)
-def alltoall_allgather_bmm_pass(graph: fx.Graph, ctx: PassContext) -> None:
-    fuse_alltoall_allgather_bmm(graph, ctx)

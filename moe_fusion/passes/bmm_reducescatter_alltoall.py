@@ -15,25 +15,20 @@ the all-to-all on the op's EP chunk, and the all-to-all result must be the op's 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import torch.fx as fx
-from torch._inductor.pattern_matcher import stable_topological_sort
 
-from ..errors import OpValidationError
 from ..meta import op_overload
-from ..op_protos import PROTOS
 from ..op_protos.bmm_reducescatter_alltoall import NAME
-from ..targets import target as target_scope
-from ._graph import erase_unused, insert_call, is_op, val
+from ._graph import cast, erase_unused, fused_ops_or_refusal, insert_call, is_op, val
 from ._layout import (Atom, Chain, Layout, apply_shape_step, atom, canonical, reshape, same, split_leading, static_shape,
                       walk)
-from .alltoall_allgather_bmm import SOLO_TP_GROUP, bias_dtype, group_size_refusal
-from .collectives import Collective, collective_producing
-from .context import PassContext
-from .pipeline import register_pass
+from .collectives import SOLO_TP_GROUP, Collective, collective_producing, group_size_refusal
+from .context import PassContext, Refusal, attempt
+from .emit import bias_dtype
 
 aten, prims = torch.ops.aten, torch.ops.prims
 PATTERN = "bmm_reducescatter_alltoall"
@@ -90,6 +85,7 @@ class BmmReduceScatterAllToAllMatch:
 
     bmm: fx.Node
     chain: Chain
+    want: Optional[ReturnLayout] = None      # set once the guards proved the chain is the op's data movement
 
     @property
     def x(self) -> fx.Node:
@@ -186,22 +182,10 @@ class BmmReduceScatterAllToAllMatch:
                     "column) as the op's bias (E/ep, 1, H') is")
         return None
 
-    def op_args(self, shard_type: int, bias: Optional[fx.Node]) -> tuple[tuple, dict]:
-        args = (self.x, self.weight, self.all_to_all.group_name, self.ep, self.group_tp, self.tp)
-        return args, {"bias": bias, "shard_type": shard_type}
+    def bias_shape(self) -> tuple[int, int, int]:
+        return static_shape(self.bmm)[0], 1, self.want.col.size
 
-    def bias_shape(self, want: ReturnLayout) -> tuple[int, int, int]:
-        return static_shape(self.bmm)[0], 1, want.col.size
-
-    def check_op(self, want: ReturnLayout) -> None:
-        """The op's own validation (under the target in force) on the values it would get."""
-        bias = None
-        if self.bias_adds:
-            bias = torch.empty(self.bias_shape(want), dtype=bias_dtype(val(self.x).dtype), device="meta")
-        args, kwargs = self.op_args(want.shard_type, None)
-        PROTOS[NAME].check(*(val(a) for a in args), **{**kwargs, "bias": bias})
-
-    def replace_with(self, graph: fx.Graph, want: ReturnLayout) -> fx.Node:
+    def replace_with(self, graph: fx.Graph) -> fx.Node:
         """Insert the fused op and route the all-to-all result's uses to its output.
 
         Before (``t1`` ``(local, ep*C, H)``, ``c = C/tp``; y_shard_type 1 shown)::
@@ -218,30 +202,91 @@ class BmmReduceScatterAllToAllMatch:
             y = view(moe_fusion.npu_bmm_reducescatter_alltoall(x, weight, group_ep, ep, group_tp, tp,
                          bias=view(bias, [local, 1, H]), shard_type=1), [ep, local, c, H])
 
-        A bf16 graph's bias gets a (lossless) cast to fp32, the op's bias dtype for bf16.
+        A bf16 graph's bias gets a (lossless) cast to fp32, the op's bias dtype for bf16. Refused
+        (graph unchanged) when the compile target's op rejects the call (dtypes, world sizes, shapes).
         """
         end = self.chain.end
-        bias = None
-        if self.bias_adds:
-            bias = insert_call(graph, end, aten.reshape.default, (self.bias_operand(), list(self.bias_shape(want))))
-            if val(bias).dtype != bias_dtype(val(self.x).dtype):
-                bias = insert_call(graph, end, prims.convert_element_type.default, (bias, torch.float32))
-        args, kwargs = self.op_args(want.shard_type, bias)
-        fused = insert_call(graph, end, op_overload(NAME), args, kwargs)
-        result = fused
-        if tuple(val(fused).shape) != static_shape(end):
-            result = insert_call(graph, end, aten.reshape.default, (fused, list(static_shape(end))))
+        with fused_ops_or_refusal(graph, NAME):
+            bias = None
+            if self.bias_adds:
+                bias = insert_call(graph, end, aten.reshape.default, (self.bias_operand(), list(self.bias_shape())))
+                bias = cast(graph, end, bias, bias_dtype(val(self.x).dtype))
+            args = (self.x, self.weight, self.all_to_all.group_name, self.ep, self.group_tp, self.tp)
+            fused = insert_call(graph, end, op_overload(NAME), args, {"bias": bias, "shard_type": self.want.shard_type})
+            result = fused
+            if tuple(val(fused).shape) != static_shape(end):
+                result = insert_call(graph, end, aten.reshape.default, (fused, list(static_shape(end))))
         end.replace_all_uses_with(result)
         return fused
 
+    @property
+    def anchor(self) -> fx.Node:
+        return self.bmm
+
+    @property
+    def nodes(self) -> frozenset[fx.Node]:
+        return frozenset([self.bmm, *self.chain.nodes])
+
     def erase(self) -> None:
         """Erase the replaced nodes, collectives included (dead-code elimination keeps those)."""
-        erase_unused([self.bmm, *self.chain.nodes])
+        erase_unused(self.nodes)
+
+    def describe(self) -> str:
+        return (f"{NAME}(shard_type={self.want.shard_type}, ep={self.ep}, tp={self.tp}, "
+                f"bias={bool(self.bias_adds)}) from {self.bmm.name}")
 
 
-def find_bmm_reducescatter_alltoall_patterns(graph: fx.Graph) -> list[BmmReduceScatterAllToAllMatch]:
-    """Every bmm whose output reaches an all-to-all through shape ops, reduce-scatters and adds
-    (the guards in ``fuse_bmm_reducescatter_alltoall`` decide which are legal)."""
+def _guarded(match: BmmReduceScatterAllToAllMatch) -> BmmReduceScatterAllToAllMatch:
+    """``match`` with the op's data movement it reproduces when every guard passes; raises Refusal."""
+    a2a, scatters = match.all_to_all, match.chain.collectives("reduce_scatter")
+    # The op sends E/ep whole experts back to every EP peer.
+    if not a2a.equal_splits:
+        raise Refusal(f"uneven splits: the all-to-all sends {a2a.input_split_sizes} rows and receives "
+                      f"{a2a.output_split_sizes}; the op needs E/ep experts to and from every peer")
+    if len(scatters) > 1:
+        raise Refusal(f"{len(scatters)} reduce-scatters between the bmm and the all-to-all; the op reduces once")
+    rs = match.reduce_scatter
+    # The op sums over TP.
+    if rs is not None and str(rs.reduce_op).lower() != "sum":
+        raise Refusal(f"the reduce-scatter computes {rs.reduce_op!r}; the op sums")
+    # EP and TP must be different groups (aclnn rejects equal names; the data movement differs).
+    if rs is not None and rs.group_name == a2a.group_name:
+        raise Refusal(f"different groups needed: the reduce-scatter and the all-to-all both run on group {a2a.group_name!r}; "
+                      "the op's EP and TP groups must differ")
+    for collective, what in ((a2a, "all-to-all"), *((s, "reduce-scatter") for s in scatters)):
+        reason = group_size_refusal(collective, what)
+        if reason:
+            raise Refusal(reason)
+    # A bias before the reduce-scatter is summed over the TP ranks; the op adds it once, after.
+    early = match.adds_before_reduce_scatter()
+    if early:
+        raise Refusal(f"bias before the reduce-scatter: {early[0].name} adds to the partial sums, so the unfused graph adds "
+                      f"it {match.tp} times; the op adds its bias once, after the reduce-scatter")
+    if len(match.bias_adds) > 1:
+        raise Refusal(f"{len(match.bias_adds)} adds between the reduce-scatter and the all-to-all; the op adds one bias")
+    # Values inside the chain are not outputs of the op: their collectives would have to stay.
+    shared = match.chain.shared_value()
+    if shared is not None:
+        raise Refusal(f"extra users change semantics: {shared[0].name} (between the bmm and the all-to-all result) is also "
+                      f"used by {shared[1].name}; the op only returns the all-to-all result")
+    if any(static_shape(n) is None for n in (match.bmm, match.chain.end)):
+        raise Refusal("symbolic shapes: the layout check needs static shapes")
+    want, at_bias = match.return_layout()
+    # Exact data movement: anything else would return rows or columns to the wrong peer or slot.
+    if want is None:
+        raise Refusal("the reshape/permute chain between the bmm and the all-to-all does not reproduce the op's layout "
+                      "(SPEC §6.3) for y_shard_type 0 (scatter H) or 1 (scatter C)")
+    if match.bias_adds:
+        reason = match.bias_refusal(want, at_bias)
+        if reason:
+            raise Refusal(reason)
+    return replace(match, want=want)
+
+
+def find_bmm_reducescatter_alltoall(graph: fx.Graph,
+                                    ctx: Optional[PassContext] = None) -> list[BmmReduceScatterAllToAllMatch]:
+    """Every bmm whose output reaches an all-to-all through shape ops, reduce-scatters and adds, and
+    whose guards pass (the op's own limits are checked by ``replace_with``)."""
     matches = []
     for bmm in [n for n in graph.nodes if is_op(n, aten.bmm.default)]:
         chain = walk(bmm, collective_kinds=("reduce_scatter", "all_to_all"), extra_step=_broadcast_add,
@@ -249,82 +294,8 @@ def find_bmm_reducescatter_alltoall_patterns(graph: fx.Graph) -> list[BmmReduceS
         if not chain.collectives("all_to_all"):
             continue
         chain.absorb_copies()   # dynamo's out= form copies the result into its buffer: y replaces the copy
-        matches.append(BmmReduceScatterAllToAllMatch(bmm, chain))
+        candidate = BmmReduceScatterAllToAllMatch(bmm, chain)
+        match = attempt(ctx, PATTERN, bmm, lambda: _guarded(candidate))
+        if match is not None:
+            matches.append(match)
     return matches
-
-
-def refusal(match: BmmReduceScatterAllToAllMatch) -> tuple[Optional[str], Optional[ReturnLayout]]:
-    """``(reason, None)`` when the match must not be rewritten, else ``(None, layout)``."""
-    a2a, scatters = match.all_to_all, match.chain.collectives("reduce_scatter")
-    # The op sends E/ep whole experts back to every EP peer.
-    if not a2a.equal_splits:
-        return (f"uneven splits: the all-to-all sends {a2a.input_split_sizes} rows and receives "
-                f"{a2a.output_split_sizes}; the op needs E/ep experts to and from every peer"), None
-    if len(scatters) > 1:
-        return f"{len(scatters)} reduce-scatters between the bmm and the all-to-all; the op reduces once", None
-    rs = match.reduce_scatter
-    # The op sums over TP.
-    if rs is not None and str(rs.reduce_op).lower() != "sum":
-        return f"the reduce-scatter computes {rs.reduce_op!r}; the op sums", None
-    # EP and TP must be different groups (aclnn rejects equal names; the data movement differs).
-    if rs is not None and rs.group_name == a2a.group_name:
-        return (f"different groups needed: the reduce-scatter and the all-to-all both run on group {a2a.group_name!r}; "
-                "the op's EP and TP groups must differ"), None
-    for collective, what in ((a2a, "all-to-all"), *((s, "reduce-scatter") for s in scatters)):
-        reason = group_size_refusal(collective, what)
-        if reason:
-            return reason, None
-    # A bias before the reduce-scatter is summed over the TP ranks; the op adds it once, after.
-    early = match.adds_before_reduce_scatter()
-    if early:
-        return (f"bias before the reduce-scatter: {early[0].name} adds to the partial sums, so the unfused graph adds "
-                f"it {match.tp} times; the op adds its bias once, after the reduce-scatter"), None
-    if len(match.bias_adds) > 1:
-        return f"{len(match.bias_adds)} adds between the reduce-scatter and the all-to-all; the op adds one bias", None
-    # Values inside the chain are not outputs of the op: their collectives would have to stay.
-    shared = match.chain.shared_value()
-    if shared is not None:
-        return (f"extra users change semantics: {shared[0].name} (between the bmm and the all-to-all result) is also "
-                f"used by {shared[1].name}; the op only returns the all-to-all result"), None
-    if any(static_shape(n) is None for n in (match.bmm, match.chain.end)):
-        return "symbolic shapes: the layout check needs static shapes", None
-    want, at_bias = match.return_layout()
-    # Exact data movement: anything else would return rows or columns to the wrong peer or slot.
-    if want is None:
-        return ("the reshape/permute chain between the bmm and the all-to-all does not reproduce the op's layout "
-                "(SPEC §6.3) for y_shard_type 0 (scatter H) or 1 (scatter C)"), None
-    if match.bias_adds:
-        reason = match.bias_refusal(want, at_bias)
-        if reason:
-            return reason, None
-    # The op's own limits for the target (dtypes, world sizes, E/ep, shapes).
-    try:
-        match.check_op(want)
-    except OpValidationError as error:
-        return str(error), None
-    return None, want
-
-
-def fuse_bmm_reducescatter_alltoall(graph: fx.Graph, ctx: PassContext) -> int:
-    """Rewrite every legal match in ``graph``; refuse the others with a reason. Returns the count."""
-    fused = 0
-    with target_scope(ctx.target):
-        for match in find_bmm_reducescatter_alltoall_patterns(graph):
-            reason, want = refusal(match)
-            if reason is not None:
-                ctx.refuse(PATTERN, match.bmm, reason)
-                continue
-            detail = (f"{NAME}(shard_type={want.shard_type}, ep={match.ep}, tp={match.tp}, "
-                      f"bias={bool(match.bias_adds)}) from {match.bmm.name}")
-            node = match.replace_with(graph, want)
-            match.erase()
-            fused += 1
-            ctx.record_fused(PATTERN, node, detail)
-    if fused:
-        stable_topological_sort(graph)
-    return fused
-
-
-@register_pass(PATTERN)
-def bmm_reducescatter_alltoall_pass(graph: fx.Graph, ctx: PassContext) -> None:
-    fuse_bmm_reducescatter_alltoall(graph, ctx)

@@ -35,64 +35,27 @@ capacity dropping" could not hold.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ._graph import insert_call, is_op, val
-from .collectives import Collective, as_collective, find_collectives
+from ._graph import ancestors, in_graph_order, insert_call, is_op, val, widening_cast
+from .collectives import Collective, as_collective, collective_nodes, find_collectives, group_rank, output_value
 from .context import PassContext, Refusal, attempt
-from .moe_dispatch_combine import (MOVE_OPS, MoeBlock, check_same_experts, collective_nodes, ffn_matches,
-                                   group_rank, output_value, rewrite, shared_addend, topk_layout, widening_cast)
-from .pipeline import register_pass
-
-if TYPE_CHECKING:
-    from .ffn import FfnMatch
+from .evaluate import evaluate, on_real_tensors
+from .ffn_forms import FfnMatch, check_same_form, find_ffn_forms
+from .moe_block import MoeBlock, shared_addend, topk_layout
+from .vocabulary import MULTILINEAR_OPS, ROW_MOVE_OPS
 
 aten = torch.ops.aten
 PATTERN = "moe_capacity_a2a"
-# Ops whose output is a polynomial (of degree <= 2 here) in their tensor inputs.
-MULTILINEAR = MOVE_OPS + (aten.bmm.default, aten.mm.default, aten.mul.Tensor, aten.sum.dim_IntList)
-# Ops that only move rows between the all_to_alls (besides the expert FFNs).
-ROW_MOVES = MOVE_OPS + (aten.split.Tensor, aten.split_with_sizes.default, aten.cat.default, aten.stack.default,
-                        aten.select.int, aten.slice.Tensor)
 ROUTING_SEEDS = 2   # random routings tried besides the extreme ones
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluating subgraphs on chosen inputs
 # ---------------------------------------------------------------------------------------------
-
-def _real(fn: Callable) -> Callable:
-    """Run ``fn`` on real tensors: passes run inside the compiler's fake mode."""
-    def run(*args, **kwargs):
-        with unset_fake_temporarily(), torch.no_grad():
-            return fn(*args, **kwargs)
-    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
-    return run
-
-
-def _evaluate(nodes: list[fx.Node], env: dict[fx.Node, object], identity_casts: bool = False) -> None:
-    """Run ``nodes`` (in graph order) on the values in ``env``; widening casts are the identity when
-    ``identity_casts`` (exact float64 tracking)."""
-    for node in nodes:
-        if node in env:
-            continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
-        if identity_casts and widening_cast(node):
-            env[node] = args[0]
-        else:
-            env[node] = node.target(*args, **kwargs)
-
-
-def _in_order(nodes: set[fx.Node]) -> list[fx.Node]:
-    if not nodes:
-        return []
-    graph = next(iter(nodes)).graph
-    return [n for n in graph.nodes if n in nodes]
-
 
 def _multilinear_region(root: fx.Node, stop: set[fx.Node]) -> tuple[set[fx.Node], list[fx.Node]]:
     """``(region, leaves)``: the nodes above ``root`` (included) reached through single-use
@@ -106,7 +69,7 @@ def _multilinear_region(root: fx.Node, stop: set[fx.Node]) -> tuple[set[fx.Node]
         if node in region or node in leaves:
             continue
         inner = node is root or len(node.users) == 1
-        if node not in stop and inner and (is_op(node, *MULTILINEAR) or widening_cast(node)):
+        if node not in stop and inner and (is_op(node, *MULTILINEAR_OPS) or widening_cast(node)):
             region.add(node)
             stack.extend(node.all_input_nodes)
         else:
@@ -114,7 +77,7 @@ def _multilinear_region(root: fx.Node, stop: set[fx.Node]) -> tuple[set[fx.Node]
     return region, leaves
 
 
-@_real
+@on_real_tensors
 def _check_einsum(root: fx.Node, region: set[fx.Node], leaves: dict[str, fx.Node], equation: str,
                   operands: tuple[str, ...], shapes: dict[str, tuple]) -> None:
     """``root == einsum(equation, *operands)``: evaluate the region on random leaf values."""
@@ -122,7 +85,7 @@ def _check_einsum(root: fx.Node, region: set[fx.Node], leaves: dict[str, fx.Node
     env: dict[fx.Node, object] = {}
     for name, node in leaves.items():
         env[node] = torch.randn(tuple(val(node).shape), generator=gen, dtype=torch.float64)
-    _evaluate(_in_order(region), env, identity_casts=True)
+    evaluate(in_graph_order(region), env, identity_casts=True)
     expected = torch.einsum(equation, *(env[leaves[n]].reshape(shapes[n]) for n in operands))
     got = env[root]
     if got.numel() != expected.numel() or not torch.allclose(got.reshape(expected.shape), expected, rtol=1e-9,
@@ -138,7 +101,7 @@ def _dispatch_einsum(a2a: Collective) -> tuple[fx.Node, fx.Node, set[fx.Node], t
     """``(mask, x, region, (S, E, C, H))`` of ``einsum("sec,sm->ecm", mask, x)`` feeding ``a2a``."""
     region, leaves = _multilinear_region(a2a.input, set())
     # The mask is the operand computed from the routing (a top-k); the tokens are the other one.
-    masks = [n for n in leaves if val(n).dim() == 3 and any(is_op(a, aten.topk) for a in _ancestors(n))]
+    masks = [n for n in leaves if val(n).dim() == 3 and any(is_op(a, aten.topk) for a in ancestors(n))]
     if len(leaves) != 2 or len(masks) != 1:
         raise Refusal(f"the all_to_all input {a2a.input.name} is not einsum('sec,sm->ecm', mask, x) of a 3-D mask "
                       f"from the routing and the tokens (it reads {', '.join(n.name for n in leaves)})")
@@ -154,7 +117,7 @@ def _dispatch_einsum(a2a: Collective) -> tuple[fx.Node, fx.Node, set[fx.Node], t
 
 
 def _continues_einsum(node: fx.Node) -> bool:
-    return is_op(node, *MULTILINEAR) or widening_cast(node)
+    return is_op(node, *MULTILINEAR_OPS) or widening_cast(node)
 
 
 def _combine_einsum(returned: fx.Node, sizes: tuple[int, int, int, int]) -> tuple[fx.Node, fx.Node, set[fx.Node]]:
@@ -186,7 +149,7 @@ def _reaches_an_expert(received: fx.Node, experts: dict[fx.Node, FfnMatch]) -> b
             return True
         if node not in seen:
             seen.add(node)
-            stack.extend(u for u in node.users if is_op(u, *ROW_MOVES) or u.target is operator.getitem)
+            stack.extend(u for u in node.users if is_op(u, *ROW_MOVE_OPS) or u.target is operator.getitem)
     return False
 
 
@@ -210,7 +173,7 @@ def _expert_section(received: fx.Node, experts: dict[fx.Node, FfnMatch]
                 if all(match.out is not m.out for m in used):
                     used.append(match)
                     frontier.append(match.out)
-            elif is_op(user, *ROW_MOVES) or user.target is operator.getitem:
+            elif is_op(user, *ROW_MOVE_OPS) or user.target is operator.getitem:
                 if user not in section:
                     section.add(user)
                     frontier.append(user)
@@ -231,7 +194,7 @@ def _expert_section(received: fx.Node, experts: dict[fx.Node, FfnMatch]
     return back[0], used, section
 
 
-@_real
+@on_real_tensors
 def _order_experts(received: fx.Node, back: Collective, used: list[FfnMatch], section: set[fx.Node],
                    world: int, hidden: int) -> list[FfnMatch]:
     """Prove that row ``(p, i, c)`` of the received ``(W, L, C, H)`` goes through exactly one FFN and
@@ -245,11 +208,11 @@ def _order_experts(received: fx.Node, back: Collective, used: list[FfnMatch], se
     env: dict[fx.Node, object] = {received: torch.arange(numel, dtype=torch.float64).view(val(received).shape)}
     tags = {m.out: float((i + 1) * 2 * numel) for i, m in enumerate(used)}
     columns = torch.arange(hidden, dtype=torch.float64)
-    order = _in_order(section | {m.out for m in used})
+    order = in_graph_order(section | {m.out for m in used})
     for node in order:
         match = next((m for m in used if m.out is node), None)
         if match is None:
-            _evaluate([node], env)
+            evaluate([node], env)
             continue
         rows = env[match.x].reshape(-1, hidden)
         # An FFN works on whole token rows: its input rows must be rows of the received tensor.
@@ -273,8 +236,8 @@ def _order_experts(received: fx.Node, back: Collective, used: list[FfnMatch], se
 def _gating(mask: fx.Node, combine: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """``(topk, nodes)``: the one top-k the mask and combine tensors derive from, and every node
     between its scores and them; raises Refusal if they read anything else."""
-    topks = [n for n in _ancestors(combine) if is_op(n, torch.ops.aten.topk)]
-    if len(topks) != 1 or topks[0] not in _ancestors(mask):
+    topks = [n for n in ancestors(combine) if is_op(n, torch.ops.aten.topk)]
+    if len(topks) != 1 or topks[0] not in ancestors(mask):
         raise Refusal(f"the combine weights {combine.name} do not derive from exactly one torch.topk shared with "
                       "the dispatch mask")
     topk = topks[0]
@@ -291,17 +254,7 @@ def _gating(mask: fx.Node, combine: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
                           f"top-k scores {scores.name}")
         nodes.add(node)
         stack.extend(node.all_input_nodes)
-    return topk, _in_order(nodes)
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    out, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in out:
-            out.add(n)
-            stack.extend(n.all_input_nodes)
-    return out
+    return topk, in_graph_order(nodes)
 
 
 def _routings(tokens: int, experts: int, k: int) -> list[tuple[str, torch.Tensor]]:
@@ -315,7 +268,7 @@ def _routings(tokens: int, experts: int, k: int) -> list[tuple[str, torch.Tensor
     return ids
 
 
-@_real
+@on_real_tensors
 def _check_dropless(topk: fx.Node, nodes: list[fx.Node], mask: fx.Node, combine: fx.Node) -> None:
     """Every chosen (token, expert) gets exactly one slot, no slot holds two tokens and no weight
     lies outside a token's own slots, for every routing of ``_routings``."""
@@ -327,7 +280,7 @@ def _check_dropless(topk: fx.Node, nodes: list[fx.Node], mask: fx.Node, combine:
         values = 0.1 * torch.rand(tokens, experts, generator=gen, dtype=torch.float64)
         values.scatter_(1, ids, (1.0 - 0.01 * torch.arange(k, dtype=torch.float64)).expand(tokens, k))
         env: dict[fx.Node, object] = {scores: values.to(val(scores).dtype)}
-        _evaluate(nodes, env)
+        evaluate(nodes, env)
         dm, cw = env[mask].double(), env[combine].double()
         chosen = torch.zeros(tokens, experts, dtype=torch.float64).scatter_(1, ids, 1.0)
         problems = [("a dispatch mask entry is not 0 or 1", bool(((dm != 0) & (dm != 1)).any())),
@@ -355,7 +308,7 @@ def _topk_indices(topk: fx.Node) -> fx.Node:
     raise Refusal(f"the indices of the top-k {topk.name} are not used; the routing has no expert ids")
 
 
-def match_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[MoeBlock]:
+def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[MoeBlock]:
     """The capacity MoE block whose dispatch all_to_all is ``a2a``; None when ``a2a`` feeds no
     expert FFN (not a candidate); raises Refusal."""
     received = output_value(a2a)
@@ -372,7 +325,7 @@ def match_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[M
     if e != world * len(used):
         raise Refusal(f"the mask has {e} experts but the {world} ranks run {len(used)} expert FFNs each")
     ordered = _order_experts(received, back, used, section, world, h)
-    check_same_experts(ordered)
+    check_same_form(ordered, "local experts")
     returned = output_value(back)
     y, combine, combine_region = _combine_einsum(returned, (s, e, c, h))
     topk, gating_nodes = _gating(mask, combine)
@@ -391,14 +344,16 @@ def match_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[M
 
     out, shared = shared_addend(y)
     ids = _topk_indices(topk)
-    nodes = dispatch_region | section | combine_region | collective_nodes(a2a, received) | collective_nodes(back, returned)
+    # The gating stays (the scales read it); the dispatch mask chain only the einsum read dies with it.
+    nodes = (dispatch_region | section | combine_region | collective_nodes(a2a, received)
+             | collective_nodes(back, returned) | {mask} | set(gating_nodes))
     return MoeBlock(PATTERN, a2a.nodes[0], x, ids, _scales_builder(combine, ids), ordered, a2a.group_name, world,
-                    group_rank(a2a.group_name), e, out, shared, nodes)
+                    group_rank(a2a.group_name), e, out, shared, frozenset(nodes))
 
 
-@register_pass(PATTERN)
-def fuse_moe_capacity_a2a(graph: fx.Graph, ctx: PassContext) -> None:
-    """Rewrite every dropless capacity all-to-all MoE block (anchored at its dispatch all_to_all).
+def find_moe_capacity_a2a(graph: fx.Graph, ctx: Optional[PassContext] = None) -> list[MoeBlock]:
+    """Every dropless capacity all-to-all MoE block whose guards pass, anchored at its dispatch
+    all_to_all; refusals go to ``ctx``. ``MoeBlock.replace_with`` rewrites each:
 
     Before (W = 2, S = 8, E = 4, C = 8, H = 16, post-grad; einsums as bmm between views)::
 
@@ -430,12 +385,10 @@ def fuse_moe_capacity_a2a(graph: fx.Graph, ctx: PassContext) -> None:
 
     The gating stays; the dispatch mask chain it fed dies and is erased.
     """
-    experts = ffn_matches(graph)
+    experts = {m.out: m for m in find_ffn_forms(graph)}
     blocks = []
     for a2a in find_collectives(graph, "all_to_all"):
-        block = attempt(ctx, PATTERN, a2a.nodes[0], lambda: match_block(a2a, experts))
+        block = attempt(ctx, PATTERN, a2a.nodes[0], lambda: _read_block(a2a, experts))
         if block is not None:
             blocks.append(block)
-    fused = [rewrite(graph, block, ctx) for block in blocks]
-    if any(fused):
-        graph.eliminate_dead_code()     # the dispatch mask chain the einsum read
+    return blocks

@@ -1,4 +1,11 @@
-"""What a pass run records: fused matches, refused candidates with their reasons, op counts.
+"""The pass protocol (``Refusal``, ``Match``) and what a pass run records: fused matches, refused
+candidates with their reasons, op counts.
+
+Every pattern module has ``find_<pattern>(graph, ctx) -> list[Match]``: candidates whose guards
+passed (a guard raises ``Refusal``; ``attempt`` records the reason in ``ctx``). The pipeline then
+calls ``match.replace_with(graph)``, which inserts the fused op and routes the replaced values'
+uses to it (or raises ``Refusal`` with the graph unchanged when the compile target's op rejects
+the call), and ``match.erase()``, which erases what became dead, collectives included.
 
 Refusals are logged on the ``moe_fusion.passes`` logger at DEBUG, one line each; enable with
 ``TORCH_LOGS="+moe_fusion"`` (or plain ``logging``).
@@ -8,9 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
-
-from typing import Callable, TypeVar
+from typing import Callable, Optional, Protocol, TypeVar
 
 import torch
 import torch.fx as fx
@@ -27,6 +32,28 @@ except ImportError:  # older torch: plain logging still works
 class Refusal(Exception):
     """A candidate that looks like a pattern but must not be rewritten; the message says why
     (it goes to the report)."""
+
+
+class Match(Protocol):
+    """A candidate a pass found and may rewrite."""
+
+    @property
+    def anchor(self) -> fx.Node:
+        """The node the report names for this match."""
+
+    @property
+    def nodes(self) -> frozenset[fx.Node]:
+        """Every node the rewrite replaces (two matches sharing one cannot both be fused)."""
+
+    def describe(self) -> str:
+        """What the match fuses into, for the report."""
+
+    def replace_with(self, graph: fx.Graph) -> fx.Node:
+        """Insert the fused op(s), route every outside use of a replaced value to them and
+        return the fused node; raise ``Refusal`` (graph unchanged) when the op rejects the call."""
+
+    def erase(self) -> None:
+        """Erase the replaced nodes that have no users left."""
 
 
 Found = TypeVar("Found")

@@ -1,38 +1,86 @@
 """The pass pipeline and its adapters: inductor (a ``CustomGraphPass`` for
 ``post_grad_custom_pre_pass``), ``moe_fusion.backend()`` for ``torch.compile``.
 
-Passes run in a fixed order: the widest patterns first, so a dispatch/FFN/combine block is fused
-as a whole before the FFN pass could take its expert FFNs alone.
+Every pass is a ``find_<pattern>(graph, ctx) -> list[Match]`` of a pattern module (the protocol is
+in ``context.py``); ``PIPELINE`` lists them in the order they run, the widest patterns first, so a
+dispatch/FFN/combine block is fused as a whole before the FFN pass could take its expert FFNs
+alone. ``apply_pass`` drives one: each match is rewritten (``replace_with``) and its dead nodes
+erased (``erase``), or refused with the reason; two matches of one pass never share a node.
+Passes run inside inductor's ``GraphTransformObserver`` (``pass.moe_fusion.<name>`` timings,
+``TORCHINDUCTOR_DISABLED_PASSES``-style disabling through ``inductor_config.disabled_passes``) and
+count into ``torch._dynamo.utils.counters["moe_fusion"]``.
 """
 from __future__ import annotations
 
 import pathlib
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import torch.distributed as dist
 import torch.fx as fx
+from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.pattern_matcher import stable_topological_sort
+from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from ..targets import get_target, target as target_scope
-from .context import FusionReport, PassContext, count_ops
+from . import allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn, re_routing
+from .context import FusionReport, Match, PassContext, Refusal, count_ops
 
-PassFn = Callable[[fx.Graph, PassContext], None]
-
-# name -> pass, in pipeline order. Pattern modules are listed in passes/__init__.py.
-PASSES: dict[str, PassFn] = {}
+PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 
 
-def register_pass(name: str) -> Callable[[PassFn], PassFn]:
-    def add(fn: PassFn) -> PassFn:
-        PASSES[name] = fn
-        return fn
+@dataclass(frozen=True)
+class FusionPass:
+    """One pattern family: its report name and its ``find_<pattern>``."""
 
-    return add
+    name: str
+    find: Callable[[fx.Graph, Optional[PassContext]], Sequence[Match]]
+
+
+PIPELINE: tuple[FusionPass, ...] = (
+    # Whole expert-parallel MoE blocks first: they consume their expert FFNs.
+    FusionPass(allgather_ep.PATTERN, allgather_ep.find_moe_allgather_ep),
+    FusionPass(capacity_a2a.PATTERN, capacity_a2a.find_moe_capacity_a2a),
+    FusionPass(alltoall_allgather_bmm.PATTERN, alltoall_allgather_bmm.find_alltoall_allgather_bmm),
+    FusionPass(bmm_reducescatter_alltoall.PATTERN, bmm_reducescatter_alltoall.find_bmm_reducescatter_alltoall),
+    # After every pass that may consume matmul chains as a whole.
+    FusionPass(ffn.PATTERN, ffn.find_ffn),
+    # Independent of the others.
+    FusionPass(re_routing.PATTERN, re_routing.find_re_routing),
+)
+PASSES: dict[str, FusionPass] = {p.name: p for p in PIPELINE}
+
+
+def apply_pass(graph: fx.Graph, ctx: PassContext, fusion_pass: FusionPass) -> int:
+    """Find and rewrite every match of ``fusion_pass`` in ``graph``; returns how many fused."""
+    consumed: set[fx.Node] = set()
+    fused = 0
+    for match in fusion_pass.find(graph, ctx):
+        if match.nodes <= consumed:
+            continue        # part of a larger match fused already (an expert of a fused group)
+        if match.nodes & consumed:
+            ctx.refuse(fusion_pass.name, match.anchor, "it shares nodes with a match fused already (chained "
+                                                      "patterns fuse the first one only)")
+            continue
+        try:
+            node = match.replace_with(graph)
+        except Refusal as refusal:
+            ctx.refuse(fusion_pass.name, match.anchor, str(refusal))
+            continue
+        match.erase()
+        consumed |= match.nodes
+        fused += 1
+        ctx.record_fused(fusion_pass.name, node, match.describe())
+    if fused:
+        stable_topological_sort(graph)   # an operand built for the fused op may sit after one of its users
+    return fused
 
 
 def run_fusion_passes(graph: fx.Graph, *, target: str = "portable", passes: Optional[Sequence[str]] = None,
                       report: Optional[FusionReport] = None) -> FusionReport:
     """Run the named passes (default: all, in pipeline order) on ``graph`` in place."""
-    names = list(PASSES) if passes is None else list(passes)
+    names = [p.name for p in PIPELINE] if passes is None else list(passes)
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise ValueError(f"moe_fusion: unknown passes {unknown}; known: {list(PASSES)}")
@@ -40,11 +88,39 @@ def run_fusion_passes(graph: fx.Graph, *, target: str = "portable", passes: Opti
     ctx = PassContext(target, report)
     report.ops_before.update(count_ops(graph))
     with target_scope(target):   # fused ops validate against the compile target's limits
-        for name in (n for n in PASSES if n in names):
-            PASSES[name](graph, ctx)
+        for fusion_pass in (p for p in PIPELINE if p.name in names):
+            before = len(report.events)
+            if graph.owning_module is not None:
+                GraphTransformObserver(graph.owning_module, fusion_pass.name, subsystem="moe_fusion").apply_graph_pass(
+                    lambda g: apply_pass(g, ctx, fusion_pass))
+            else:
+                apply_pass(graph, ctx, fusion_pass)
+            for event in report.events[before:]:
+                counters["moe_fusion"][f"{'fused' if event.fused else 'refused'}_{event.pattern}"] += 1
     graph.lint()
     report.ops_after.update(count_ops(graph))
     return report
+
+
+def compile_context() -> tuple:
+    """What a fused graph bakes in besides its input graph: this process's rank in every process
+    group (a rewrite writes ``ep_rank_id``) and each group's members. Two processes whose graphs
+    may differ must not share an FX graph cache entry."""
+    if not dist.is_available() or not dist.is_initialized():
+        return ()
+    from torch.distributed.distributed_c10d import _world
+
+    groups = sorted((group.group_name, tuple(ranks)) for group, ranks in
+                    ((g, sorted(_world.pg_group_ranks[g])) for g in _world.pg_group_ranks))
+    return dist.get_rank(), dist.get_world_size(), tuple(groups)
+
+
+def source_hash() -> str:
+    """Hash of every module a fusion decision depends on: the passes, the op protos (their
+    limits decide refusals) and the targets."""
+    files = sorted(str(p) for p in (*PACKAGE.glob("passes/*.py"), *PACKAGE.glob("op_protos/*.py"),
+                                    PACKAGE / "targets.py"))
+    return get_hash_for_files(tuple(files)).hex()
 
 
 class MoeFusionGraphPass(CustomGraphPass):
@@ -63,11 +139,11 @@ class MoeFusionGraphPass(CustomGraphPass):
         run_fusion_passes(graph, target=self.target, passes=self.passes, report=self.report)
 
     def uuid(self) -> Optional[Any]:
+        """The FX graph cache key: sources, target, passes and this process's groups and ranks."""
         # A report must see every graph, so a run that collects one bypasses the FX graph cache.
         if self.report is not None:
             return None
-        sources = sorted(str(p) for p in pathlib.Path(__file__).parent.glob("*.py"))
-        return (get_hash_for_files(tuple(sources)).hex(), self.target, self.passes)
+        return source_hash(), self.target, self.passes, compile_context()
 
 
 def backend(target: Optional[str] = None, passes: Optional[Sequence[str]] = None,

@@ -33,23 +33,14 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.utils._pytree import tree_map
 
-from ..errors import OpValidationError
-from ..op_protos import PROTOS
-from ._graph import VIEW_OPS, erase_unused, insert_call, insert_getitem, is_op, val
+from ._graph import cast, erase_unused, fused_ops_or_refusal, insert_call, insert_getitem, is_op, same_size, val
 from .context import PassContext, Refusal, attempt
-from .pipeline import register_pass
+from .evaluate import constant_value, on_real_tensors
+from .vocabulary import CONSTANT_OPS, VIEW_OPS
 
 aten, prims = torch.ops.aten, torch.ops.prims
 PATTERN = "re_routing"
-# Deterministic ops a constant key table may be built from (no randomness, no inputs).
-_CONSTANT_OPS = (prims.iota, aten.arange, aten.repeat, aten.expand, aten.clone, aten.remainder, aten.fmod, aten.div,
-                 aten.floor_divide, aten.unsqueeze, aten.permute, aten.mul, aten.add, aten.sub, aten.neg,
-                 prims.convert_element_type, aten._to_copy, aten.full, aten.select, aten.slice,
-                 aten.view, aten.reshape, aten._unsafe_view)
 _MAX_CONSTANT_NUMEL = 1 << 20
 
 
@@ -58,7 +49,7 @@ class ReRoutingMatch:
     """One re-routing. ``tokens`` ``(A, H)``, ``counts`` ``(N, E)`` int32/int64, ``scales``
     ``(A,)`` fp32 or None; ``gather``/``scales_gather`` are ``tokens[order]``/``scales[order]``;
     ``order_uses`` other nodes reading ``order`` (int64 ``(A,)``); ``sums`` are ``counts.sum(0)``;
-    ``nodes`` the key/sort computation, erased when nothing else uses it."""
+    ``key_nodes`` the key/sort computation, erased when nothing else uses it."""
 
     sort: fx.Node
     tokens: fx.Node
@@ -69,30 +60,66 @@ class ReRoutingMatch:
     order: fx.Node
     order_uses: tuple[fx.Node, ...]
     sums: tuple[fx.Node, ...]
-    nodes: frozenset[fx.Node]
+    key_nodes: frozenset[fx.Node]
 
     @property
     def anchor(self) -> fx.Node:
         return self.sort
 
-    def replace_with(self, outputs: fx.Node) -> None:
-        """Point the replaced values at the outputs of ``outputs`` (the fused op's tuple node)."""
-        graph, before = outputs.graph, self.gather
-        self.gather.replace_all_uses_with(insert_getitem(graph, before, outputs, 0))
+    @property
+    def nodes(self) -> frozenset[fx.Node]:
+        scales = {self.scales_gather} if self.scales_gather is not None else set()
+        return self.key_nodes | {self.gather, self.order} | set(self.sums) | scales
+
+    def replace_with(self, graph: fx.Graph) -> fx.Node:
+        """One ``npu_moe_re_routing`` whose outputs take the replaced values' uses.
+
+        Before (``E = 3`` local experts, ``N = 2`` ranks, ``A`` rows, inductor's decomposition)::
+
+            iota:       "i64[3]"  = prims.iota(3, start=0, step=1)
+            repeat:     "i64[6]"  = aten.repeat(iota, [2])
+            view:       "i64[6]"  = aten.view(counts, [6])                 # counts "i64[2, 3]"
+            cumsum:     "i64[6]"  = aten.cumsum(view, 0)
+            iota_1:     "i64[A]"  = prims.iota(A, start=0, step=1)
+            searchsorted            = aten.searchsorted(cumsum, iota_1, right=True)
+            clamp_max:  "i64[A]"  = aten.clamp_max(searchsorted, 5)
+            index:      "i64[A]"  = aten.index(repeat, [clamp_max])        # expert id of each row
+            sort                    = aten.sort.stable(index, stable=True)
+            getitem_1:  "i64[A]"  = getitem(sort, 1)
+            index_1:    "f16[A, H]" = aten.index(tokens, [getitem_1])
+            sum_1:      "i64[3]"  = aten.sum.dim_IntList(counts, [0])
+
+        After::
+
+            npu_moe_re_routing = moe_fusion.npu_moe_re_routing(tokens, counts)
+            getitem:    "f16[A, H]" = getitem(npu_moe_re_routing, 0)         # was index_1
+            getitem_2:  "i32[A]"    = getitem(npu_moe_re_routing, 2)
+            convert:    "i64[A]"    = prims.convert_element_type(getitem_2, i64)  # was getitem_1, if used
+            getitem_3:  "i64[3]"    = getitem(npu_moe_re_routing, 3)         # was sum_1
+
+        Refused (graph unchanged) when the compile target's op rejects the call (e.g. fp32 tokens
+        or ``H > 16384`` on A2/A3).
+        """
+        before = self.gather
+        kwargs = {} if self.scales is None else {"per_token_scales": self.scales}
+        with fused_ops_or_refusal(graph, "npu_moe_re_routing"):
+            fused = insert_call(graph, before, torch.ops.moe_fusion.npu_moe_re_routing.default,
+                                (self.tokens, self.counts), kwargs)
+        self.gather.replace_all_uses_with(insert_getitem(graph, before, fused, 0))
         if self.scales_gather is not None:
-            self.scales_gather.replace_all_uses_with(insert_getitem(graph, before, outputs, 1))
+            self.scales_gather.replace_all_uses_with(insert_getitem(graph, before, fused, 1))
         if self.order_uses:
-            index = _as_dtype(graph, before, insert_getitem(graph, before, outputs, 2), val(self.order).dtype)
+            index = cast(graph, before, insert_getitem(graph, before, fused, 2), val(self.order).dtype)
             for use in self.order_uses:
                 use.replace_input_with(self.order, index)
         if self.sums:
-            per_expert = insert_getitem(graph, before, outputs, 3)
+            per_expert = insert_getitem(graph, before, fused, 3)
             for node in self.sums:
-                node.replace_all_uses_with(_as_dtype(graph, before, per_expert, val(node).dtype))
+                node.replace_all_uses_with(cast(graph, before, per_expert, val(node).dtype))
+        return fused
 
     def erase(self) -> None:
-        erase_unused(self.nodes | {self.gather, self.order} | set(self.sums)
-                     | ({self.scales_gather} if self.scales_gather is not None else set()))
+        erase_unused(self.nodes)
 
     def describe(self) -> str:
         a, h = val(self.tokens).shape
@@ -103,19 +130,8 @@ class ReRoutingMatch:
         return f"npu_moe_re_routing(tokens ({a}, {h}), counts ({n}, {e}){wired})"
 
 
-def _as_dtype(graph: fx.Graph, before: fx.Node, node: fx.Node, dtype: torch.dtype) -> fx.Node:
-    if val(node).dtype == dtype:
-        return node
-    return insert_call(graph, before, prims.convert_element_type.default, (node, dtype))
-
-
 def _static(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
-
-
-def _same(a, b) -> bool:
-    """Sizes (ints or SymInts) known equal without adding a guard."""
-    return statically_known_true(a == b)
 
 
 def _block_index(node: fx.Node) -> Optional[tuple[fx.Node, object, tuple[fx.Node, ...]]]:
@@ -135,7 +151,7 @@ def _block_index(node: fx.Node) -> Optional[tuple[fx.Node, object, tuple[fx.Node
     if rows.kwargs.get("start", 0) != 0 or rows.kwargs.get("step", 1) != 1:
         return None
     repeats = cumsum.args[0]
-    if clamp is not None and not _same(clamp.args[1], val(repeats).numel() - 1):
+    if clamp is not None and not same_size(clamp.args[1], val(repeats).numel() - 1):
         return None
     return repeats, rows.args[0], tuple(n for n in (clamp, search, cumsum, rows) if n is not None)
 
@@ -155,44 +171,25 @@ def _keys(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node, object, tuple[fx.No
     return table, repeats, rows, (node,) + nodes
 
 
-def _evaluate_constant(node: fx.Node, cache: dict) -> Optional[torch.Tensor]:
-    """The value of ``node`` when it is computed from literals only, by deterministic ops (call
-    outside fake mode)."""
-    if node in cache:
-        return cache[node]
-    cache[node] = None
-    numel = getattr(val(node), "numel", lambda: None)()
-    if node.op != "call_function" or not is_op(node, *_CONSTANT_OPS) or not (
-            isinstance(numel, int) and numel <= _MAX_CONSTANT_NUMEL):
-        return None
-    if all(_evaluate_constant(n, cache) is not None for n in node.all_input_nodes):
-        args, kwargs = tree_map(lambda a: cache[a] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
-        kwargs = dict(kwargs)
-        if "device" in kwargs:      # a small table: compute it on the host whatever the graph's device
-            kwargs["device"] = "cpu"
-        cache[node] = node.target(*args, **kwargs)
-    return cache[node]
-
-
+@on_real_tensors
 def _check_keys(table: fx.Node, counts_shape: tuple[int, int], descending: bool) -> tuple[fx.Node, ...]:
     """Block keys must be a constant ``g(j)`` for block ``b = i*E + j``, strictly monotone in ``j``.
     Returns the nodes computing them."""
     n, e = counts_shape
     cache: dict = {}
-    with unset_fake_temporarily():      # passes run under the compile's fake mode; these are real values
-        keys = _evaluate_constant(table, cache)
-        if keys is None:
-            raise Refusal("the expert key of each block is not a compile-time constant (build it from "
-                           "torch.arange, e.g. torch.arange(E).repeat(N))")
-        if keys.dim() != 1 or keys.numel() != n * e:
-            raise Refusal(f"the block keys have shape {tuple(keys.shape)}, the counts ({n}, {e}) need {n * e} keys")
-        by_rank = keys.reshape(n, e)
-        if not bool((by_rank == by_rank[:1]).all()):
-            raise Refusal("the block keys differ between ranks: the sort would not group rows by local expert")
-        step = by_rank[0, 1:] - by_rank[0, :-1]
-        if not bool((step < 0).all() if descending else (step > 0).all()):
-            raise Refusal(f"the block keys {by_rank[0].tolist()} do not order the experts 0..E-1 "
-                           f"{'descending' if descending else 'ascending'} as the sort reads them")
+    keys = constant_value(table, CONSTANT_OPS, _MAX_CONSTANT_NUMEL, cache)
+    if keys is None:
+        raise Refusal("the expert key of each block is not a compile-time constant (build it from "
+                      "torch.arange, e.g. torch.arange(E).repeat(N))")
+    if keys.dim() != 1 or keys.numel() != n * e:
+        raise Refusal(f"the block keys have shape {tuple(keys.shape)}, the counts ({n}, {e}) need {n * e} keys")
+    by_rank = keys.reshape(n, e)
+    if not bool((by_rank == by_rank[:1]).all()):
+        raise Refusal("the block keys differ between ranks: the sort would not group rows by local expert")
+    step = by_rank[0, 1:] - by_rank[0, :-1]
+    if not bool((step < 0).all() if descending else (step > 0).all()):
+        raise Refusal(f"the block keys {by_rank[0].tolist()} do not order the experts 0..E-1 "
+                      f"{'descending' if descending else 'ascending'} as the sort reads them")
     return tuple(node for node, value in cache.items() if value is not None)
 
 
@@ -213,7 +210,7 @@ def _gathers(order: fx.Node, rows) -> list[tuple[fx.Node, fx.Node]]:
             source = use.args[0]
         else:
             continue
-        if _same(val(source).size(0), rows):
+        if same_size(val(source).size(0), rows):
             found.append((source, use))
     return found
 
@@ -258,7 +255,7 @@ def _match_at(sort: fx.Node, position: dict[fx.Node, int]) -> Optional[ReRouting
     return ReRoutingMatch(sort, source, counts, gather, scale, scales_gather, order, order_uses, sums, nodes)
 
 
-def find_re_routing_patterns(graph: fx.Graph, ctx: Optional[PassContext] = None) -> list[ReRoutingMatch]:
+def find_re_routing(graph: fx.Graph, ctx: Optional[PassContext] = None) -> list[ReRoutingMatch]:
     """Every re-routing candidate (one per sort); refusals go to ``ctx``."""
     position = {n: i for i, n in enumerate(graph.nodes)}
     matches = []
@@ -269,48 +266,3 @@ def find_re_routing_patterns(graph: fx.Graph, ctx: Optional[PassContext] = None)
         if found is not None:
             matches.append(found)
     return matches
-
-
-@register_pass("re_routing")
-def fuse_re_routing(graph: fx.Graph, ctx: PassContext) -> None:
-    """Rewrite each re-routing into one ``npu_moe_re_routing``.
-
-    Before (``E = 3`` local experts, ``N = 2`` ranks, ``A`` rows, inductor's decomposition)::
-
-        iota:       "i64[3]"  = prims.iota(3, start=0, step=1)
-        repeat:     "i64[6]"  = aten.repeat(iota, [2])
-        view:       "i64[6]"  = aten.view(counts, [6])                 # counts "i64[2, 3]"
-        cumsum:     "i64[6]"  = aten.cumsum(view, 0)
-        iota_1:     "i64[A]"  = prims.iota(A, start=0, step=1)
-        searchsorted            = aten.searchsorted(cumsum, iota_1, right=True)
-        clamp_max:  "i64[A]"  = aten.clamp_max(searchsorted, 5)
-        index:      "i64[A]"  = aten.index(repeat, [clamp_max])        # expert id of each row
-        sort                    = aten.sort.stable(index, stable=True)
-        getitem_1:  "i64[A]"  = getitem(sort, 1)
-        index_1:    "f16[A, H]" = aten.index(tokens, [getitem_1])
-        sum_1:      "i64[3]"  = aten.sum.dim_IntList(counts, [0])
-
-    After::
-
-        npu_moe_re_routing = moe_fusion.npu_moe_re_routing(tokens, counts)
-        getitem:    "f16[A, H]" = getitem(npu_moe_re_routing, 0)         # was index_1
-        getitem_2:  "i32[A]"    = getitem(npu_moe_re_routing, 2)
-        convert:    "i64[A]"    = prims.convert_element_type(getitem_2, i64)  # was getitem_1, if used
-        getitem_3:  "i64[3]"    = getitem(npu_moe_re_routing, 3)         # was sum_1
-
-    Each rewrite is checked first against the compile target's contract for the op on the fake
-    values (``PROTOS["npu_moe_re_routing"].check``), e.g. fp32 tokens or ``H > 16384`` on A2/A3.
-    """
-    proto = PROTOS["npu_moe_re_routing"]
-    for match in find_re_routing_patterns(graph, ctx):
-        kwargs = {} if match.scales is None else {"per_token_scales": match.scales}
-        try:
-            proto.check(val(match.tokens), val(match.counts), **{k: val(v) for k, v in kwargs.items()})
-        except OpValidationError as error:
-            ctx.refuse(PATTERN, match.anchor, f"npu_moe_re_routing would be invalid on target {ctx.target}: {error}")
-            continue
-        fused = insert_call(graph, match.gather, torch.ops.moe_fusion.npu_moe_re_routing.default,
-                            (match.tokens, match.counts), kwargs)
-        match.replace_with(fused)
-        match.erase()
-        ctx.record_fused(PATTERN, fused, match.describe())

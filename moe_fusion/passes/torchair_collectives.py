@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch.fx as fx
 
 from ._layout import static_shape
-from .collectives import RECOGNIZERS, Collective, _waited
+from .collectives import RECOGNIZERS, Collective, waited_by
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _all_to_all(node: fx.Node) -> Optional[Collective]:
     group = group_name_of(a["tag"], a["ranks"])
     if group is None:
         return None
-    wait = _waited(node)
+    wait = waited_by(node)
     result = wait if wait is not None else node
     nodes = (node, wait) if wait is not None else (node,)
     return Collective("all_to_all", a["input"], result, group, a["group_size"], nodes, splits[0], splits[1])
