@@ -1,0 +1,79 @@
+"""The FX graph cache never hands one rank's fused graph to another.
+
+The MoE rewrites bake this rank's ``ep_rank_id`` (and the group's members) into the graph, so the
+pass's ``uuid()`` (part of inductor's cache key) must differ where the fused graphs do. Reproduces
+the reported failure: two runs of the same ranks sharing one ``TORCHINDUCTOR_CACHE_DIR``, the
+second served from the cache, must both be right on every rank.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch._dynamo.utils import counters
+
+import moe_fusion
+from moe_fusion.launch import run_ranks
+from moe_fusion.passes import MoeFusionGraphPass, pipeline
+
+from moe_dispatch_combine_variants import LAYERS, tokens
+
+HIDDEN, FFN_HIDDEN, TOKENS, WORLD = 16, 24, 8, 2
+PATTERNS = {"capacity": "moe_capacity_a2a", "allgather": "moe_allgather_ep"}
+
+
+def _run(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, pattern in PATTERNS.items():
+        layer = LAYERS[name](HIDDEN, FFN_HIDDEN, 2 * world, 2, ep_group=dist.group.WORLD, seed=5)
+        x = tokens(rank, TOKENS, HIDDEN, torch.float32, "balanced")
+        torch._dynamo.reset()
+        counters.clear()
+        with torch.no_grad():
+            eager = layer(x)
+            compiled = torch.compile(layer, backend=moe_fusion.backend(), fullgraph=True, dynamic=False)(x)
+        out[name] = {"close": bool(torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)),
+                     "fused": counters["moe_fusion"][f"fused_{pattern}"],
+                     "cache_hits": counters["inductor"]["fxgraph_cache_hit"]}
+    return out
+
+
+def test_second_run_from_a_shared_cache_is_right_on_every_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    first = run_ranks(WORLD, _run, timeout=400)
+    second = run_ranks(WORLD, _run, timeout=400)
+    for rank in range(WORLD):
+        for name in PATTERNS:
+            assert first[rank][name] == {"close": True, "fused": 1, "cache_hits": 0}, (rank, name, first[rank][name])
+            # Served from the cache (the pass did not run again), and still this rank's graph.
+            assert second[rank][name] == {"close": True, "fused": 0, "cache_hits": 1}, (rank, name, second[rank][name])
+
+
+def test_cache_key_covers_sources_ranks_and_groups(monkeypatch):
+    hashed: list[tuple[str, ...]] = []
+    real = pipeline.get_hash_for_files
+    monkeypatch.setattr(pipeline, "get_hash_for_files", lambda files: hashed.append(files) or real(files))
+    key = MoeFusionGraphPass(target="A3").uuid()
+    names = {f.split("moe_fusion/", 1)[1] for f in hashed[0]}
+    assert {"passes/pipeline.py", "passes/capacity_a2a.py", "op_protos/ffn.py", "targets.py"} <= names
+    assert key[1:3] == ("A3", None)
+    if not dist.is_initialized():
+        assert key[3] == ()   # no process group: nothing rank-specific can be baked in
+
+
+def test_cache_key_differs_per_rank():
+    keys = run_ranks(WORLD, _uuid, timeout=120)
+    assert keys[0] != keys[1]
+    assert keys[0][0] == keys[1][0]             # same sources
+    assert [k[3][0] for k in keys] == [0, 1]     # this process's rank
+
+
+def _uuid(rank: int, world: int) -> Any:
+    return MoeFusionGraphPass().uuid()
+
+
+@pytest.mark.parametrize("passes", [None, ("ffn",)])
+def test_a_report_bypasses_the_cache(passes):
+    assert MoeFusionGraphPass(passes=passes, report=moe_fusion.FusionReport()).uuid() is None
