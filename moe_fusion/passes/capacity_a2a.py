@@ -13,27 +13,34 @@ When every token fits (no slot is taken twice, every chosen expert gets a slot),
 ``sum_k combine_weight(s, ids[s,k]) * expert_{ids[s,k]}(x[s])``: dispatch_v2/combine_v2 with
 ``expert_scales[s,k] = combine[s, ids[s,k], :].sum()`` (one non-zero slot, so exactly that weight).
 
-Guards, proven on the graph rather than assumed from its look:
+Guards, checked on what the graph computes rather than assumed from its look:
 
 * both all_to_alls run over one group with equal splits; ``E == W * L``;
 * the all_to_all input is ``einsum("sec,sm->ecm", mask, x)`` and the output
   ``einsum("sec,ecm->sm", combine, returned)``: the subgraphs between them and their inputs are
-  multilinear (views, permutes, mm/bmm, mul, sum), so one evaluation on random inputs equal to the
-  einsum's proves the identity (polynomial identity testing);
+  multilinear (views, permutes, mm/bmm, mul, sum), so one evaluation on random float64 inputs that
+  equals the einsum's shows the identity (a polynomial identity test; a false match needs the
+  random point to be a root of a nonzero polynomial);
 * the expert section between the all_to_alls only moves rows (views, split/chunk, cat, ...) into and
   out of FFNs: evaluated with ``r = arange`` and each FFN replaced by ``row + tag_i``, it must send
   every row ``(p, i, c)`` through one FFN (one per local expert ``i``) back to ``(p, i, c)``;
 * dropless: ``C >= S`` (an expert has at most ``S`` tokens), and the gating subgraph from the top-k
-  scores to ``mask`` and ``combine``, evaluated on extreme and random routings (all tokens on the same
-  experts, round robin, random), gives every (token, chosen expert) exactly one slot, no slot two
-  tokens, and no weight outside a token's own slots;
+  scores to ``mask`` and ``combine``, evaluated on 5 routings (all tokens on experts ``0..K-1``, all
+  on the last ``K``, round robin, two random), gives every (token, chosen expert) exactly one slot,
+  no slot two tokens, and no weight outside a token's own slots. This is sampled, not proven;
 * the expert FFNs share activation and shapes; the target's protos accept the fused ops.
+
+The evaluations run on a reduced instance of the block when the graph's own sizes would make them
+costly (``S * E * C > FULL_SIZE_LIMIT``): the same nodes with the batch sizes ``S`` and ``C``
+divided by a common factor (``evaluate.Instance``; at least ``REDUCED_TOKENS`` tokens), so a
+guard's cost does not grow with the batch. A block whose ints do not resize consistently is refused.
 
 A capacity that can drop tokens is refused: dispatch_v2 is dropless, so "capacity dropping stays
 capacity dropping" could not hold.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Callable, Optional
 
@@ -43,7 +50,7 @@ import torch.fx as fx
 from ._graph import ancestors, in_graph_order, insert_call, is_op, val, widening_cast
 from .collectives import Collective, as_collective, collective_nodes, find_collectives, group_rank, output_value
 from .context import PassContext, Refusal, attempt
-from .evaluate import evaluate, on_real_tensors
+from .evaluate import FULL, Instance, NotReducible, evaluate, on_real_tensors, reduced_instance
 from .ffn_forms import FfnMatch, check_same_form, find_ffn_forms
 from .moe_block import MoeBlock, shared_addend, topk_layout
 from .vocabulary import MULTILINEAR_OPS, ROW_MOVE_OPS
@@ -51,6 +58,8 @@ from .vocabulary import MULTILINEAR_OPS, ROW_MOVE_OPS
 aten = torch.ops.aten
 PATTERN = "moe_capacity_a2a"
 ROUTING_SEEDS = 2   # random routings tried besides the extreme ones
+FULL_SIZE_LIMIT = 1 << 18   # S * E * C up to which the guards evaluate the graph at its own sizes
+REDUCED_TOKENS = 16         # the fewest tokens a reduced instance keeps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,14 +88,15 @@ def _multilinear_region(root: fx.Node, stop: set[fx.Node]) -> tuple[set[fx.Node]
 
 @on_real_tensors
 def _check_einsum(root: fx.Node, region: set[fx.Node], leaves: dict[str, fx.Node], equation: str,
-                  operands: tuple[str, ...], shapes: dict[str, tuple]) -> None:
-    """``root == einsum(equation, *operands)``: evaluate the region on random leaf values."""
+                  operands: tuple[str, ...], shapes: dict[str, tuple], instance: Instance) -> None:
+    """``root == einsum(equation, *operands)``: evaluate the region on random leaf values (of
+    ``instance``'s sizes; ``shapes`` are the operands' einsum shapes at the graph's own sizes)."""
     gen = torch.Generator().manual_seed(0)
     env: dict[fx.Node, object] = {}
     for name, node in leaves.items():
-        env[node] = torch.randn(tuple(val(node).shape), generator=gen, dtype=torch.float64)
-    evaluate(in_graph_order(region), env, identity_casts=True)
-    expected = torch.einsum(equation, *(env[leaves[n]].reshape(shapes[n]) for n in operands))
+        env[node] = torch.randn(instance.shape(val(node).shape), generator=gen, dtype=torch.float64)
+    evaluate(region, env, identity_casts=True, instance=instance)
+    expected = torch.einsum(equation, *(env[leaves[n]].reshape(instance.shape(shapes[n])) for n in operands))
     got = env[root]
     if got.numel() != expected.numel() or not torch.allclose(got.reshape(expected.shape), expected, rtol=1e-9,
                                                               atol=1e-9):
@@ -98,7 +108,8 @@ def _check_einsum(root: fx.Node, region: set[fx.Node], leaves: dict[str, fx.Node
 # ---------------------------------------------------------------------------------------------
 
 def _dispatch_einsum(a2a: Collective) -> tuple[fx.Node, fx.Node, set[fx.Node], tuple[int, int, int, int]]:
-    """``(mask, x, region, (S, E, C, H))`` of ``einsum("sec,sm->ecm", mask, x)`` feeding ``a2a``."""
+    """``(mask, x, region, (S, E, C, H))`` of what may be ``einsum("sec,sm->ecm", mask, x)`` feeding
+    ``a2a`` (its structure; ``_check_einsum`` checks the values)."""
     region, leaves = _multilinear_region(a2a.input, set())
     # The mask is the operand computed from the routing (a top-k); the tokens are the other one.
     masks = [n for n in leaves if val(n).dim() == 3 and any(is_op(a, aten.topk) for a in ancestors(n))]
@@ -111,8 +122,6 @@ def _dispatch_einsum(a2a: Collective) -> tuple[fx.Node, fx.Node, set[fx.Node], t
     h = val(x).size(-1)
     if val(x).numel() != s * h:
         raise Refusal(f"the tokens {x.name} {tuple(val(x).shape)} do not match the {s} rows of the mask {mask.name}")
-    _check_einsum(a2a.input, region, {"mask": mask, "x": x}, "sec,sm->ecm", ("mask", "x"),
-                  {"mask": (s, e, c), "x": (s, h)})
     return mask, x, region, (s, e, c, h)
 
 
@@ -121,7 +130,8 @@ def _continues_einsum(node: fx.Node) -> bool:
 
 
 def _combine_einsum(returned: fx.Node, sizes: tuple[int, int, int, int]) -> tuple[fx.Node, fx.Node, set[fx.Node]]:
-    """``(y, combine, region)`` of ``y = einsum("sec,ecm->sm", combine, returned)``."""
+    """``(y, combine, region)`` of what may be ``y = einsum("sec,ecm->sm", combine, returned)`` (its
+    structure; ``_check_einsum`` checks the values)."""
     s, e, c, h = sizes
     y = returned
     while len(y.users) == 1 and _continues_einsum(next(iter(y.users))):
@@ -134,8 +144,6 @@ def _combine_einsum(returned: fx.Node, sizes: tuple[int, int, int, int]) -> tupl
     combine = others[0]
     if val(y).numel() != s * h:
         raise Refusal(f"the combine einsum result {y.name} {tuple(val(y).shape)} is not ({s}, {h})")
-    _check_einsum(y, region, {"combine": combine, "returned": returned}, "sec,ecm->sm", ("combine", "returned"),
-                  {"combine": (s, e, c), "returned": (e, c, h)})
     return y, combine, region
 
 
@@ -196,23 +204,25 @@ def _expert_section(received: fx.Node, experts: dict[fx.Node, FfnMatch]
 
 @on_real_tensors
 def _order_experts(received: fx.Node, back: Collective, used: list[FfnMatch], section: set[fx.Node],
-                   world: int, hidden: int) -> list[FfnMatch]:
-    """Prove that row ``(p, i, c)`` of the received ``(W, L, C, H)`` goes through exactly one FFN and
-    back to ``(p, i, c)``; return the FFNs in local-expert order ``i``."""
+                   world: int, hidden: int, instance: Instance) -> list[FfnMatch]:
+    """Check that row ``(p, i, c)`` of the received ``(W, L, C, H)`` goes through exactly one FFN
+    and back to ``(p, i, c)`` (every row, on ``instance``); return the FFNs in local-expert order ``i``."""
     local, numel = len(used), val(received).numel()
     if numel % (world * local * hidden):
         raise Refusal(f"the received tokens {tuple(val(received).shape)} do not split into ({world}, {local}, C, {hidden})")
     for m in used:
         if tuple(val(m.out).shape) != tuple(val(m.x).shape):
             raise Refusal(f"the expert FFN {m.out.name} changes the row shape {tuple(val(m.x).shape)}")
-    env: dict[fx.Node, object] = {received: torch.arange(numel, dtype=torch.float64).view(val(received).shape)}
+    shape, hidden = instance.shape(val(received).shape), instance.size(hidden)
+    numel = math.prod(shape)
+    env: dict[fx.Node, object] = {received: torch.arange(numel, dtype=torch.float64).view(shape)}
     tags = {m.out: float((i + 1) * 2 * numel) for i, m in enumerate(used)}
     columns = torch.arange(hidden, dtype=torch.float64)
     order = in_graph_order(section | {m.out for m in used})
     for node in order:
         match = next((m for m in used if m.out is node), None)
         if match is None:
-            evaluate([node], env)
+            evaluate([node], env, instance=instance)
             continue
         rows = env[match.x].reshape(-1, hidden)
         # An FFN works on whole token rows: its input rows must be rows of the received tensor.
@@ -269,18 +279,18 @@ def _routings(tokens: int, experts: int, k: int) -> list[tuple[str, torch.Tensor
 
 
 @on_real_tensors
-def _check_dropless(topk: fx.Node, nodes: list[fx.Node], mask: fx.Node, combine: fx.Node) -> None:
+def _check_dropless(topk: fx.Node, nodes: list[fx.Node], mask: fx.Node, combine: fx.Node, instance: Instance) -> None:
     """Every chosen (token, expert) gets exactly one slot, no slot holds two tokens and no weight
-    lies outside a token's own slots, for every routing of ``_routings``."""
+    lies outside a token's own slots, for every routing of ``_routings`` (on ``instance``)."""
     scores = topk.args[0]
-    tokens, experts = val(scores).shape
+    tokens, experts = instance.shape(val(scores).shape)
     k = topk.args[1]
     gen = torch.Generator().manual_seed(1)
     for name, ids in _routings(tokens, experts, k):
         values = 0.1 * torch.rand(tokens, experts, generator=gen, dtype=torch.float64)
         values.scatter_(1, ids, (1.0 - 0.01 * torch.arange(k, dtype=torch.float64)).expand(tokens, k))
         env: dict[fx.Node, object] = {scores: values.to(val(scores).dtype)}
-        evaluate(nodes, env)
+        evaluate(nodes, env, instance=instance)
         dm, cw = env[mask].double(), env[combine].double()
         chosen = torch.zeros(tokens, experts, dtype=torch.float64).scatter_(1, ids, 1.0)
         problems = [("a dispatch mask entry is not 0 or 1", bool(((dm != 0) & (dm != 1)).any())),
@@ -308,6 +318,19 @@ def _topk_indices(topk: fx.Node) -> fx.Node:
     raise Refusal(f"the indices of the top-k {topk.name} are not used; the routing has no expert ids")
 
 
+def _instance(mask: fx.Node, sizes: tuple[int, int, int, int], world: int, local: int) -> Instance:
+    """Where the guards evaluate the block: the graph's own sizes when small, else a reduced
+    instance dividing the batch sizes ``S`` and ``C`` (``evaluate.Instance``)."""
+    s, e, c, h = sizes
+    if s * e * c <= FULL_SIZE_LIMIT:
+        return FULL
+    top_ks = {n.args[1] for n in ancestors(mask) if is_op(n, aten.topk)}
+    instance = reduced_instance((s, c), (e, h, world, local, *top_ks), REDUCED_TOKENS)
+    if instance is FULL:
+        raise NotReducible(f"S={s} and C={c} share no factor that leaves {REDUCED_TOKENS} tokens")
+    return instance
+
+
 def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[MoeBlock]:
     """The capacity MoE block whose dispatch all_to_all is ``a2a``; None when ``a2a`` feeds no
     expert FFN (not a candidate); raises Refusal."""
@@ -322,22 +345,31 @@ def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[M
         raise Refusal("an all_to_all has unequal splits; the capacity layout sends E/W experts to each rank")
     world = a2a.group_size
     mask, x, dispatch_region, (s, e, c, h) = _dispatch_einsum(a2a)
-    if e != world * len(used):
-        raise Refusal(f"the mask has {e} experts but the {world} ranks run {len(used)} expert FFNs each")
-    ordered = _order_experts(received, back, used, section, world, h)
-    check_same_form(ordered, "local experts")
-    returned = output_value(back)
-    y, combine, combine_region = _combine_einsum(returned, (s, e, c, h))
-    topk, gating_nodes = _gating(mask, combine)
-    gate_experts, _ = topk_layout(topk)
-    if gate_experts != e or val(topk.args[0]).size(0) != s:
-        raise Refusal(f"the top-k chooses among {gate_experts} experts for {val(topk.args[0]).size(0)} tokens, "
-                      f"the capacity tensors have ({s}, {e}, C)")
-    # Dropless by counting: one expert receives at most S tokens, so C >= S slots always suffice.
-    if c < s:
-        raise Refusal(f"capacity C={c} < tokens per rank S={s}: an expert chosen by more than {c} tokens drops "
-                      "some, and dispatch_v2 is dropless")
-    _check_dropless(topk, gating_nodes, mask, combine)
+    instance = _instance(mask, (s, e, c, h), world, len(used))
+    try:
+        _check_einsum(a2a.input, dispatch_region, {"mask": mask, "x": x}, "sec,sm->ecm", ("mask", "x"),
+                      {"mask": (s, e, c), "x": (s, h)}, instance)
+        if e != world * len(used):
+            raise Refusal(f"the mask has {e} experts but the {world} ranks run {len(used)} expert FFNs each")
+        ordered = _order_experts(received, back, used, section, world, h, instance)
+        check_same_form(ordered, "local experts")
+        returned = output_value(back)
+        y, combine, combine_region = _combine_einsum(returned, (s, e, c, h))
+        _check_einsum(y, combine_region, {"combine": combine, "returned": returned}, "sec,ecm->sm",
+                      ("combine", "returned"), {"combine": (s, e, c), "returned": (e, c, h)}, instance)
+        topk, gating_nodes = _gating(mask, combine)
+        gate_experts, _ = topk_layout(topk)
+        if gate_experts != e or val(topk.args[0]).size(0) != s:
+            raise Refusal(f"the top-k chooses among {gate_experts} experts for {val(topk.args[0]).size(0)} tokens, "
+                          f"the capacity tensors have ({s}, {e}, C)")
+        # Dropless by counting: one expert receives at most S tokens, so C >= S slots always suffice.
+        if c < s:
+            raise Refusal(f"capacity C={c} < tokens per rank S={s}: an expert chosen by more than {c} tokens drops "
+                          "some, and dispatch_v2 is dropless")
+        _check_dropless(topk, gating_nodes, mask, combine, instance)
+    except NotReducible as error:
+        raise Refusal(f"the guards cannot run on a reduced instance of this block ({error}), and at its own sizes "
+                      f"(S={s}, E={e}, C={c}) they would cost as much as the layer") from error
     dtype = val(x).dtype
     if ordered[0].dtype != dtype or val(y).dtype != dtype:
         raise Refusal(f"x is {dtype} but the experts run in {ordered[0].dtype} and the combine in {val(y).dtype}")

@@ -7,7 +7,9 @@ evaluation goes through ``evaluate``, which runs nodes in graph order on the val
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Optional, TypeVar
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 import torch
 import torch.fx as fx
@@ -27,20 +29,30 @@ def on_real_tensors(fn: Fn) -> Fn:
     return run  # type: ignore[return-value]
 
 
-def evaluate(nodes: Iterable[fx.Node], env: dict[fx.Node, Any], *, identity_casts: bool = False) -> None:
+def evaluate(nodes: Iterable[fx.Node], env: dict[fx.Node, Any], *, identity_casts: bool = False,
+             instance: Optional["Instance"] = None) -> None:
     """Run ``nodes`` (in graph order) on the values in ``env``, storing each result there; nodes
     already in ``env`` keep their value. Widening float casts are the identity when
-    ``identity_casts`` (exact float64 tracking). Call on real tensors (``on_real_tensors``)."""
+    ``identity_casts`` (exact float64 tracking). On a reduced ``instance`` the nodes' int
+    arguments are resized and every result's shape is checked (``Instance``). Call on real
+    tensors (``on_real_tensors``)."""
+    instance = instance or FULL
     for node in in_graph_order(nodes):
         if node in env:
             continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        args, kwargs = instance.args(node, env)
         if identity_casts and widening_cast(node):
             env[node] = args[0]
             continue
         if "device" in kwargs:      # a check's values live on the host whatever the graph's device
             kwargs = {**kwargs, "device": "cpu"}
-        env[node] = node.target(*args, **kwargs)
+        try:
+            env[node] = node.target(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - on a reduced instance, any failure means a misread int
+            if instance is FULL:
+                raise
+            raise NotReducible(f"{node.name} fails on the reduced instance ({error})") from error
+        instance.check(node, env[node])
 
 
 def constant_value(node: fx.Node, allowed: tuple, max_numel: int,
@@ -60,3 +72,98 @@ def constant_value(node: fx.Node, allowed: tuple, max_numel: int,
         cache[node] = env[node]
     return cache[node]
 
+
+
+class NotReducible(Exception):
+    """The graph region has no consistent smaller instance (an int is ambiguous, or a node's
+    shape does not shrink as its sizes say)."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    """The sizes a region is evaluated at: the graph's own (``factor`` 1), or a reduced instance
+    where the batch sizes ``bigs`` (tokens, capacity) are divided by ``factor``.
+
+    A guard whose evaluation grows with the batch runs on the reduced instance instead: every int
+    of the region's nodes (view sizes, iota lengths, scalar bounds such as the capacity) that is a
+    batch size times a product of the fixed sizes ``smalls`` (experts, top-k, ranks, hidden) is
+    divided by ``factor`` (by ``factor**2`` for two batch sizes), and every node's result must then
+    have its shape divided the same way, else ``NotReducible``: an int read wrongly (sizes are
+    often all powers of two) shows up as a shape that does not shrink as its sizes say. The ratios
+    between the batch sizes are kept (``factor`` divides each), so it does not matter which one an
+    int was.
+    """
+
+    bigs: tuple[int, ...] = ()
+    smalls: tuple[int, ...] = ()
+    factor: int = 1
+
+    def size(self, n: int) -> int:
+        if self.factor == 1 or isinstance(n, bool) or not isinstance(n, int):
+            return n
+        return n // self.factor ** self._batch_factors(abs(n))
+
+    def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(self.size(int(d)) for d in shape)
+
+    def _batch_factors(self, n: int) -> int:
+        """How many batch sizes ``n`` holds: 0 for a fixed size itself, else the most batch sizes
+        it is a product of (times fixed sizes); a wrong reading shows up in ``check``."""
+        if n in self.smalls:
+            return 0
+        products = _products(self.smalls)
+        if any(n % (a * b) == 0 and n // (a * b) in products for a in self.bigs for b in self.bigs):
+            return 2
+        return 1 if any(n % big == 0 and n // big in products for big in self.bigs) else 0
+
+    def args(self, node: fx.Node, env: dict[fx.Node, Any]) -> tuple[tuple, dict]:
+        """The node's arguments with graph values from ``env`` and ints resized."""
+        def resized(a: Any) -> Any:
+            if isinstance(a, fx.Node):
+                return env[a]
+            if isinstance(a, list):
+                return [resized(x) for x in a]
+            if isinstance(a, tuple):
+                return tuple(resized(x) for x in a)
+            return self.size(a)
+        return resized(node.args), {k: resized(v) for k, v in node.kwargs.items()}
+
+    def check(self, node: fx.Node, value: Any) -> None:
+        """``value`` (the node's result on this instance) has the node's shapes resized."""
+        if self.factor == 1:
+            return
+        expected = [self.shape(t.shape) for t in _tensors(val(node))]
+        got = [tuple(t.shape) for t in _tensors(value)]
+        if got != expected:
+            raise NotReducible(f"{node.name} has shapes {got} on the reduced instance, {expected} expected")
+
+
+FULL = Instance()
+
+
+def reduced_instance(bigs: Sequence[int], smalls: Sequence[int], min_size: int) -> Instance:
+    """The smallest instance whose batch sizes stay ``>= min_size`` (``FULL`` when none is smaller).
+    A fixed size equal to a batch size cannot be told apart from it: it is resized with it (the
+    guard reading it must then take its size from the instance)."""
+    common = math.gcd(*bigs)
+    factors = [f for f in range(common, 1, -1) if common % f == 0 and min(bigs) // f >= min_size]
+    if not factors:
+        return FULL
+    return Instance(tuple(bigs), tuple(s for s in smalls if s not in bigs), factors[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _products(smalls: tuple[int, ...]) -> frozenset[int]:
+    """Products of every sub-multiset of ``smalls`` (1 for the empty one)."""
+    out = {1}
+    for s in smalls:
+        out |= {p * s for p in out}
+    return frozenset(out)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
