@@ -61,8 +61,8 @@ def depends_on(node: fx.Node, ancestor: fx.Node) -> bool:
 
 def in_graph_order(nodes: Iterable[fx.Node]) -> list[fx.Node]:
     nodes = set(nodes)
-    if not nodes:
-        return []
+    if len(nodes) <= 1:   # no graph walk for one node (guards evaluate node by node)
+        return list(nodes)
     graph = next(iter(nodes)).graph
     return [n for n in graph.nodes if n in nodes]
 
