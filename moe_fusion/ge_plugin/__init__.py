@@ -23,7 +23,7 @@ from .npu_dispatch import register_npu_dispatch, unregister_npu_dispatch
 __all__ = ["register_converters", "register_npu_dispatch", "unregister_npu_dispatch"]
 
 
-def _importable_torchair() -> Optional[ModuleType]:
+def importable_torchair() -> Optional[ModuleType]:
     """torchair if it is imported already or comes with an installed torch_npu, else None."""
     if "torchair" in sys.modules:
         return sys.modules["torchair"]
@@ -41,7 +41,7 @@ def register_converters() -> bool:
     """Register the GE converter of every moe_fusion op with torchair; False (and nothing
     registered) when torchair is not importable. Idempotent: a later call re-registers the same
     converters."""
-    torchair = _importable_torchair()
+    torchair = importable_torchair()
     if torchair is None:
         return False
     from .converters import CONVERTERS

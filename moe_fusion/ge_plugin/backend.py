@@ -21,9 +21,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from ..groups import registered_group
 from ..passes import FusionReport, run_fusion_passes
 from ..passes import torchair_collectives  # noqa: F401  (adds torchair's collective forms to the recognizers)
-from . import _importable_torchair, register_converters
+from . import importable_torchair, register_converters
 
 GROUP_ARGUMENTS = ("group_ep", "group_tp")
 aten = torch.ops.aten
@@ -65,13 +66,8 @@ def hccl_group_name(group_name: str) -> str:
     ``group_name`` unchanged (unknown names included: they are not c10d groups)."""
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized():
-        return group_name
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    try:
-        group = _resolve_process_group(group_name)
-    except Exception:  # unknown names raise several types; such a name is already what the op gets
+    group = registered_group(group_name)
+    if group is None:   # not a c10d group here: the name is already what the op gets
         return group_name
     if dist.get_backend(group) != "hccl":
         return group_name
@@ -127,7 +123,7 @@ def torchair_backend(config: Any = None, target: str = "A3", *, passes: Optional
         RuntimeError: torchair is not importable (it comes with torch_npu; without CANN see
             ``moe_fusion.ge_plugin.torchair_env.import_torchair``).
     """
-    torchair = _importable_torchair()
+    torchair = importable_torchair()
     if torchair is None or not register_converters():
         raise RuntimeError("moe_fusion.torchair_backend needs torchair: install torch_npu (on a machine without "
                            "CANN, moe_fusion.ge_plugin.torchair_env.import_torchair() provides its Python layer)")

@@ -1,6 +1,6 @@
 """Dtype vocabularies the ONNX layer translates between: torch dtypes, ONNX ``TensorProto`` element
-types, the GE dtype names of the protos (``"DT_BF16"``) and GE's ``DataType`` enum values (the
-integer an attr such as dispatch's ``y_dtype`` carries)."""
+types and the GE dtype names of the protos (``"DT_BF16"``). GE's ``DataType`` enum values are in
+``op_protos.ge_mapping``."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,13 +24,6 @@ GE_TO_ONNX_TYPE: dict[str, str] = {
     "DT_FLOAT8_E5M2": "tensor(float8e5m2)", "DT_FLOAT8_E4M3FN": "tensor(float8e4m3fn)",
     "DT_FLOAT8_E8M0": "tensor(float8e8m0)",
 }
-
-# GE ``ge::DataType`` enum values (graph/types.h), for attrs that carry a dtype.
-GE_DATATYPE: dict[torch.dtype, int] = {
-    torch.float32: 0, torch.float16: 1, torch.int8: 2, torch.int32: 3, torch.uint8: 4, torch.int64: 9,
-    torch.uint64: 10, torch.bool: 12, torch.bfloat16: 27,
-}
-
 
 def onnx_to_torch(elem_type: int) -> torch.dtype:
     """The torch dtype of an ONNX element type; ValueError for one moe_fusion never uses."""
