@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .autograd import NotDifferentiableError
 from .errors import OpValidationError
 from .functional import npu_ffn, npu_ffn_grouped, npu_moe_re_routing, npu_moe_update_expert
 from .functional import npu_alltoall_allgather_bmm, npu_bmm_reducescatter_alltoall
@@ -21,7 +22,7 @@ from .targets import get_target, set_target, target
 register_npu_dispatch()   # NPU tensors run CANN's kernels through torch_npu when it is installed
 
 __all__ = [
-    "OpValidationError", "npu_ffn", "npu_ffn_grouped", "npu_moe_re_routing", "npu_moe_update_expert",
+    "OpValidationError", "NotDifferentiableError", "npu_ffn", "npu_ffn_grouped", "npu_moe_re_routing", "npu_moe_update_expert",
     "npu_alltoall_allgather_bmm", "npu_bmm_reducescatter_alltoall",
     "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2", "npu_moe_distribute_combine_add_rms_norm",
     "pack_int4", "unpack_int4", "get_target", "set_target", "target",

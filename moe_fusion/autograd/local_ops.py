@@ -1,0 +1,263 @@
+"""Autograd of the local ops: ``npu_ffn`` and ``npu_ffn_grouped`` (float modes) and
+``npu_moe_re_routing`` (a permutation). ``npu_moe_update_expert`` has none: its outputs are integer
+ids and a bool mask, through which no gradient can flow.
+
+FFN, per expert segment ``e`` (rows ``r0:r1``), with ``h = x W1[e] + b1[e]``, ``a = act(h)`` and
+``y = a W2[e] + b2[e]``::
+
+    ga = gy W2[e]^T        gh = act'(h) * ga          gx = gh W1[e]^T
+    gW2[e] = a^T gy        gW1[e] = x^T gh            gb2[e] = sum_rows gy     gb1[e] = sum_rows gh
+
+``act'`` is the derivative of the forward's own activation (tanh GELU, ``x * sigmoid(1.702 x)``
+for fastgelu, SiLU, ReLU with ``relu'(0) = 0``; GLU ``left * f(right)``: ``g_left = ga * f(right)``,
+``g_right = ga * left * f'(right)``). The backward recomputes ``h`` from the saved inputs instead of
+saving it (memory: the forward keeps nothing of size ``M x N1``); it computes in fp32 and uses the
+activation rounded to the storage dtype as the forward's second matmul does. Rows outside every
+segment (``npu_ffn_grouped``'s rows past the counts) get zero gradient. Quant and antiquant modes
+have no gradient (int8 operands, dequantization scales): a backward that needs one raises.
+
+``npu_ffn_grouped`` keeps its counts on the device in the backward too: the per-expert matmuls are
+``torch._grouped_mm`` calls inside the op ``moe_fusion::_ffn_grouped_backward`` (a custom op with
+a fake kernel: its fp32 ``_grouped_mm`` is not traceable by inductor, the op call is).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.ffn import apply_activation, cast_round_, round_to
+from ..kernels.ffn_grouped import ALIGN, _grouped_mm, _segment_ends
+from ..meta import LIBRARY
+from ..op_protos.ffn import GLU_ACTIVATIONS, expert_counts_of
+from ._common import gradients, input_names, needed, not_differentiable, refuse_needed, register_formula
+
+Tensor = torch.Tensor
+FFN, FFN_GROUPED, RE_ROUTING = "npu_ffn", "npu_ffn_grouped", "npu_moe_re_routing"
+_GLU_BASE = {"reglu": "relu", "swiglu": "silu", "geglu": "gelu"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations and their derivatives (fp32)
+# ---------------------------------------------------------------------------------------------
+
+def _derivative(kind: str, z: Tensor) -> Tensor:
+    """``f'(z)`` of the plain activation ``kind`` (relu, silu, gelu = tanh GELU, fastgelu)."""
+    if kind == "relu":
+        return (z > 0).to(z.dtype)
+    if kind == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if kind == "gelu":
+        return torch.ops.aten.gelu_backward(torch.ones_like(z), z, approximate="tanh")
+    if kind == "fastgelu":
+        s = torch.sigmoid(1.702 * z)
+        return s + 1.702 * z * s * (1 - s)
+    raise ValueError(f"no derivative for activation {kind!r}")
+
+
+def activation_vjp(activation: str, h: Tensor, ga: Tensor) -> tuple[Tensor, Tensor]:
+    """``(a, gh)``: the activation of fp32 ``h`` ``(rows, N1)`` and the gradient of ``h`` given the
+    gradient ``ga`` of ``a`` (``(rows, N1)``, or ``(rows, N1/2)`` for GLU forms)."""
+    a = apply_activation(activation, h.clone())       # apply_activation may overwrite its input
+    if activation in GLU_ACTIVATIONS:
+        half = h.size(-1) // 2
+        left, right = h[:, :half], h[:, half:]
+        base = _GLU_BASE[activation]
+        f_right = apply_activation(base, right.clone())
+        return a, torch.cat([ga * f_right, ga * left * _derivative(base, right)], dim=-1)
+    return a, ga * _derivative(activation, h)
+
+
+def _round_like_forward(a: Tensor, store: torch.dtype, fp16_intermediate: bool) -> Tensor:
+    """The activation as the forward's second matmul reads it (SPEC §5.4 roundings)."""
+    return round_to(a, store) if fp16_intermediate else cast_round_(a, store)
+
+
+# ---------------------------------------------------------------------------------------------
+# npu_ffn
+# ---------------------------------------------------------------------------------------------
+
+_FFN_INPUTS = input_names(FFN)
+_FFN_QUANT_ARGS = ("scale", "offset", "deq_scale1", "deq_scale2", "antiquant_scale1", "antiquant_scale2",
+                   "antiquant_offset1", "antiquant_offset2")
+
+
+def _ffn_mode(x: Tensor, weight1: Tensor) -> str:
+    if x.dtype == torch.int8:
+        return "quant"
+    return "antiquant" if weight1.dtype in (torch.int8, torch.uint8) else "float"
+
+
+def _ffn_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    args = dict(zip(_FFN_INPUTS, inputs))
+    x, w1 = args["x"], args["weight1"]
+    ctx.mode = _ffn_mode(x, w1)
+    ctx.activation = args["activation"].lower()
+    ctx.counts = expert_counts_of(args["expert_tokens"], args["expert_tokens_index"])
+    ctx.fp16_intermediate = x.dtype == torch.float16 and args["inner_precise"] == 1
+    ctx.save_for_backward(x, w1, args["weight2"], args["bias1"], args["bias2"])
+
+
+def _segments(counts: Optional[Sequence[int]], rows: int):
+    """``(expert or None, first row, end row)`` of every non-empty segment."""
+    if counts is None:
+        yield None, 0, rows
+        return
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, start, start + n
+        start += n
+
+
+def _pick(t: Optional[Tensor], e: Optional[int]) -> Optional[Tensor]:
+    return t if t is None or e is None else t[e]
+
+
+def _ffn_backward(ctx: Any, grad_y: Tensor) -> tuple:
+    refuse_needed(ctx, FFN, _FFN_INPUTS, {name: "a quantization parameter" for name in _FFN_QUANT_ARGS})
+    if ctx.mode != "float":
+        for name in ("x", "weight1", "weight2", "bias1", "bias2"):
+            if needed(ctx, _FFN_INPUTS, name):
+                not_differentiable(FFN, name, f"{ctx.mode} mode: int8 operands and integer matmuls")
+    x, w1, w2, b1, b2 = ctx.saved_tensors
+    k1, n2 = w1.size(-2), w2.size(-1)
+    x2d, gy = x.reshape(-1, k1).float(), grad_y.reshape(-1, n2).float()
+    w1f, w2f = w1.float(), w2.float()
+    b1f = None if b1 is None else b1.float()
+    grads = {name: torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+             for name, t in (("x", x2d), ("weight1", w1), ("weight2", w2), ("bias1", b1), ("bias2", b2))
+             if t is not None and needed(ctx, _FFN_INPUTS, name)}
+    for e, r0, r1 in _segments(ctx.counts, x2d.size(0)):
+        xe, gye, w1e = x2d[r0:r1], gy[r0:r1], _pick(w1f, e)
+        bias1 = _pick(b1f, e)
+        h = xe @ w1e if bias1 is None else torch.addmm(bias1, xe, w1e)
+        a, gh = activation_vjp(ctx.activation, h, gye @ _pick(w2f, e).t())
+        a = _round_like_forward(a, x.dtype, ctx.fp16_intermediate)
+        for name, value in (("x", lambda: gh @ w1e.t()), ("weight1", lambda: xe.t() @ gh),
+                            ("weight2", lambda: a.t() @ gye), ("bias1", lambda: gh.sum(0)),
+                            ("bias2", lambda: gye.sum(0))):
+            if name in grads:
+                target = grads[name][r0:r1] if name == "x" else _pick(grads[name], e)
+                target.copy_(value())
+    stored = {"x": x, "weight1": w1, "weight2": w2, "bias1": b1, "bias2": b2}
+    return gradients(_FFN_INPUTS, **{name: g.reshape(stored[name].shape).to(stored[name].dtype)
+                                     for name, g in grads.items()})
+
+
+register_formula(FFN, _ffn_setup, _ffn_backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# npu_ffn_grouped
+# ---------------------------------------------------------------------------------------------
+
+_GROUPED_INPUTS = input_names(FFN_GROUPED)
+
+LIBRARY.define("_ffn_grouped_backward(Tensor grad_y, Tensor x, Tensor weight1, Tensor weight2, str activation, "
+               "Tensor expert_tokens, Tensor? bias1, bool tokens_index_flag, bool fp16_intermediate) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+def _grouped_outer(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    """``(E, K, N)``: ``a[s_e:s_{e+1}]^T @ b[s_e:s_{e+1}]`` per segment, fp32 (0 for empty ones)."""
+    k, n = a.size(1), b.size(1)
+    a = F.pad(a.float(), (0, -k % ALIGN)).contiguous()
+    b = F.pad(b.float(), (0, -n % ALIGN)).contiguous()
+    return torch._grouped_mm(a.t(), b, offs=ends)[:, :k, :n]
+
+
+def _per_expert_sum(rows: Tensor, expert_of_row: Tensor, experts: int) -> Tensor:
+    """``(E, N)``: the rows of each expert summed (padding rows, expert ``E``, dropped)."""
+    out = rows.new_zeros((experts + 1, rows.size(1)))
+    return out.index_add_(0, expert_of_row, rows)[:experts]
+
+
+def _ffn_grouped_backward_kernel(grad_y: Tensor, x: Tensor, weight1: Tensor, weight2: Tensor, activation: str,
+                                 expert_tokens: Tensor, bias1: Optional[Tensor], tokens_index_flag: bool,
+                                 fp16_intermediate: bool) -> tuple[Tensor, ...]:
+    """``(gx (M, K1), gW1 (E, K1, N1), gW2 (E, N1', N2), gb1 (E, N1), gb2 (E, N2))`` in fp32."""
+    experts = weight1.size(0)
+    ends = _segment_ends(expert_tokens, tokens_index_flag)
+    rows = torch.arange(x.size(0), device=x.device, dtype=torch.int32)
+    expert_of_row = torch.searchsorted(ends, rows, right=True)
+    counted = (expert_of_row < experts).unsqueeze(1)
+    gy = torch.where(counted, grad_y.float(), 0.0)         # rows past the counts are 0 in the forward
+    h = _grouped_mm(x, weight1, ends)
+    if bias1 is not None:
+        h = h + torch.cat([bias1.float(), bias1.new_zeros((1, bias1.size(1)), dtype=torch.float32)])[expert_of_row]
+    a, gh = activation_vjp(activation.lower(), h, _grouped_mm(gy, weight2.transpose(1, 2), ends))
+    a = _round_like_forward(a, x.dtype, fp16_intermediate)
+    gh = torch.where(counted, gh, 0.0)
+    gx = torch.where(counted, _grouped_mm(gh, weight1.transpose(1, 2), ends), 0.0)
+    return (gx, _grouped_outer(x, gh, ends), _grouped_outer(a, gy, ends),
+            _per_expert_sum(gh, expert_of_row, experts), _per_expert_sum(gy, expert_of_row, experts))
+
+
+LIBRARY.impl("_ffn_grouped_backward", _ffn_grouped_backward_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("moe_fusion::_ffn_grouped_backward", lib=LIBRARY)
+def _ffn_grouped_backward_fake(grad_y: Tensor, x: Tensor, weight1: Tensor, weight2: Tensor, activation: str,
+                               expert_tokens: Tensor, bias1: Optional[Tensor], tokens_index_flag: bool,
+                               fp16_intermediate: bool) -> tuple[Tensor, ...]:
+    experts, k1, n1 = weight1.shape
+    n_act, n2 = weight2.shape[1:]
+    f32 = torch.float32
+    return (x.new_empty(x.shape, dtype=f32), x.new_empty((experts, k1, n1), dtype=f32),
+            x.new_empty((experts, n_act, n2), dtype=f32), x.new_empty((experts, n1), dtype=f32),
+            x.new_empty((experts, n2), dtype=f32))
+
+
+def _grouped_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    args = dict(zip(_GROUPED_INPUTS, inputs))
+    ctx.activation = args["activation"]
+    ctx.tokens_index_flag = args["tokens_index_flag"]
+    ctx.fp16_intermediate = args["x"].dtype == torch.float16 and args["inner_precise"] == 1
+    ctx.save_for_backward(args["x"], args["weight1"], args["weight2"], args["expert_tokens"], args["bias1"],
+                          args["bias2"])
+
+
+def _grouped_backward(ctx: Any, grad_y: Tensor) -> tuple:
+    x, w1, w2, counts, b1, b2 = ctx.saved_tensors
+    gx, gw1, gw2, gb1, gb2 = torch.ops.moe_fusion._ffn_grouped_backward(
+        grad_y, x, w1, w2, ctx.activation, counts, b1, ctx.tokens_index_flag, ctx.fp16_intermediate)
+    found = {"x": (gx, x), "weight1": (gw1, w1), "weight2": (gw2, w2), "bias1": (gb1, b1), "bias2": (gb2, b2)}
+    return gradients(_GROUPED_INPUTS, **{name: g.to(t.dtype) for name, (g, t) in found.items()
+                                         if t is not None and needed(ctx, _GROUPED_INPUTS, name)})
+
+
+register_formula(FFN_GROUPED, _grouped_setup, _grouped_backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# npu_moe_re_routing, npu_moe_update_expert
+# ---------------------------------------------------------------------------------------------
+
+_RE_ROUTING_INPUTS = input_names(RE_ROUTING)
+
+
+def _re_routing_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    args = dict(zip(_RE_ROUTING_INPUTS, inputs))
+    ctx.rows = args["tokens"].size(0)
+    ctx.save_for_backward(output[2])
+
+
+def _re_routing_backward(ctx: Any, grad_tokens: Tensor, grad_scales: Tensor, *_: Tensor) -> tuple:
+    """``permute_tokens[j] = tokens[idx[j]]``: the gradient of ``tokens`` (and of the scales) is
+    the output gradient scattered back by ``idx``, a permutation (``index_add`` keeps it exact)."""
+    refuse_needed(ctx, RE_ROUTING, _RE_ROUTING_INPUTS, {"expert_token_num_per_rank": "integer counts"})
+    (index,) = ctx.saved_tensors
+    index = index.long()
+    grads = {}
+    if needed(ctx, _RE_ROUTING_INPUTS, "tokens"):
+        grads["tokens"] = grad_tokens.new_zeros((ctx.rows,) + tuple(grad_tokens.shape[1:])).index_add_(
+            0, index, grad_tokens)
+    if needed(ctx, _RE_ROUTING_INPUTS, "per_token_scales"):
+        grads["per_token_scales"] = grad_scales.new_zeros(ctx.rows).index_add_(0, index, grad_scales)
+    return gradients(_RE_ROUTING_INPUTS, **grads)
+
+
+register_formula(RE_ROUTING, _re_routing_setup, _re_routing_backward)
