@@ -22,7 +22,8 @@ import torch
 import torch.fx as fx
 
 from ..groups import registered_group
-from ..passes import FusionReport, run_fusion_passes
+from ..passes import FusionReport, MoeFusionGraphPass, run_fusion_passes
+from ..passes.pipeline import fuse_before_autograd, needs_autograd
 from ..passes import torchair_collectives  # noqa: F401  (adds torchair's collective forms to the recognizers)
 from . import importable_torchair, register_converters
 
@@ -109,8 +110,8 @@ def fusion_pre_pass(target: str = "A3", passes: Optional[Sequence[str]] = None,
 def torchair_backend(config: Any = None, target: str = "A3", *, passes: Optional[Sequence[str]] = None,
                      report: Optional[FusionReport] = None) -> Callable[..., Any]:
     """A ``torch.compile`` backend: ``torchair.get_npu_backend(compiler_config=config)`` with the
-    fusion passes installed as ``config.post_grad_custom_pre_pass`` and the GE converters of the
-    moe_fusion ops registered.
+    fusion passes installed as ``config.post_grad_custom_pre_pass`` (and run before torchair's AOT
+    autograd on a graph it will differentiate) and the GE converters of the moe_fusion ops registered.
 
     Args:
         config: a ``torchair.CompilerConfig`` (default: a new one). Its pre-pass is set in place;
@@ -131,4 +132,13 @@ def torchair_backend(config: Any = None, target: str = "A3", *, passes: Optional
     current = config.post_grad_custom_pre_pass.value
     user_pass = getattr(current, "user_pass", current)   # a config passed here before keeps one fusion pre-pass
     config.post_grad_custom_pre_pass = fusion_pre_pass(target, passes, report, then=user_pass)
-    return torchair.get_npu_backend(compiler_config=config)
+    npu_backend = torchair.get_npu_backend(compiler_config=config)
+    graph_pass = MoeFusionGraphPass(target, passes, report)
+
+    def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Any:
+        # A graph torchair's AOT will differentiate is fused first, as moe_fusion.backend() does.
+        if needs_autograd(example_inputs):
+            gm = fuse_before_autograd(gm, example_inputs, graph_pass)
+        return npu_backend(gm, example_inputs)
+
+    return compile_graph

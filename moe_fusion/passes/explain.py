@@ -14,8 +14,9 @@ def explain(model: Any, *inputs: Any, target: Optional[str] = None, passes: Opti
     """Compile ``model`` with the fusion passes (no code generation), run it once on ``inputs``,
     and return (and print) the report. Models with collectives need their process groups.
 
-    By default the model runs as inference (``torch.no_grad``); ``grad=True`` reports on the
-    training graph, where values saved for backward keep some intermediates from fusing."""
+    By default the model runs as inference (``torch.no_grad``); ``grad=True`` runs it with grad
+    mode on and reports on the training graph (fused before AOT autograd when an input or a
+    parameter requires grad; see ``pipeline``)."""
     report = FusionReport()
     compiled = torch.compile(model, backend=backend(target, passes, report, compiler="eager"), dynamic=False)
     with torch.set_grad_enabled(grad):

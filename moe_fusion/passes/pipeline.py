@@ -1,6 +1,16 @@
 """The pass pipeline and its adapters: inductor (a ``CustomGraphPass`` for
 ``post_grad_custom_pre_pass``), ``moe_fusion.backend()`` for ``torch.compile``.
 
+Where the passes run. Inference graphs are fused after AOT autograd, on inductor's post-grad graph.
+A training graph cannot be fused there: AOT autograd has already differentiated the unfused ops,
+and the forward graph returns their intermediates to the backward (a fused op does not expose
+them). So when the compiled graph will be differentiated (grad mode on, an input requiring grad),
+``fuse_before_autograd`` first traces dynamo's graph into a functional ATen graph with inductor's
+decompositions (the forms the passes read), fuses it, and hands the fused graph to AOT autograd,
+which differentiates each fused op with its formula (``moe_fusion.autograd``) and partitions the
+joint graph as usual. The post-grad pass then still runs on the forward and backward graphs (the
+formulas' own chains, e.g. the BMM pair's, fuse there).
+
 Every pass is a ``find_<pattern>(graph, ctx) -> list[Match]`` of a pattern module (the protocol is
 in ``context.py``); ``PIPELINE`` lists them in the order they run, the widest patterns first, so a
 dispatch/FFN/combine block is fused as a whole before the FFN pass could take its expert FFNs
@@ -16,11 +26,15 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.utils import counters
+from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.decomposition import select_decomp_table
 from torch._inductor.pattern_matcher import stable_topological_sort
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from ..targets import get_target, target as target_scope
@@ -146,9 +160,34 @@ class MoeFusionGraphPass(CustomGraphPass):
         return source_hash(), self.target, self.passes, compile_context()
 
 
+def needs_autograd(example_inputs: Sequence[Any]) -> bool:
+    """The compiled graph will be differentiated: grad mode is on and an input requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+
+
+def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                         graph_pass: MoeFusionGraphPass) -> fx.GraphModule:
+    """Dynamo's graph ``gm`` as a functional ATen graph with inductor's decompositions, fused by
+    ``graph_pass``: what AOT autograd should differentiate (see the module docstring). Traced on
+    the fake values dynamo used for ``example_inputs``."""
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:   # called outside torch.compile: trace on fresh fakes
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake_mode = FakeTensorMode()
+    fakes = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    with fake_mode, torch.no_grad():
+        traced = make_fx(torch.func.functionalize(gm, remove="mutations"),
+                         decomposition_table=select_decomp_table())(*fakes)
+    graph_pass(traced.graph)
+    traced.recompile()
+    return traced
+
+
 def backend(target: Optional[str] = None, passes: Optional[Sequence[str]] = None,
             report: Optional[FusionReport] = None, compiler: str = "inductor") -> Callable[..., Any]:
-    """A ``torch.compile`` backend that runs the fusion passes on the post-grad graph.
+    """A ``torch.compile`` backend that runs the fusion passes: on the post-grad graph, and before
+    AOT autograd when the graph will be differentiated (module docstring).
 
     Args:
         target: ``"portable"``, ``"A2"`` or ``"A3"``: whose limits a rewrite must respect
@@ -162,19 +201,24 @@ def backend(target: Optional[str] = None, passes: Optional[Sequence[str]] = None
     if compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        def compile_inductor(gm: fx.GraphModule, example_inputs: list) -> Any:
+        def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Any:
             return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": graph_pass})
-
-        return compile_inductor
-    if compiler == "eager":
+    elif compiler == "eager":
         from torch._dynamo.backends.common import aot_autograd
         from torch._functorch.aot_autograd import make_boxed_func
-        from torch._inductor.decomposition import select_decomp_table
 
         def run_passes(gm: fx.GraphModule, example_inputs: list) -> Any:
             graph_pass(gm.graph)
             gm.recompile()
             return make_boxed_func(gm.forward)
 
-        return aot_autograd(fw_compiler=run_passes, decompositions=select_decomp_table())
-    raise ValueError(f"moe_fusion.backend: compiler must be 'inductor' or 'eager', got {compiler!r}")
+        compile_graph = aot_autograd(fw_compiler=run_passes, decompositions=select_decomp_table())
+    else:
+        raise ValueError(f"moe_fusion.backend: compiler must be 'inductor' or 'eager', got {compiler!r}")
+
+    def compile_fused(gm: fx.GraphModule, example_inputs: list) -> Any:
+        if needs_autograd(example_inputs):
+            gm = fuse_before_autograd(gm, example_inputs, graph_pass)
+        return compile_graph(gm, example_inputs)
+
+    return compile_fused

@@ -123,3 +123,25 @@ def test_config_keeps_one_fusion_pre_pass_and_the_users(torchair):
     moe_fusion.torchair_backend(config, target="portable")
     installed = config.post_grad_custom_pre_pass.value
     assert installed is not user_pass and installed.user_pass is user_pass
+
+
+class TanhMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(H, 4 * H), torch.nn.Linear(4 * H, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+def test_training_forward_graph_holds_the_fused_ffn(torchair, tmp_path):
+    """Parameters that require grad: the graph is fused before torchair's AOT autograd (its forward
+    GE graph holds the FFN node, no MatMul), instead of refused for its saved intermediates."""
+    report = FusionReport()
+    x = torch.randn(TOKENS, H, requires_grad=True)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        graph = compile_ge_graph(torchair, TanhMLP(), (x,), tmp_path,
+                                 lambda config: moe_fusion.torchair_backend(config, target="portable", report=report))
+    assert [e.pattern for e in report.fused()] == ["ffn"], report.format()
+    assert len(nodes(graph, "FFN")) == 1
+    assert not [op.type for op in graph.op if op.type in ("MatMul", "MatMulV2", "BatchMatMul", "BatchMatMulV2")]

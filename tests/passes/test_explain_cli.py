@@ -24,17 +24,18 @@ def test_explain_cli_reports_fused_and_refused(examples_on_path, capsys):
     assert "moe_fusion.npu_ffn.default" in out and "0 ->    1" in out
 
 
-def test_explain_training_graph_keeps_saved_intermediates(examples_on_path):
-    """With autograd, the tanh MLP's first matmul is saved for backward: nothing fuses, and the
-    report says why."""
+def test_explain_training_graph_fuses_before_autograd(examples_on_path):
+    """With autograd, the tanh MLP fuses too (before AOT autograd, so no intermediate is saved for
+    backward); the erf MLP is refused for its activation, as in inference."""
     from mlp_factory import make_mlp
 
     from moe_fusion import explain
 
     model, inputs = make_mlp()
     report = explain(model, *inputs, grad=True, print_report=False)
-    assert not report.fused()
-    assert any("saved for backward" in e.detail for e in report.refused("ffn"))
+    assert [e.detail.split(",")[0] for e in report.fused()] == ["npu_ffn(gelu"]
+    assert not any("saved for backward" in e.detail for e in report.refused("ffn"))
+    assert any("exact erf form" in e.detail for e in report.refused("ffn"))
 
 
 def test_explain_factory_without_colon_is_a_clear_error():

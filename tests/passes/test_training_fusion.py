@@ -1,0 +1,115 @@
+"""A compiled training step fuses: ``torch.compile(model, backend=moe_fusion.backend())`` on a module
+whose parameters require grad, then ``loss.backward()``, runs the fused ops in the forward and their
+formulas in the backward (``pipeline.fuse_before_autograd``). Output, input gradient and every
+parameter gradient equal the unfused eager step's (fp32)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moe_fusion
+from moe_fusion.passes import FusionReport, backend, pipeline
+
+HIDDEN, FFN_HIDDEN, TOKENS = 16, 32, 12
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, activation: Callable = F.silu) -> None:
+        super().__init__()
+        self.up, self.down, self.activation = nn.Linear(HIDDEN, FFN_HIDDEN), nn.Linear(FFN_HIDDEN, HIDDEN), activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.activation(self.up(x)))
+
+
+class GluMLP(nn.Module):
+    """LlamaMLP: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, FFN_HIDDEN, bias=False)
+        self.up = nn.Linear(HIDDEN, FFN_HIDDEN, bias=False)
+        self.down = nn.Linear(FFN_HIDDEN, HIDDEN, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class SegmentExperts(nn.Module):
+    """Per-expert MLPs over static row segments of the tokens, concatenated."""
+
+    def __init__(self, bounds: tuple[int, ...] = (0, 5, 12)) -> None:
+        super().__init__()
+        self.bounds = bounds
+        self.experts = nn.ModuleList(DenseMLP(lambda t: F.gelu(t, approximate="tanh")) for _ in bounds[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([e(x[a:b]) for e, a, b in zip(self.experts, self.bounds, self.bounds[1:])])
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_()
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    grads = [x.grad] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("model_type", [DenseMLP, GluMLP, SegmentExperts])
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_training_step_fuses_and_equals_eager(model_type, compiler):
+    torch.manual_seed(0)
+    model = model_type()
+    x = torch.randn(TOKENS, HIDDEN)
+    want_out, want_grads = _step(model, x)
+    report = FusionReport()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend(report=report, compiler=compiler), fullgraph=True)
+    got_out, got_grads = _step(compiled, x)
+    assert [e.pattern for e in report.fused()] == ["ffn"], report.format()
+    assert not report.refused("ffn"), report.format()
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_joint_graph_differentiates_the_fused_op(monkeypatch):
+    """AOT autograd receives the fused graph: its forward calls npu_ffn, and no forward output is
+    an FFN intermediate (the refusal this issue reported)."""
+    graphs: list[fx.GraphModule] = []
+    real = pipeline.fuse_before_autograd
+
+    def spy(gm, example_inputs, graph_pass):
+        graphs.append(real(gm, example_inputs, graph_pass))
+        return graphs[-1]
+
+    monkeypatch.setattr(pipeline, "fuse_before_autograd", spy)
+    torch._dynamo.reset()
+    model = DenseMLP()
+    _step(torch.compile(model, backend=backend(compiler="eager"), fullgraph=True), torch.randn(TOKENS, HIDDEN))
+    (fused,) = graphs
+    targets = [n.target for n in fused.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.moe_fusion.npu_ffn.default) == 1
+    assert torch.ops.aten.addmm.default not in targets and torch.ops.aten.mm.default not in targets
+
+
+def test_inference_keeps_the_post_grad_route(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "fuse_before_autograd", lambda *a: calls.append(a))
+    torch._dynamo.reset()
+    report = FusionReport()
+    with torch.no_grad():
+        torch.compile(DenseMLP(), backend=backend(report=report, compiler="eager"))(torch.randn(TOKENS, HIDDEN))
+    assert not calls and [e.pattern for e in report.fused()] == ["ffn"]
+
+
+def test_explain_reports_the_training_graph():
+    report = moe_fusion.explain(DenseMLP(), torch.randn(TOKENS, HIDDEN, requires_grad=True), grad=True,
+                                print_report=False)
+    assert [e.pattern for e in report.fused()] == ["ffn"], report.format()
