@@ -39,7 +39,7 @@ from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from ..targets import get_target, target as target_scope
 from . import allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn, re_routing
-from .context import FusionReport, Match, PassContext, Refusal, count_ops
+from .context import FusionEvent, FusionReport, Match, PassContext, Refusal, count_ops
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 
@@ -179,9 +179,27 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any],
     with fake_mode, torch.no_grad():
         traced = make_fx(torch.func.functionalize(gm, remove="mutations"),
                          decomposition_table=select_decomp_table())(*fakes)
-    graph_pass(traced.graph)
+    trial = FusionReport()
+    MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial)(traced.graph)
     traced.recompile()
+    without = sorted({str(n.target) for n in traced.graph.nodes if n.op == "call_function"
+                      and str(n.target).startswith("moe_fusion.") and not _differentiable(n.target)})
+    report = graph_pass.report
+    # An op without a formula would return outputs that do not require grad: silently wrong gradients.
+    if without:
+        if report is not None:
+            report.events.append(FusionEvent("training", False, "graph", f"fused nothing before autograd: "
+                                             f"{', '.join(without)} has no autograd formula"))
+        return gm
+    if report is not None:
+        report.events.extend(trial.events)
+        report.ops_before.update(trial.ops_before)
+        report.ops_after.update(trial.ops_after)
     return traced
+
+
+def _differentiable(op: Any) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd")
 
 
 def backend(target: Optional[str] = None, passes: Optional[Sequence[str]] = None,

@@ -113,3 +113,20 @@ def test_explain_reports_the_training_graph():
     report = moe_fusion.explain(DenseMLP(), torch.randn(TOKENS, HIDDEN, requires_grad=True), grad=True,
                                 print_report=False)
     assert [e.pattern for e in report.fused()] == ["ffn"], report.format()
+
+
+def test_a_fused_op_without_formula_keeps_the_graph_unfused(monkeypatch):
+    """Never a silently wrong gradient: if a fused op could not be differentiated, the graph goes
+    to AOT autograd unfused, and the report says why."""
+    monkeypatch.setattr(pipeline, "_differentiable", lambda op: op is not torch.ops.moe_fusion.npu_ffn.default)
+    torch._dynamo.reset()
+    model, report = DenseMLP(), FusionReport()
+    x = torch.randn(TOKENS, HIDDEN)
+    want_out, want_grads = _step(model, x)
+    got_out, got_grads = _step(torch.compile(model, backend=backend(report=report, compiler="eager")), x)
+    assert not report.fused()
+    assert any(e.pattern == "training" and "moe_fusion.npu_ffn.default has no autograd formula" in e.detail
+               for e in report.refused()), report.format()
+    torch.testing.assert_close(got_out, want_out)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want)
