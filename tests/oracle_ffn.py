@@ -17,6 +17,20 @@ from the fp64 one by a bounded amount. The oracle carries that bound, ``err``, b
 ``ffn_reference`` returns the nominal ``y`` and an enclosure ``[lo, hi]`` that every fp32
 implementation of the SPEC lands in: fp32 accumulation order only widens it by the first bullet, and a
 storage rounding only by the ulps that may really flip.
+
+Where SPEC §5.4 leaves the intermediate precision open, the rule is op-plugin's golden
+(``test/test_custom_ops/test_npu_ffn.py``) where it rounds to fp16, and the ops-transformer kernel
+where the golden keeps fp32 values the kernel cannot hold:
+
+* antiquant, fp16 x: ``fp16(fp16(W + offset) * scale)``, two fp16 roundings; bf16 x: one rounding of
+  ``(W + offset) * scale``. fp16 x then rounds mm1 and the activation to fp16 (nearest even), as
+  inner_precise=1 does; bf16 x is high precision (fp32, ``CAST_ROUND``).
+* quant: ``h1 = h * deqScale1`` rounded to fp16 for an fp16 output, kept fp32 for bf16; the activation
+  rounded to fp16; ``u = fp16(fp16(a * fp16(scale)) + fp16(offset))``; ``q`` = round half to even,
+  saturated; ``y = (q @ W2 + b2) * deqScale2`` rounded to the output dtype.
+
+A single fp16 operation on fp16 values is exact in fp64 before its rounding, so those roundings carry
+no fp32 error: the enclosure widens only where a value rounded there was already uncertain.
 """
 from __future__ import annotations
 
@@ -129,9 +143,10 @@ def _of(t: Optional[torch.Tensor], e: Optional[int]) -> Optional[torch.Tensor]:
 
 
 def _weight(w: torch.Tensor, scale, offset, dtype: torch.dtype):
-    """One expert's ``(K, N)`` weight as fp64 values and error bound. Antiquant (SPEC §5.4):
-    ``(W[k, n] + offset[g, n]) * scale[g, n]`` with ``g = k // (K / G)`` (per-channel: G = 1),
-    rounded to x's dtype."""
+    """One expert's ``(K, N)`` weight as fp64 values and error bound. Antiquant:
+    ``(W[k, n] + offset[g, n]) * scale[g, n]`` with ``g = k // (K / G)`` (per-channel: G = 1). fp16 x:
+    the sum rounded to fp16, then the product rounded to fp16; otherwise one rounding to x's dtype of
+    the two fp32 operations."""
     values = (int4_values(w) if w.dtype == torch.uint8 else w).double()
     if scale is None:
         return values, torch.zeros_like(values)
@@ -144,7 +159,12 @@ def _weight(w: torch.Tensor, scale, offset, dtype: torch.dtype):
     for row in range(k):
         g = row // rows_per_group
         scale_rows[row], offset_rows[row] = scale2d[g].double(), offset2d[g].double()
-        exact[row] = (values[row] + offset_rows[row]) * scale_rows[row]
+        shifted = values[row] + offset_rows[row]
+        if dtype == torch.float16:
+            shifted = round_even(shifted, dtype)
+        exact[row] = shifted * scale_rows[row]
+    if dtype == torch.float16:   # both fp64 operations on fp16 values are exact, then rounded as the kernel rounds
+        return _rounded(exact, torch.zeros_like(exact), dtype)
     err = 4 * F32_UNIT * (values.abs() + offset_rows.abs()) * scale_rows.abs()   # two fp32 ops
     return _rounded(exact, err, dtype)
 
@@ -183,14 +203,18 @@ def _float_segment(rows, w1, w2, b1, b2, activation: str, store: torch.dtype, fp
     return _matmul(act, act_err, *w2, b2)
 
 
-def _quant_segment(rows, w1, w2, b1, b2, scale, offset, deq1, deq2, activation: str, out: torch.dtype):
-    """Quant (SPEC §5.4): exact int32 matmuls, dequant to ``out``, act, int8 requant, dequant."""
+def _quant_segment(rows, w1, w2, b1, b2, scale16, offset16, deq1, deq2, activation: str, out: torch.dtype):
+    """Quant: exact int32 matmuls; ``h1 = h * deq1`` (fp16 for an fp16 output, fp32 for bf16); act
+    rounded to fp16; requant ``fp16(fp16(act * scale16) + offset16)``, round half to even, saturate;
+    ``(q @ w2 + b2) * deq2``. ``scale16``/``offset16`` are already fp16 values."""
     h = rows @ w1 + b1                                         # exact: integers far below 2**53
-    h1, h1_err = _rounded(h * deq1, F32_UNIT * (h * deq1).abs(), out)   # via fp32 or directly
+    h1, h1_err = _rounded(h * deq1, F32_UNIT * (h * deq1).abs(),  # via fp32, or directly
+                          torch.float16 if out == torch.float16 else torch.float32)
     act, act_err = _activate(activation, h1, h1_err)
-    act, act_err = _rounded(act, act_err, out)
-    u = act * scale + offset
-    u_err = act_err * scale.abs() + 2 * F32_UNIT * ((act * scale).abs() + abs(offset))
+    act, act_err = _rounded(act, act_err, torch.float16)
+    # fp16 products and sums of fp16 values are exact in fp64 before their rounding: only act_err moves them
+    prod, prod_err = _rounded(act * scale16, act_err * scale16.abs(), torch.float16)
+    u, u_err = _rounded(prod + offset16, prod_err, torch.float16)
     quantize = lambda v: torch.clamp(torch.round(v), -128, 127)   # round half to even, saturate
     q = quantize(u)
     q_err = quantize(u + u_err) - quantize(u - u_err)
@@ -230,15 +254,16 @@ def ffn_reference(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
             continue
         b1 = torch.zeros(n1, dtype=torch.float64) if bias1 is None else _of(bias1, e).double()
         b2 = torch.zeros(n2, dtype=torch.float64) if bias2 is None else _of(bias2, e).double()
-        if quant:
-            scale_e = _of(scale, e).to(torch.float16).double() if per_channel else scale.reshape(-1)[e or 0].double()
+        if quant:   # AscendQuant reads the scale (per-tensor or per-channel) and the offset as fp16
+            scale_e = (_of(scale, e) if per_channel else scale.reshape(-1)[e or 0]).to(torch.float16).double()
+            offset_e = offset.reshape(-1)[e or 0].to(torch.float16).double()
             seg = _quant_segment(rows[first:end], _of(weight1, e).double(), _of(weight2, e).double(), b1, b2, scale_e,
-                                 float(offset.reshape(-1)[e or 0]), deq_values(_of(deq_scale1, e)),
-                                 deq_values(_of(deq_scale2, e)), name, out)
+                                 offset_e, deq_values(_of(deq_scale1, e)), deq_values(_of(deq_scale2, e)), name, out)
         else:
             w1 = _weight(_of(weight1, e), _of(antiquant_scale1, e), _of(antiquant_offset1, e), x.dtype)
             w2 = _weight(_of(weight2, e), _of(antiquant_scale2, e), _of(antiquant_offset2, e), x.dtype)
-            fp16_intermediate = x.dtype == torch.float16 and inner_precise == 1 and antiquant_scale1 is None
+            # fp16 mm1 + activation: inner_precise=1, and fp16 antiquant whatever inner_precise
+            fp16_intermediate = x.dtype == torch.float16 and (inner_precise == 1 or antiquant_scale1 is not None)
             seg = _float_segment(rows[first:end], w1, w2, b1, b2, name, x.dtype, fp16_intermediate)
         y[first:end], err[first:end] = seg
     shape = (*x.shape[:-1], n2)

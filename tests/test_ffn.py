@@ -2,19 +2,22 @@
 (``oracle_ffn.py``) over grids and hypothesis, and torch.compile against eager. Validation rules are in
 ``test_ffn_validation.py``.
 
-Tolerances. The oracle computes in fp64 and rounds where SPEC §5.4 rounds; the kernel (like the device)
-computes in fp32. The oracle therefore returns an enclosure ``[lo, hi]`` instead of one value, derived
-from a worst-case fp32 error model (see its docstring):
+Tolerances. The oracle computes in fp64 and rounds where the rule rounds (SPEC §5.4; the intermediate
+dtypes of quant and antiquant follow op-plugin's golden, see ``oracle_ffn.py`` and ``test_ffn_goldens.py``);
+the kernel (like the device) computes in fp32. The oracle therefore returns an enclosure ``[lo, hi]``
+instead of one value, derived from a worst-case fp32 error model (see its docstring):
 
 * fp32 data: the only difference is accumulation order and fp32 evaluation, bounded by
   ``(K + 2) * 2**-24 * sum(|terms|)`` per matmul: about 1e-7 relative to the terms, "exact-ish".
 * fp16/bf16 data: values are rounded to the storage dtype after the activation (and after mm1 with
-  inner_precise=1, and for dequantized weights); those roundings can differ by one storage ulp only
-  where the fp32 value lies within the bound above of a rounding boundary, and the output by one ulp
-  of the output. So the enclosure is usually the single nominal value or its two ulp-neighbours.
-* int8 quant: the int32 matmuls are exact; a requantized int8 value can differ by one step only
-  where ``a * scale + offset`` lies within fp32 error of a .5 boundary, and that step is carried
-  through the second matmul.
+  inner_precise=1 or fp16 antiquant); those roundings can differ by one storage ulp only where the fp32
+  value lies within the bound above of a rounding boundary, and the output by one ulp of the output. So
+  the enclosure is usually the single nominal value or its two ulp-neighbours. fp16 dequantized weights
+  (two fp16 operations on fp16 values) carry no error: the oracle and the kernel round the same exact
+  values.
+* int8 quant: the int32 matmuls are exact; the requant ``fp16(fp16(a * scale) + offset)`` is exact fp16
+  arithmetic on the fp16 activation ``a``, so an int8 value can differ by one step only where ``a``
+  itself may round either way, and that step is carried through the second matmul.
 Expected values never come from the kernel: from the oracle, or written by hand.
 """
 from __future__ import annotations
@@ -257,8 +260,9 @@ def test_quant_decodes_low_word_of_64_bit_deq_scales(deq_dtype, high_word):
 
 def test_quant_64_bit_deq_scale_uses_all_32_low_bits():
     """0x3FC00001 = 1.5 + 2**-23 (not FP19-truncated). h = 127 * 10 + 96 = 1366: 1366 * 1.5 = 2049 is an
-    fp16 tie (-> 2048) but 1366 * (1.5 + 2**-23) is just above it (-> 2050). Requant with scale 1/32,
-    offset 0.47: 2050 / 32 + 0.47 = 64.53 -> 65 (2048 would give 64.47 -> 64)."""
+    fp16 tie (-> 2048) but 1366 * (1.5 + 2**-23) is just above it (-> 2050). Requant in fp16 with scale
+    1/32, offset fp16(0.47) = 0.46997: 2050 / 32 + 0.46997 = 64.53 -> fp16 64.5625 -> 65 (2048 would
+    give 64.47 -> fp16 64.5 -> 64, half to even)."""
     y = npu_ffn(torch.tensor([[127, 96]], dtype=torch.int8), torch.tensor([[10], [1]], dtype=torch.int8),
                 torch.tensor([[1]], dtype=torch.int8), "relu", scale=f32([1 / 32]), offset=f32([0.47]),
                 deq_scale1=torch.tensor([0x3FC00001], dtype=torch.int64),
@@ -286,14 +290,75 @@ def test_quant_requant_rounds_half_to_even():
     assert y.tolist() == [[2.0, 4.0]]
 
 
-def test_quant_per_channel_scale_is_cast_to_fp16():
-    # scale 1 + 3 * 2**-12 is 1 + 2**-10 in fp16: u = 100 * (1 + 2**-10) + 0.41 = 100.508 -> 101,
-    # while the fp32 per-tensor scale gives 100.073 + 0.41 = 100.483 -> 100
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quant_scale_and_offset_are_cast_to_fp16(per_channel):
+    """AscendQuant reads scale and offset as fp16 (per-tensor too, as the op-plugin golden casts them).
+    Scale 1 + 3 * 2**-12 is 1 + 2**-10 in fp16 and offset 0.41 is 0.409912109375:
+    100 * (1 + 2**-10) = 100.0977 -> fp16 100.125; + 0.4099 = 100.5349 -> fp16 100.5625 -> q = 101.
+    With the fp32 scale, 100.0732 + 0.41 = 100.483 would give 100."""
     s = 1 + 3 * 2 ** -12
-    ones = torch.tensor([0x3F800000, 0x3F800000], dtype=torch.int64)              # 1.0 (fp32 deq: per-tensor only)
-    per_channel = _quant_identity([[100, 0]], ones, ones, f32([s, s]), f32([0.41]))
-    per_tensor = _quant_identity([[100, 0]], ones, ones, f32([s]), f32([0.41]))
-    assert per_channel.tolist() == [[101.0, 0.0]] and per_tensor.tolist() == [[100.0, 0.0]]
+    ones = torch.tensor([0x3F800000, 0x3F800000], dtype=torch.int64)              # 1.0
+    y = _quant_identity([[100, 0]], ones, ones, f32([s, s] if per_channel else [s]), f32([0.41]))
+    assert y.tolist() == [[101.0, 0.0]]
+
+
+def test_quant_requant_product_rounds_to_fp16():
+    """fp16 ``act * scale``: 7 * (1609 / 2048) = 5.49951171875 is 5.5 in fp16 (ulp 2**-8), and
+    round half to even gives q = 6; the unrounded product would give 5."""
+    ones = torch.tensor([0x3F800000, 0x3F800000], dtype=torch.int64)
+    y = _quant_identity([[7, 0]], ones, ones, f32([1609 / 2048]), f32([0.0]))
+    assert y.tolist() == [[6.0, 0.0]]
+
+
+def test_quant_requant_sum_rounds_to_fp16():
+    """fp16 ``+ offset``: 100 + fp16(0.51) = 100.51025390625 is 100.5 in fp16 (ulp 2**-4), so q = 100
+    (half to even); an fp32 sum would give 101. The zero activation gives round(0.51) = 1."""
+    ones = torch.tensor([0x3F800000, 0x3F800000], dtype=torch.int64)
+    y = _quant_identity([[100, 0]], ones, ones, f32([1.0]), f32([0.51]))
+    assert y.tolist() == [[100.0, 1.0]]
+
+
+def test_quant_bf16_output_keeps_the_dequantized_mm1_in_fp32():
+    """bf16 output: mm1 is dequantized to fp32 (AscendDequant, activation type float), not bf16.
+    h = 127 * 2 + 3 * 1 = 257 (bf16 would make it 256); u = fp16(257 * 0.5) - 64.75 = 63.75 -> q = 64
+    (256 would give 63.25 -> 63); y = 64 * 1."""
+    one = torch.tensor([1.0], dtype=BF16)
+    y = npu_ffn(torch.tensor([[127, 3]], dtype=torch.int8), torch.tensor([[2], [1]], dtype=torch.int8),
+                torch.tensor([[1]], dtype=torch.int8), "relu", scale=f32([0.5]), offset=f32([-64.75]),
+                deq_scale1=one, deq_scale2=one, output_dtype=BF16)
+    assert y.dtype == BF16 and y.tolist() == [[64.0]]
+
+
+@pytest.mark.parametrize("dtype,offset,expected", [
+    # fp16: 1 + 2**-11 is a tie -> 1.0, then * 3 = 3.0 (one rounding of 3.00146 would give 3.001953125)
+    (FP16, 2 ** -11, 3.0),
+    # bf16: (1 + 2**-8) * 3 = 3.01171875 rounded once -> 3.015625 (two bf16 roundings would give 3.0)
+    (BF16, 2 ** -8, 3.015625),
+])
+def test_antiquant_weight_rounding(dtype, offset, expected):
+    """(W + offset) * scale: two fp16 roundings for fp16 (op-plugin golden, AscendAntiQuant on half),
+    one rounding of the fp32 value for bf16 (AscendAntiQuant's fp32 path). x = 1, W2 = 1: y = W1's value."""
+    t = lambda v: torch.tensor(v, dtype=dtype)
+    int8 = lambda v: torch.tensor(v, dtype=torch.int8)
+    y = npu_ffn(t([[1]]), int8([[1]]), int8([[1]]), "relu", antiquant_scale1=t([3]), antiquant_offset1=t([offset]),
+                antiquant_scale2=t([1]), antiquant_offset2=t([0]))
+    assert y.item() == expected
+
+
+@pytest.mark.parametrize("inner_precise", [None, 0, 1])
+@pytest.mark.parametrize("dtype,tiny,expected", [
+    (FP16, 2 ** -11, 1.0),                  # mm1 in fp16, nearest even: the tie 1 + 2**-11 -> 1
+    (BF16, 2 ** -8, 1 + 2 ** -7),           # mm1 in fp32, CAST_ROUND: the tie 1 + 2**-8 -> away from zero
+])
+def test_antiquant_intermediate_follows_x_dtype(inner_precise, dtype, tiny, expected):
+    """The antiquant kernel's mm1 output is fp16 for fp16 x (like inner_precise=1) and fp32 for bf16 x
+    (high precision), whatever inner_precise. h = 1 * 1 + tiny * 1 is exact in fp32."""
+    t = lambda v: torch.tensor(v, dtype=dtype)
+    int8 = lambda v: torch.tensor(v, dtype=torch.int8)
+    one, zero = t([1]), t([0])
+    y = npu_ffn(t([[1, tiny]]), int8([[1], [1]]), int8([[1]]), "relu", antiquant_scale1=one, antiquant_offset1=zero,
+                antiquant_scale2=one, antiquant_offset2=zero, inner_precise=inner_precise)
+    assert y.item() == expected
 
 
 def test_output_dtype():

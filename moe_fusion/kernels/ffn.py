@@ -2,9 +2,29 @@
 
 Matmuls run in fp32 on CPU whatever the storage dtype (the device accumulates in fp32 too, and
 fp16/bf16 matmuls are ~100x slower than fp32 on CPUs without bf16 units); quant matmuls run in
-fp64, which is exact for int8 x int8 products summed over K <= 65535. Rounding to the storage
-dtype happens where the device rounds: after mm1+activation (half away from zero, AscendC
-``CAST_ROUND``, in high precision) and at the output (half to even).
+fp64, which is exact for int8 x int8 products summed over K <= 65535. Values between the
+matmuls are fp32 tensors rounded to the dtype the device holds them in; an fp16 operation is an
+fp32 operation on fp16 values rounded to fp16, which equals the fp16 operation (fp32 has
+24 >= 2 * 11 + 2 mantissa bits, so that double rounding is innocuous).
+
+Intermediate precision (SPEC §5.4; §10.2-10.4 leave it open). The quant and antiquant rules
+match op-plugin's golden (Ascend/op-plugin ``test/test_custom_ops/test_npu_ffn.py``, ``calc_ffn``)
+wherever it rounds to fp16, and the ops-transformer kernels it checks (``ffn.cpp``,
+``ffn_antiquant.h``, ``ffn_quant.h``, AscendC ``AscendAntiQuant`` / ``AscendQuant``) where the golden
+keeps a value the kernel cannot hold (two places, named below; the golden's own check,
+``assertRtolEqual(..., 0.001)``, admits both):
+
+* float, inner_precise=0 (high precision): mm1 and the activation in fp32, cast to x's dtype
+  half away from zero (AscendC ``CAST_ROUND``); inner_precise=1 (fp16 high performance): mm1
+  rounded to fp16, activation rounded to fp16 (nearest even).
+* antiquant: the weight ``(W + offset) * scale`` is two fp16 operations for fp16 x, each rounded
+  to fp16 (the golden's fp16 tensors; AscendAntiQuant's ``Add``/``Mul`` on half), and one fp32
+  computation rounded once for bf16 x (AscendAntiQuant's fp32 path, ``CAST_RINT``). fp16 x then
+  runs like high performance, bf16 x like high precision: the antiquant kernel's mm1 output type
+  is half for fp16 and fp32 for bf16, and mm2 reads the activation in x's dtype. (The golden keeps
+  mm1 and the activation in fp32 and feeds mm2 fp32: deviation 1.)
+* quant: see ``_quant`` (deviation 2 there).
+* the output is rounded to its dtype to nearest even.
 """
 from __future__ import annotations
 
@@ -89,7 +109,13 @@ def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize_weight(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(W + offset) * scale`` rounded to ``dtype``; per-channel ``(..., N)`` or per-group ``(..., G, N)``."""
+    """Antiquant weight as fp32 values of ``dtype``: ``(W + offset) * scale`` (SPEC §5.4).
+
+    ``w`` int8 ``(..., K, N)`` or packed int4 uint8 ``(..., K, N // 2)``; ``scale``/``offset`` of
+    x's dtype, per-channel ``(..., N)`` or per-group ``(..., G, N)`` (group ``k // (K / G)``).
+    fp16: ``W + offset`` rounded to fp16, then ``* scale`` rounded to fp16 (matches op-plugin's
+    golden and AscendAntiQuant's half path). bf16 / fp32: computed in fp32, rounded once.
+    """
     values = unpack_int4(w) if w.dtype == INT4_CARRIER else w
     values = values.float()
     sc, off = scale.float(), offset.float()
@@ -99,7 +125,10 @@ def _dequantize_weight(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tenso
         off = off.repeat_interleave(rows_per_group, dim=-2)
     else:
         sc, off = sc.unsqueeze(-2), off.unsqueeze(-2)
-    return round_to((values + off) * sc, dtype)
+    shifted = values.add_(off)
+    if dtype == torch.float16:
+        shifted = round_to(shifted, dtype)
+    return round_to(shifted.mul_(sc), dtype)
 
 
 def _segments(counts: Optional[tuple], rows: int):
@@ -136,8 +165,9 @@ def npu_ffn(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activ
         if lay.mode == "antiquant":
             weight1 = _dequantize_weight(weight1, antiquant_scale1, antiquant_offset1, x.dtype)
             weight2 = _dequantize_weight(weight2, antiquant_scale2, antiquant_offset2, x.dtype)
-        # High-performance fp16 (inner_precise=1) keeps mm1 in fp16; quant modes ignore inner_precise.
-        fp16_intermediate = lay.mode == "float" and x.dtype == torch.float16 and inner_precise == 1
+        # fp16 mm1 and activation: high performance (inner_precise=1), and fp16 antiquant whatever
+        # inner_precise (the antiquant kernel's mm1 output type is x's dtype for fp16, fp32 for bf16).
+        fp16_intermediate = x.dtype == torch.float16 and (lay.mode == "antiquant" or inner_precise == 1)
         y = _float(x2d, weight1, weight2, lay, bias1, bias2, fp16_intermediate)
     return y.reshape(*x.shape[:-1], lay.n2)
 
@@ -165,24 +195,44 @@ def _float(x2d, w1, w2, lay, b1, b2, fp16_intermediate: bool) -> torch.Tensor:
 
 
 def _quant(x2d, w1, w2, lay, b1, b2, scale, offset, deq1, deq2) -> torch.Tensor:
+    """Quant mode (int8 x, SPEC §5.4), per expert segment, with these roundings:
+
+    * ``h = x @ W1 + b1`` exact (int32 on the device, fp64 here);
+    * ``h1 = fp32(h * deqScale1)``, then fp16 for an fp16 output (the fixpipe dequant writes fp16;
+      the golden computes the fp32 product and casts it) and kept fp32 for a bf16 output (the
+      kernel's ``AscendDequant`` writes fp32, activation type float);
+    * ``a = act(h1)`` evaluated in fp32 and rounded to fp16 (nearest even): the fp16 activation
+      output, or ``AscendQuant``'s cast of its fp32 input;
+    * ``AscendQuant`` in fp16: ``u = fp16(fp16(a * fp16(scale)) + fp16(offset))`` with the
+      per-tensor or per-channel scale and the per-expert offset cast to fp16 (the golden's
+      ``activation_res * scale + offset`` on fp16 tensors), ``q = int8(round half to even(u))``
+      saturated to [-128, 127];
+    * ``y = out(fp32((q @ W2 + b2) * deqScale2))``, the same dequant as mm1. (Deviation 2: the
+      golden also casts the int32 mm2 accumulator to fp16 before that product; ``ffn_quant.h``
+      dequantizes mm2 as it does mm1, ``SetQuantVector`` on both, so that cast is not followed.)
+
+    ``y`` ``(rows, N2)`` in ``lay.out_dtype`` (fp16 or bf16).
+    """
     out = lay.out_dtype
+    mid = torch.float16 if out == torch.float16 else torch.float32      # h1's dtype
     x64, w1, w2 = x2d.double(), w1.double(), w2.double()
     deq1, deq2 = decode_deq_scale(deq1).double(), decode_deq_scale(deq2).double()
     # Anything but (E,) / (1,) is per-channel, also (E, 1) when N1 == 1.
     per_channel = tuple(scale.shape) != ((1,) if lay.expert_counts is None else (len(lay.expert_counts),))
+    scale16, offset16 = round_to(scale.float(), torch.float16), round_to(offset.float(), torch.float16)
     y = torch.zeros((x2d.size(0), lay.n2), dtype=out, device=x2d.device)
     for e, r0, r1 in _segments(lay.expert_counts, x2d.size(0)):
         h = x64[r0:r1] @ _pick(w1, e)
         if b1 is not None:
             h = h + _pick(b1, e).double()
-        h1 = round_to((h * _pick(deq1, e)).float(), out)
-        a = round_to(apply_activation(lay.activation, h1), out)
-        # AscendQuant: per-channel scales are fp16 on the device; round half to even, saturate.
-        sc = _pick(scale, e).half().float() if per_channel else scale.reshape(-1)[0 if e is None else e]
-        off = offset.reshape(-1)[0 if e is None else e]
-        q = torch.round(a * sc + off).clamp_(-128, 127)
+        h1 = round_to((h * _pick(deq1, e)).float(), mid)
+        a = round_to(apply_activation(lay.activation, h1), torch.float16)
+        sc = _pick(scale16, e) if per_channel else scale16.reshape(-1)[0 if e is None else e]
+        u = round_to(a.mul_(sc), torch.float16)
+        u = round_to(u.add_(offset16.reshape(-1)[0 if e is None else e]), torch.float16)
+        q = torch.round(u).clamp_(-128, 127)
         h2 = q.double() @ _pick(w2, e)
         if b2 is not None:
             h2 = h2 + _pick(b2, e).double()
-        y[r0:r1] = (h2 * _pick(deq2, e)).to(out)
+        y[r0:r1] = (h2 * _pick(deq2, e)).float()
     return y

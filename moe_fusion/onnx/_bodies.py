@@ -146,7 +146,8 @@ def _unpack_int4(b: Builder, packed: str) -> str:
 
 
 def _ffn_weight(b: Builder, v: NodeView, idx: int, store: int) -> str:
-    """fp32 weight ``idx`` (1 or 2): plain, or ``(W + offset) * scale`` rounded to the x dtype."""
+    """fp32 weight ``idx`` (1 or 2): plain, or ``(W + offset) * scale`` rounded to the x dtype, as the
+    kernel rounds it: after the sum and after the product for fp16, once for bf16."""
     w = v.inputs[f"weight{idx}"]
     if not v.has(f"antiquant_scale{idx}"):
         return b.f32(w)
@@ -163,7 +164,10 @@ def _ffn_weight(b: Builder, v: NodeView, idx: int, store: int) -> str:
         scale, offset = expand(scale), expand(offset)
     else:
         scale, offset = b("Unsqueeze", scale, b.ints([-2])), b("Unsqueeze", offset, b.ints([-2]))
-    return b.round_to(b("Mul", b("Add", values, offset), scale), store)
+    shifted = b("Add", values, offset)
+    if store == T.FLOAT16:
+        shifted = b.round_to(shifted, store)
+    return b.round_to(b("Mul", shifted, scale), store)
 
 
 def ffn(b: Builder, v: NodeView) -> Outputs:
@@ -178,8 +182,8 @@ def ffn(b: Builder, v: NodeView) -> Outputs:
         fail(v.op, "activation", f"must be one of {PLAIN_ACTIVATIONS + GLU_ACTIVATIONS}", repr(v.attrs["activation"]))
     _choice(v, "inner_precise", (0, 1))
     flag = _choice(v, "tokens_index_flag", (0, 1))
-    antiquant = v.has("antiquant_scale1")
-    fp16_intermediate = store == T.FLOAT16 and v.attrs["inner_precise"] == 1 and not antiquant
+    # fp16 mm1 and activation: inner_precise=1, and fp16 antiquant whatever inner_precise (the kernel's rule)
+    fp16_intermediate = store == T.FLOAT16 and (v.attrs["inner_precise"] == 1 or v.has("antiquant_scale1"))
     w1, w2 = _ffn_weight(b, v, 1, store), _ffn_weight(b, v, 2, store)
     n1 = v.dim("weight1", -1) * (2 if v.elem_types["weight1"] == T.UINT8 else 1)
     k1 = v.dim("weight1", -2)
