@@ -1,8 +1,10 @@
 """Reference kernels, registered for every device (``CompositeExplicitAutograd``).
 
-Each kernel is plain, vectorized torch code, so it runs on CPU and CUDA tensors alike. Before
-computing, the registered wrapper runs the proto's structural checks and, where the op has
-them, the checks that need tensor values (counts, ids), which only eager mode can see.
+Each kernel is plain, vectorized torch code, so it runs on CPU and CUDA tensors alike. The
+registered wrapper runs the proto's structural checks once (``check``, which returns the op's
+config), then the kernel as ``kernel(config, *args, **kwargs)``. Kernels never validate the
+structure again (they read sizes and modes from the config); each runs its op's value rules
+(counts, ids: only eager mode sees them) once, where it reads those values.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .moe_distribute_dispatch import moe_distribute_dispatch_v2
 from .re_routing import moe_re_routing
 from .update_expert import moe_update_expert
 
+# name -> reference kernel, called as ``kernel(config, *args, **kwargs)`` with the op's arguments.
 KERNELS: dict[str, Callable[..., Any]] = {
     "npu_moe_re_routing": moe_re_routing,
     "npu_moe_update_expert": moe_update_expert,
@@ -33,12 +36,10 @@ KERNELS: dict[str, Callable[..., Any]] = {
 }
 
 
-def _checked(proto: OpProto, compute: Callable[..., Any]) -> Callable[..., Any]:
+def _checked(proto: OpProto[Any], compute: Callable[..., Any]) -> Callable[..., Any]:
+    """The registered kernel: ``compute(proto.check(*args, **kwargs), *args, **kwargs)``."""
     def kernel(*args: Any, **kwargs: Any) -> Any:
-        proto.check(*args, **kwargs)
-        if proto.validate_values is not None:
-            proto.validate_values(*args, **kwargs)
-        return compute(*args, **kwargs)
+        return compute(proto.check(*args, **kwargs), *args, **kwargs)
 
     kernel.__name__ = f"{proto.name}_kernel"
     return kernel

@@ -20,7 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..op_protos.alltoall_allgather_bmm import NAME as AG_NAME
+from ..op_protos.alltoall_allgather_bmm import AllGatherBmmConfig
 from ..op_protos.bmm_reducescatter_alltoall import NAME as RS_NAME
+from ..op_protos.bmm_reducescatter_alltoall import ReduceScatterBmmConfig
 from ._groups import resolve_group
 
 Tensor = torch.Tensor
@@ -81,23 +83,22 @@ def _add_bias(t: Tensor, bias: Tensor) -> Tensor:
     return (t.float() + bias.float()).to(t.dtype)
 
 
-def npu_alltoall_allgather_bmm(x: Tensor, weight: Tensor, group_ep: str, group_ep_worldsize: int, group_tp: str,
-                               group_tp_worldsize: int, *, bias: Optional[Tensor] = None, shard_type: int = 0,
-                               act_type: int = 0, need_allgather_out: bool = False,
-                               need_activation_feature: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def npu_alltoall_allgather_bmm(config: AllGatherBmmConfig, x: Tensor, weight: Tensor, group_ep: str,
+                               group_ep_worldsize: int, group_tp: str, group_tp_worldsize: int, *,
+                               bias: Optional[Tensor] = None, **_: object) -> tuple[Tensor, Tensor, Tensor]:
     """``x`` ``(E, c, h)`` -> ``y1`` ``(E/ep, rows, M/tp)``, ``y2`` ``(E/ep, rows, H)``, ``y3`` like y1.
 
     ``rows = ep*c`` (shard 0, ``H = tp*h``) or ``ep*tp*c`` (shard 1, ``H = h``); y2/y3 are
-    ``(0, 0, 0)`` unless requested. Row ``r`` of y2 comes from EP peer ``r // (rows/ep)``.
+    ``(0, 0, 0)`` unless requested. Row ``r`` of y2 comes from EP peer ``r // (rows/ep)``. Shard
+    type, activation and the outputs requested come from the validated ``config``.
     """
-    ep, tp = group_ep_worldsize, group_tp_worldsize
+    ep, tp, local, act_type = config.ep, config.tp, config.local_experts, config.act_type
     ep_group = _group(AG_NAME, "group_ep", group_ep, ep)
     tp_group = _group(AG_NAME, "group_tp", group_tp, tp)
-    experts, c, h = x.shape
-    local = experts // ep
+    _, c, h = x.shape
     received = _all_to_all(x.contiguous(), ep_group)                    # (ep * local, c, h): peer-major
     gathered = _all_gather(received, tp_group, tp).view(tp, ep, local, c, h)
-    if shard_type == 0:   # y2[e, p*c + cc, q*h + hh]
+    if config.shard_type == 0:   # y2[e, p*c + cc, q*h + hh]
         y2 = x.new_empty((local, ep * c, tp * h))
         y2.view(local, ep, c, tp, h).copy_(gathered.permute(2, 1, 3, 0, 4))
     else:                 # y2[e, (p*tp + q)*c + cc, hh]
@@ -108,26 +109,25 @@ def npu_alltoall_allgather_bmm(x: Tensor, weight: Tensor, group_ep: str, group_e
         y3 = _add_bias(y3, bias.view(local, 1, -1))
     if act_type == 0:
         y1 = y3
-    elif x.dtype == torch.float32 and not need_activation_feature:   # y3 is a temporary nobody sees
+    elif x.dtype == torch.float32 and not config.need_activation_feature:   # y3 is a temporary nobody sees
         y1 = ACTIVATIONS_INPLACE[act_type](y3)
     else:
         y1 = ACTIVATIONS[act_type](y3.float()).to(x.dtype)
     return (y1,
-            y2 if need_allgather_out else x.new_empty((0, 0, 0)),
-            y3 if need_activation_feature else x.new_empty((0, 0, 0)))
+            y2 if config.need_allgather_out else x.new_empty((0, 0, 0)),
+            y3 if config.need_activation_feature else x.new_empty((0, 0, 0)))
 
 
-def npu_bmm_reducescatter_alltoall(x: Tensor, weight: Tensor, group_ep: str, group_ep_worldsize: int, group_tp: str,
-                                   group_tp_worldsize: int, *, bias: Optional[Tensor] = None,
-                                   shard_type: int = 0) -> Tensor:
-    """``x`` ``(E/ep, rows, M/tp)`` -> ``y`` ``(E, C, H/tp)`` (shard 0) or ``(E, C/tp, H)`` (shard 1)."""
-    ep, tp = group_ep_worldsize, group_tp_worldsize
+def npu_bmm_reducescatter_alltoall(config: ReduceScatterBmmConfig, x: Tensor, weight: Tensor, group_ep: str,
+                                   group_ep_worldsize: int, group_tp: str, group_tp_worldsize: int, *,
+                                   bias: Optional[Tensor] = None, **_: object) -> Tensor:
+    """``x`` ``(E/ep, rows, M/tp)`` -> ``y`` ``(E, C, H/tp)`` (shard 0) or ``(E, C/tp, H)`` (shard 1);
+    the shard type comes from the validated ``config``."""
+    ep, tp, local, rows, hidden = config.ep, config.tp, config.local_experts, config.rows, config.hidden
     ep_group = _group(RS_NAME, "group_ep", group_ep, ep)
     tp_group = _group(RS_NAME, "group_tp", group_tp, tp)
-    local, rows, _ = x.shape
-    hidden = weight.size(2)
     t1 = _fp32_bmm(x, weight, x.dtype)                                   # (local, rows, H)
-    if shard_type == 0:   # TP chunk q = columns [q*H/tp, (q+1)*H/tp)
+    if config.shard_type == 0:   # TP chunk q = columns [q*H/tp, (q+1)*H/tp)
         send = t1.view(local, ep, rows // ep, tp, hidden // tp).permute(3, 1, 0, 2, 4)
     else:                 # TP chunk q = rows (p*tp + q)*c' + r
         send = t1.view(local, ep, tp, rows // (ep * tp), hidden).permute(2, 1, 0, 3, 4)

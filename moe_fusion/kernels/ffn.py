@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..int4 import INT4_CARRIER, unpack_int4
-from ..op_protos.ffn import GLU_ACTIVATIONS, layout
+from ..op_protos.ffn import GLU_ACTIVATIONS, FfnConfig
 
 
 def _gelu_tanh(z: torch.Tensor) -> torch.Tensor:
@@ -147,29 +147,25 @@ def _pick(t: Optional[torch.Tensor], e: Optional[int]) -> Optional[torch.Tensor]
     return t if t is None or e is None else t[e]
 
 
-def npu_ffn(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activation: str, *,
-            expert_tokens=None, expert_tokens_index=None, bias1=None, bias2=None, scale=None, offset=None,
-            deq_scale1=None, deq_scale2=None, antiquant_scale1=None, antiquant_scale2=None, antiquant_offset1=None,
-            antiquant_offset2=None, inner_precise=None, output_dtype=None) -> torch.Tensor:
-    """``y`` ``x.shape[:-1] + (N2,)``: fp16/bf16/fp32 as x, or fp16/bf16 (output_dtype) for int8 x."""
-    lay = layout(x, weight1, weight2, activation, expert_tokens=expert_tokens, expert_tokens_index=expert_tokens_index,
-                 bias1=bias1, bias2=bias2, scale=scale, offset=offset, deq_scale1=deq_scale1, deq_scale2=deq_scale2,
-                 antiquant_scale1=antiquant_scale1, antiquant_scale2=antiquant_scale2,
-                 antiquant_offset1=antiquant_offset1, antiquant_offset2=antiquant_offset2,
-                 inner_precise=inner_precise, output_dtype=output_dtype)
+def npu_ffn(config: FfnConfig, x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activation: str, *,
+            bias1=None, bias2=None, scale=None, offset=None, deq_scale1=None, deq_scale2=None, antiquant_scale1=None,
+            antiquant_scale2=None, antiquant_offset1=None, antiquant_offset2=None, inner_precise=None,
+            **_: object) -> torch.Tensor:
+    """``y`` ``x.shape[:-1] + (N2,)``: fp16/bf16/fp32 as x, or fp16/bf16 (output_dtype) for int8 x.
+    Mode, activation, expert counts and sizes come from the validated ``config``."""
     rows = math.prod(x.shape[:-1])                    # not numel // K1: K1 may be 0
-    x2d = x.reshape(rows, lay.k1)
-    if lay.mode == "quant":
-        y = _quant(x2d, weight1, weight2, lay, bias1, bias2, scale, offset, deq_scale1, deq_scale2)
+    x2d = x.reshape(rows, config.k1)
+    if config.mode == "quant":
+        y = _quant(x2d, weight1, weight2, config, bias1, bias2, scale, offset, deq_scale1, deq_scale2)
     else:
-        if lay.mode == "antiquant":
+        if config.mode == "antiquant":
             weight1 = _dequantize_weight(weight1, antiquant_scale1, antiquant_offset1, x.dtype)
             weight2 = _dequantize_weight(weight2, antiquant_scale2, antiquant_offset2, x.dtype)
         # fp16 mm1 and activation: high performance (inner_precise=1), and fp16 antiquant whatever
         # inner_precise (the antiquant kernel's mm1 output type is x's dtype for fp16, fp32 for bf16).
-        fp16_intermediate = x.dtype == torch.float16 and (lay.mode == "antiquant" or inner_precise == 1)
-        y = _float(x2d, weight1, weight2, lay, bias1, bias2, fp16_intermediate)
-    return y.reshape(*x.shape[:-1], lay.n2)
+        fp16_intermediate = x.dtype == torch.float16 and (config.mode == "antiquant" or inner_precise == 1)
+        y = _float(x2d, weight1, weight2, config, bias1, bias2, fp16_intermediate)
+    return y.reshape(*x.shape[:-1], config.n2)
 
 
 def _float(x2d, w1, w2, lay, b1, b2, fp16_intermediate: bool) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..op_protos.ffn_grouped import FfnGroupedConfig, validate_values
 from .ffn import round_to, apply_activation, cast_round_
 
 Tensor = torch.Tensor
@@ -52,13 +53,16 @@ def _row_bias(bias: Optional[Tensor], expert_of_row: Tensor) -> Optional[Tensor]
     return padded.index_select(0, expert_of_row)
 
 
-def npu_ffn_grouped(x: Tensor, weight1: Tensor, weight2: Tensor, activation: str, *, expert_tokens: Tensor,
-                    bias1: Optional[Tensor] = None, bias2: Optional[Tensor] = None, inner_precise: Optional[int] = None,
-                    tokens_index_flag: bool = False) -> Tensor:
-    """``y`` ``(M, N2)`` in x's dtype: ``act(x_e @ W1[e] + b1[e]) @ W2[e] + b2[e]`` per segment, 0 past the last."""
+def npu_ffn_grouped(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight2: Tensor, activation: str, *,
+                    expert_tokens: Tensor, bias1: Optional[Tensor] = None, bias2: Optional[Tensor] = None,
+                    **_: object) -> Tensor:
+    """``y`` ``(M, N2)`` in x's dtype: ``act(x_e @ W1[e] + b1[e]) @ W2[e] + b2[e]`` per segment, 0 past the last.
+    ``expert_tokens`` ``(E,)`` int64 (its values are checked here); activation, inner_precise and
+    tokens_index_flag come from the validated ``config``."""
+    validate_values(config, expert_tokens)
     store = x.dtype
-    act = activation.lower()
-    ends = _segment_ends(expert_tokens, tokens_index_flag)
+    act = config.activation
+    ends = _segment_ends(expert_tokens, config.tokens_index_flag)
     rows = torch.arange(x.size(0), device=x.device, dtype=torch.int32)
     expert_of_row = torch.searchsorted(ends, rows, right=True)          # (M,) in [0, E]; E = padding row
     counted = (expert_of_row < ends.numel()).unsqueeze(1)
@@ -66,7 +70,7 @@ def npu_ffn_grouped(x: Tensor, weight1: Tensor, weight2: Tensor, activation: str
     b1 = _row_bias(bias1, expert_of_row)
     if b1 is not None:
         h = h + b1
-    if store == torch.float16 and inner_precise == 1:
+    if store == torch.float16 and config.inner_precise == 1:
         # High-performance fp16: mm1 and the activation in fp16, as the device does.
         h = apply_activation(act, round_to(h, torch.float16))
         h = round_to(h, torch.float16)

@@ -240,31 +240,30 @@ def _inputs(expand_x, expert_ids, assist, assist_arg, ep_send_counts, expert_sca
     return inputs
 
 
-def moe_distribute_combine_v2(expand_x: Tensor, expert_ids: Tensor, assist_info_for_combine: Tensor,
-                              ep_send_counts: Tensor, expert_scales: Tensor, group_ep: str, ep_world_size: int,
-                              ep_rank_id: int, moe_expert_num: int, **kwargs: Any) -> Tensor:
-    """``(BS, H)`` in the ``expand_x`` dtype: ``round(acc)``, zero rows for unprocessed tokens."""
-    cfg = combine_proto.validate(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales,
-                                 group_ep, ep_world_size, ep_rank_id, moe_expert_num, **kwargs)
+def moe_distribute_combine_v2(config: DistConfig, expand_x: Tensor, expert_ids: Tensor,
+                              assist_info_for_combine: Tensor, ep_send_counts: Tensor, expert_scales: Tensor,
+                              group_ep: str, ep_world_size: int, ep_rank_id: int, moe_expert_num: int,
+                              **kwargs: Any) -> Tensor:
+    """``(BS, H)`` in the ``expand_x`` dtype: ``round(acc)``, zero rows for unprocessed tokens. The
+    world, ranks and expert layout come from the validated ``config``; the values of ids, counts and
+    assist info are checked here, agreed on by every rank."""
     inputs = _inputs(expand_x, expert_ids, assist_info_for_combine, "assist_info_for_combine", ep_send_counts,
                      expert_scales, group_ep, kwargs)
-    acc, processed = combine_sum(combine_proto.NAME, cfg, inputs)
+    acc, processed = combine_sum(combine_proto.NAME, config, inputs)
     return torch.where(processed.unsqueeze(1), acc, 0.0).to(expand_x.dtype)
 
 
-def moe_distribute_combine_add_rms_norm(expand_x: Tensor, expert_ids: Tensor, expand_idx: Tensor,
-                                        ep_send_counts: Tensor, expert_scales: Tensor, residual_x: Tensor,
-                                        gamma: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
-                                        moe_expert_num: int, *, norm_eps: float = 1e-6,
+def moe_distribute_combine_add_rms_norm(config: DistConfig, expand_x: Tensor, expert_ids: Tensor,
+                                        expand_idx: Tensor, ep_send_counts: Tensor, expert_scales: Tensor,
+                                        residual_x: Tensor, gamma: Tensor, group_ep: str, ep_world_size: int,
+                                        ep_rank_id: int, moe_expert_num: int, *, norm_eps: float = 1e-6,
                                         **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``(y (BS,1,H), rstd (BS,1,1) fp32, x (BS,1,H))`` with SPEC §4.3's rounding steps:
     ``xs = acc + residual`` (acc unrounded), ``rstd = 1 / sqrt(sum(xs*xs * (1/H)) + eps)``,
-    ``y = round(round(xs * rstd) * gamma)``, ``x = round(xs)``."""
-    cfg = rms_proto.validate(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, residual_x, gamma,
-                             group_ep, ep_world_size, ep_rank_id, moe_expert_num, norm_eps=norm_eps, **kwargs)
+    ``y = round(round(xs * rstd) * gamma)``, ``x = round(xs)``. ``config`` as for combine_v2."""
     inputs = _inputs(expand_x, expert_ids, expand_idx, "expand_idx", ep_send_counts, expert_scales, group_ep, kwargs)
-    acc, processed = combine_sum(rms_proto.NAME, cfg, inputs)
-    dtype, h = expand_x.dtype, expand_x.size(1)
+    acc, processed = combine_sum(rms_proto.NAME, config, inputs)
+    dtype, h = config.dtype, config.hidden
     xs = acc + residual_x.reshape(acc.shape).float()
     mean_sq = (xs * xs * torch.tensor(1.0 / h, dtype=torch.float32)).sum(dim=1, keepdim=True)
     rstd = mean_sq.new_tensor(1.0) / torch.sqrt(mean_sq + norm_eps)     # IEEE division, not a reciprocal

@@ -24,7 +24,7 @@ Rows past the received count are zero.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ..errors import OpValidationError, fail
 from ..meta import allocate_outputs
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
-from ..op_protos.moe_distribute_dispatch_v2 import NAME, PROTO, QUANT_DYNAMIC
+from ..op_protos.moe_distribute_dispatch_v2 import NAME, PROTO, QUANT_DYNAMIC, DispatchConfig
 from ._moe_exchange import (DTYPE_CODES, any_error, check_agreement, exchange_counts, exchange_rows,
                             group_or_none, pack_rows, raise_agreed, unpack_rows)
 from ._moe_tokens import active_slots, valid_tokens
@@ -113,23 +113,21 @@ def _check_capacity(cfg: DistConfig, global_bs: int, source_bs: Tensor) -> None:
                  f"BS {int(source_bs[s])} on rank {s}")
 
 
-def moe_distribute_dispatch_v2(x: Tensor, expert_ids: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
-                               moe_expert_num: int, *, scales: Optional[Tensor] = None,
-                               x_active_mask: Optional[Tensor] = None, expert_scales: Optional[Tensor] = None,
-                               elastic_info: Optional[Tensor] = None, group_tp: str = "", tp_world_size: int = 0,
-                               tp_rank_id: int = 0, quant_mode: int = 0, global_bs: int = 0,
-                               expert_token_nums_type: int = 1, **attrs: Any) -> tuple[Tensor, ...]:
-    """Returns the 7 outputs of SPEC §3.2 in the canonical layout of the module docstring."""
-    kwargs = dict(scales=scales, x_active_mask=x_active_mask, expert_scales=expert_scales, elastic_info=elastic_info,
-                  group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, quant_mode=quant_mode,
-                  global_bs=global_bs, expert_token_nums_type=expert_token_nums_type, **attrs)
-    cfg = PROTO.validate(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, **kwargs)
-    outs = allocate_outputs(PROTO, (x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num), kwargs)
+def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Tensor, group_ep: str,
+                               ep_world_size: int, ep_rank_id: int, moe_expert_num: int, *,
+                               scales: Optional[Tensor] = None, x_active_mask: Optional[Tensor] = None,
+                               expert_scales: Optional[Tensor] = None, elastic_info: Optional[Tensor] = None,
+                               group_tp: str = "", global_bs: int = 0, **_: object) -> tuple[Tensor, ...]:
+    """Returns the 7 outputs of SPEC §3.2 in the canonical layout of the module docstring. ``x``
+    ``(BS, H)``, ``expert_ids`` ``(BS, K)`` int32 (its values are checked here, agreed on by every
+    rank); sizes, TP rank and modes come from the validated ``config``."""
+    cfg = config.dist
+    quant_mode, tp_world_size, tp_rank_id = config.quant_mode, cfg.tp_world, cfg.tp_rank
+    outs = allocate_outputs(PROTO.infer_shape(config), x)
     expand_x, dynamic_scales, assist, token_nums, ep_counts, tp_counts, expand_scales = outs
     for out in outs[1:]:
         out.zero_()   # expand_x, the big one, is written once below: rows, then zero padding
-    bs, h = x.shape
-    k = expert_ids.size(1)
+    bs, h, k = cfg.num_tokens, cfg.hidden, cfg.top_k
     ep_group = group_or_none(NAME, "group_ep", group_ep, cfg.world, cfg.rank)
     tp_group = group_or_none(NAME, "group_tp", group_tp, 2, tp_rank_id) if tp_world_size == 2 else None
 
@@ -140,7 +138,7 @@ def moe_distribute_dispatch_v2(x: Tensor, expert_ids: Tensor, group_ep: str, ep_
     lm = cfg.moe_local_experts
     send_counts = (torch.zeros(cfg.world * lm, dtype=torch.int64, device=x.device) if failed else
                    torch.bincount(plan["dst"] * lm + plan["local"], minlength=cfg.world * lm)).view(cfg.world, lm)
-    header = [int(failed), bs, h, DTYPE_CODES[x.dtype], k, moe_expert_num, cfg.shared_ranks,
+    header = [int(failed), bs, h, DTYPE_CODES[x.dtype], k, cfg.moe_experts, cfg.shared_ranks,
               cfg.n_shared, global_bs, quant_mode, int(expert_scales is not None), cfg.zero_experts,
               cfg.copy_experts, cfg.const_experts, tp_world_size]
     headers, recv_counts = exchange_counts(ep_group, header, send_counts)
@@ -178,7 +176,7 @@ def moe_distribute_dispatch_v2(x: Tensor, expert_ids: Tensor, group_ep: str, ep_
                                  per_expert.reshape(-1))
     elif tp_world_size == 1:
         tp_counts[0] = own
-    token_nums[:lo] = nums.cumsum(0) if expert_token_nums_type == 0 else nums
+    token_nums[:lo] = nums.cumsum(0) if config.expert_token_nums_type == 0 else nums
     return outs
 
 

@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from ..op_protos.moe_re_routing import ReRoutingConfig, validate_values
+
 
 def gather_index(counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Source row of each output row: rank-major/expert-minor blocks read expert-major/rank-minor.
@@ -21,13 +23,17 @@ def gather_index(counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return shift + torch.arange(num_tokens, dtype=torch.int64, device=counts.device)
 
 
-def moe_re_routing(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
-                   per_token_scales: Optional[torch.Tensor] = None, expert_token_num_type: int = 1,
-                   idx_type: int = 0, tokens_dtype: Optional[int] = None):
-    """Returns ``permute_tokens`` ``(A, H)`` (tokens dtype), ``permute_per_token_scales`` ``(A,)``
+def moe_re_routing(config: ReRoutingConfig, tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
+                   per_token_scales: Optional[torch.Tensor] = None,
+                   **_: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tokens`` ``(A, H)``, ``expert_token_num_per_rank`` ``(N, E)`` int32/int64 (its values are
+    checked here), ``per_token_scales`` ``(A,)`` fp32; the other attrs have their one valid value.
+
+    Returns ``permute_tokens`` ``(A, H)`` (tokens dtype), ``permute_per_token_scales`` ``(A,)``
     fp32 (zeros when no scales are given; the device leaves it undefined), ``permute_token_idx``
     ``(A,)`` int32 (gather index), ``expert_token_num`` ``(E,)`` (counts dtype)."""
-    num_tokens = tokens.size(0)
+    validate_values(config, expert_token_num_per_rank)
+    num_tokens = config.num_tokens
     index = gather_index(expert_token_num_per_rank, num_tokens)
     # Contiguous like the fake kernel's output, whatever the layout of ``tokens``.
     permute_tokens = torch.empty_like(tokens, memory_format=torch.contiguous_format)

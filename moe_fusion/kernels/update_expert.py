@@ -1,37 +1,62 @@
-"""Reference kernel of ``npu_moe_update_expert`` (SPEC §2.3), vectorized over all (token, slot)."""
+"""Reference kernel of ``npu_moe_update_expert`` (SPEC §2.3), vectorized over all (token, slot).
+
+balance_mode 0 maps each logical expert once (every token of this rank picks the same replica of
+it) and then gathers the map by id; balance_mode 1 picks a replica per token.
+"""
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
 
+from ..op_protos.moe_update_expert import UpdateExpertConfig, validate_values
 
-def moe_update_expert(expert_ids: torch.Tensor, eplb_table: torch.Tensor, *,
+
+@lru_cache(maxsize=64)
+def _replica_columns(world_size: int, local_rank_id: int, table_width: int,
+                     device: torch.device) -> torch.Tensor:
+    """balance_mode 0: ``(F,)`` int64, the eplb_table column this rank uses for a row of replica
+    count ``c`` in ``[1, F-1]``: ``1 + local_rank_id // ceil(world_size / c)`` (``<= c`` since
+    ``local_rank_id < world_size``). Entry 0 is never read (``validate_values`` hands out counts in
+    ``[1, F-1]``)."""
+    columns = [1] + [1 + local_rank_id // -(-world_size // c) for c in range(1, table_width)]
+    return torch.tensor(columns, dtype=torch.int64, device=device)
+
+
+@lru_cache(maxsize=64)
+def _row_starts(num_rows: int, table_width: int, device: torch.device) -> torch.Tensor:
+    """``(N_log,)`` int64 flat offset of each eplb_table row: ``row * F``."""
+    return torch.arange(0, num_rows * table_width, table_width, dtype=torch.int64, device=device)
+
+
+def moe_update_expert(config: UpdateExpertConfig, expert_ids: torch.Tensor, eplb_table: torch.Tensor, *,
                       expert_scales: Optional[torch.Tensor] = None, pruning_threshold: Optional[torch.Tensor] = None,
-                      active_mask: Optional[torch.Tensor] = None, local_rank_id: int = -1, world_size: int = -1,
-                      balance_mode: int = 0):
-    """Returns ``balanced_expert_ids`` ``(BS, K)`` (expert_ids dtype) and ``balanced_active_mask``
-    ``(BS, K)`` bool (all True without pruning, where the device leaves it undefined; SPEC §9 #2)."""
-    bs, k = expert_ids.shape
+                      active_mask: Optional[torch.Tensor] = None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``expert_ids`` ``(BS, K)`` int32/int64, ``eplb_table`` ``(N_log, F)`` int32 (ids in range and
+    used rows' counts in ``[1, F-1]``, checked here). Returns ``balanced_expert_ids``
+    ``(BS, K)`` (expert_ids dtype) and ``balanced_active_mask`` ``(BS, K)`` bool (all True without
+    pruning, where the device leaves it undefined; SPEC §9 #2)."""
+    bs, k, width = config.num_tokens, config.top_k, config.table_width
+    device = expert_ids.device
     flat_ids = expert_ids.reshape(-1)
-    table_width = eplb_table.size(1)
-    # Rows no token uses may hold any count: clamp so mapping them stays in bounds.
-    replica_count = eplb_table[:, 0].clamp(1, table_width - 1)
-    if balance_mode == 0:
-        # Every token of this rank uses the same replica of a logical expert: map per expert, then gather.
-        block = (replica_count + (world_size - 1)).div_(replica_count, rounding_mode="floor")   # ceil(W / count)
-        column = torch.div(local_rank_id, block, rounding_mode="floor").add_(1)  # <= count since local_rank_id < W
-        mapped = eplb_table.gather(1, column.unsqueeze(1).long()).squeeze(1)
-        out = mapped.index_select(0, flat_ids)
+    replica_count = validate_values(config, flat_ids, eplb_table.select(1, 0))
+    if config.balance_mode == 0:
+        columns = _replica_columns(config.world_size, config.local_rank_id, width, device)
+        positions = columns.index_select(0, replica_count).add_(_row_starts(config.num_logical, width, device))
+        mapped = torch.take(eplb_table, positions)                          # (N_log,) this rank's instance
+        if mapped.dtype != config.ids_dtype:
+            mapped = mapped.to(config.ids_dtype)
+        balanced_ids = mapped.index_select(0, flat_ids).view(bs, k)
     else:
-        counts = replica_count.index_select(0, flat_ids).long()
-        token = torch.arange(bs, device=expert_ids.device).repeat_interleave(k)
-        column = token % counts + 1                                           # count 1 -> column 1
-        out = eplb_table.reshape(-1).index_select(0, flat_ids.long() * table_width + column)
-    balanced_ids = out.reshape(bs, k).to(expert_ids.dtype)
+        counts = replica_count.index_select(0, flat_ids).view(bs, k)
+        token = torch.arange(bs, device=device).unsqueeze(1)
+        column = torch.remainder(token, counts).add_(1)                     # (BS, K) int64; count 1 -> column 1
+        positions = column.add_(flat_ids.view(bs, k) * width)
+        balanced_ids = torch.take(eplb_table, positions).to(config.ids_dtype)
 
     if expert_scales is None:
-        return balanced_ids, torch.ones((bs, k), dtype=torch.bool, device=expert_ids.device)
+        return balanced_ids, torch.ones((bs, k), dtype=torch.bool, device=device)
     # Contiguous so the mask is laid out like the fake kernel's output, whatever the scales' strides.
     scales = expert_scales.float().contiguous()
     threshold = pruning_threshold.reshape(-1)[:k].float() * scales.sum(1, keepdim=True)

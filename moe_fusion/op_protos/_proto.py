@@ -1,24 +1,35 @@
 """The operator prototype record and the small vocabulary validators are written in.
 
 An ``OpProto`` is the single source of truth for one operator: its torch schema (torch_npu's),
-its GE prototype (input/attr/output names, kinds, dtypes and defaults in GE order), and two
-pure functions over the op's own arguments:
+its GE prototype (input/attr/output names, kinds, dtypes and defaults in GE order), and pure
+functions over the op's own arguments, run once per call:
 
-* ``validate(*args, **kwargs)``: structural rules (ranks, dtypes, shapes, attrs). Works on real,
-  fake and meta tensors and on SymInts, so eager and trace time raise the same error.
-* ``infer_shape(*args, **kwargs) -> tuple[OutSpec, ...]``: every output's shape and dtype.
+* ``validate(*args, **kwargs) -> Config``: structural rules (ranks, dtypes, shapes, attrs) for the
+  current target. Works on real, fake and meta tensors and on SymInts, so eager and trace time
+  raise the same error. Returns the op's config: a small frozen dataclass holding what the call
+  means (derived sizes, modes, resolved attrs).
+* ``infer_shape(config) -> tuple[OutSpec, ...]``: every output's shape and dtype, from the config.
 
-``validate_values`` (optional) holds the rules that need tensor *contents* (counts, ids); only
-eager kernels can run it.
+The fake kernel is ``infer_shape(check(...))``; the eager kernel is ``check`` then the reference
+kernel, which receives the config as its first argument. Rules that need tensor *contents*
+(counts, ids) are functions of the proto modules too (``validate_values``, and the dispatch/combine
+pair's ``validate_id_values``/``validate_mask_values``); only the eager kernels can run them, and
+they do, once, where the values are at hand: dispatch and combine inside their count exchange, so
+that every rank learns every rank's verdict (a rank raising alone before a collective would leave
+its peers waiting), update_expert sharing its reads with the mapping.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from functools import cached_property
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
 
 from ..errors import fail
+from ..targets import get_target
+
+ConfigT = TypeVar("ConfigT")
 
 
 @dataclass(frozen=True)
@@ -56,8 +67,11 @@ class OutSpec:
 
 
 @dataclass(frozen=True)
-class OpProto:
-    """Everything known about one operator, independent of any kernel or backend."""
+class OpProto(Generic[ConfigT]):
+    """Everything known about one operator, independent of any kernel or backend.
+
+    ``ConfigT`` is the type ``validate`` returns and ``infer_shape`` and the kernel take.
+    """
 
     name: str
     schema: str
@@ -65,9 +79,8 @@ class OpProto:
     ge_inputs: tuple[GeInput, ...]
     ge_attrs: tuple[GeAttr, ...]
     ge_outputs: tuple[GeOutput, ...]
-    validate: Callable[..., None]
-    infer_shape: Callable[..., tuple[OutSpec, ...]]
-    validate_values: Optional[Callable[..., None]] = None
+    validate: Callable[..., ConfigT]
+    infer_shape: Callable[[ConfigT], tuple[OutSpec, ...]]
     targets: frozenset[str] = field(default_factory=lambda: frozenset({"portable", "A2", "A3"}))
     communicates: bool = False
 
@@ -75,15 +88,20 @@ class OpProto:
     def qualname(self) -> str:
         return f"moe_fusion::{self.name}"
 
+    @cached_property
+    def arguments(self) -> tuple[torch.Argument, ...]:
+        """The schema's arguments, parsed once per op."""
+        return tuple(torch._C.parse_schema(f"{self.qualname}{self.schema}").arguments)
+
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Every argument of a call by name, in schema order, defaults filled in."""
-        schema = torch._C.parse_schema(f"{self.qualname}{self.schema}")
-        names = [a.name for a in schema.arguments]
+        arguments = self.arguments
+        names = [a.name for a in arguments]
         unknown = sorted(set(kwargs) - set(names))
         if len(args) > len(names) or unknown:
             raise TypeError(f"{self.name}: unexpected arguments {unknown or list(args[len(names):])}")
         bound: dict[str, Any] = {}
-        for i, arg in enumerate(schema.arguments):
+        for i, arg in enumerate(arguments):
             if i < len(args):
                 bound[arg.name] = args[i]
             elif arg.name in kwargs:
@@ -94,12 +112,11 @@ class OpProto:
                 raise TypeError(f"{self.name}: missing argument {arg.name!r}")
         return bound
 
-    def check(self, *args: Any, **kwargs: Any) -> None:
-        """Target support + structural rules: what both the fake and the eager kernel run first."""
-        from ..targets import get_target
-
+    def check(self, *args: Any, **kwargs: Any) -> ConfigT:
+        """Target support + structural rules, once per call: what both the fake and the eager
+        kernel run first. Returns the op's config."""
         require_target(self.name, self.targets, get_target())
-        self.validate(*args, **kwargs)
+        return self.validate(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

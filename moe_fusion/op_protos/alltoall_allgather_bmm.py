@@ -19,6 +19,7 @@ need_allgather_out``, ``output_y3_flag = need_activation_feature``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -39,6 +40,23 @@ DEVICE_WORLD_SIZES = (2, 4, 8, 16, 32)
 DEVICE_MAX_EXPERTS, DEVICE_MAX_LOCAL_EXPERTS, DEVICE_MAX_DIM = 512, 32, 65535
 MAX_GROUP_NAME = 127
 TARGETS = frozenset({"portable", "A3"})   # A3 only on device (SPEC §6.5)
+
+
+@dataclass(frozen=True)
+class AllGatherBmmConfig:
+    """A validated ``npu_alltoall_allgather_bmm`` call. Sizes are SymInts at trace time."""
+
+    ep: int                     # group_ep_worldsize
+    tp: int                     # group_tp_worldsize
+    shard_type: int             # 0 gathers H, 1 gathers C
+    local_experts: Any          # E/ep
+    rows: Any                   # ep*C rows of y1/y2/y3 per local expert
+    hidden: Any                 # H
+    cols: Any                   # M/tp
+    dtype: torch.dtype          # x's (and every output's) dtype
+    act_type: int
+    need_allgather_out: bool
+    need_activation_feature: bool
 
 
 def act_type_code(act_type: Union[int, str]) -> int:
@@ -111,8 +129,8 @@ def validate_bias(op: str, bias: Optional[torch.Tensor], x: torch.Tensor, local_
 
 def validate(x: torch.Tensor, weight: torch.Tensor, group_ep: str, group_ep_worldsize: int, group_tp: str,
              group_tp_worldsize: int, *, bias: Optional[torch.Tensor] = None, shard_type: int = 0, act_type: int = 0,
-             need_allgather_out: bool = False, need_activation_feature: bool = False) -> None:
-    """SPEC §6.4 for the forward op. Raises OpValidationError."""
+             need_allgather_out: bool = False, need_activation_feature: bool = False) -> AllGatherBmmConfig:
+    """SPEC §6.4 for the forward op; returns the call's config. Raises OpValidationError."""
     ep, tp = group_ep_worldsize, group_tp_worldsize
     validate_common(NAME, x, weight, group_ep, ep, group_tp, tp, shard_type)
     require_in(NAME, "act_type", act_type, tuple(range(5)))
@@ -133,25 +151,27 @@ def validate(x: torch.Tensor, weight: torch.Tensor, group_ep: str, group_ep_worl
     validate_dim_limit(NAME, "weight", "H (dim 1)", hidden)
     validate_dim_limit(NAME, "weight", "M/tp (dim 2)", weight.size(2))
     validate_bias(NAME, bias, x, local, weight.size(2))
+    return AllGatherBmmConfig(ep=ep, tp=tp, shard_type=shard_type, local_experts=local,
+                              rows=x.size(1) * ep * (tp if shard_type == 1 else 1), hidden=hidden, cols=weight.size(2),
+                              dtype=x.dtype, act_type=act_type, need_allgather_out=need_allgather_out,
+                              need_activation_feature=need_activation_feature)
 
 
-def infer_shape(x: torch.Tensor, weight: torch.Tensor, group_ep: str, group_ep_worldsize: int, group_tp: str,
-                group_tp_worldsize: int, *, shard_type: int = 0, need_allgather_out: bool = False,
-                need_activation_feature: bool = False, **_: object) -> tuple[OutSpec, ...]:
-    """``y1`` ``(E/ep, rows, M/tp)``, ``y2`` ``(E/ep, rows, H)``, ``y3`` like y1; ``rows = ep*C``."""
-    local, hidden, cols = weight.shape
-    rows = x.size(1) * group_ep_worldsize * (group_tp_worldsize if shard_type == 1 else 1)
+def infer_shape(config: AllGatherBmmConfig) -> tuple[OutSpec, ...]:
+    """``y1`` ``(E/ep, rows, M/tp)``, ``y2`` ``(E/ep, rows, H)``, ``y3`` like y1 (``rows = ep*C``), in
+    x's dtype; y2/y3 are ``(0, 0, 0)`` unless requested."""
+    local, rows, dtype = config.local_experts, config.rows, config.dtype
     return (
-        OutSpec((local, rows, cols), x.dtype),
-        OutSpec((local, rows, hidden) if need_allgather_out else (0, 0, 0), x.dtype),
-        OutSpec((local, rows, cols) if need_activation_feature else (0, 0, 0), x.dtype),
+        OutSpec((local, rows, config.cols), dtype),
+        OutSpec((local, rows, config.hidden) if config.need_allgather_out else (0, 0, 0), dtype),
+        OutSpec((local, rows, config.cols) if config.need_activation_feature else (0, 0, 0), dtype),
     )
 
 
 _FLOAT = ("DT_FLOAT16", "DT_BF16")
 GROUP_ATTRS = (GeAttr("group_ep", "Str", required=True), GeAttr("group_tp", "Str", required=True),
                GeAttr("ep_world_size", "Int", required=True), GeAttr("tp_world_size", "Int", required=True))
-PROTO = OpProto(
+PROTO: OpProto[AllGatherBmmConfig] = OpProto(
     name=NAME,
     schema=SCHEMA,
     ge_type="AlltoAllAllGatherBatchMatMul",

@@ -15,7 +15,8 @@ GE attrs: ``ep_world_size``, ``tp_world_size``, ``y_shard_type = shard_type``, `
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -30,9 +31,23 @@ SCHEMA = (
 )
 
 
+@dataclass(frozen=True)
+class ReduceScatterBmmConfig:
+    """A validated ``npu_bmm_reducescatter_alltoall`` call. Sizes are SymInts at trace time."""
+
+    ep: int                     # group_ep_worldsize
+    tp: int                     # group_tp_worldsize
+    shard_type: int             # 0 scatters H, 1 scatters C
+    local_experts: Any          # E/ep
+    rows: Any                   # ep*C, rows of x per local expert
+    hidden: Any                 # H
+    dtype: torch.dtype          # x's (and y's) dtype
+
+
 def validate(x: torch.Tensor, weight: torch.Tensor, group_ep: str, group_ep_worldsize: int, group_tp: str,
-             group_tp_worldsize: int, *, bias: Optional[torch.Tensor] = None, shard_type: int = 0) -> None:
-    """SPEC §6.4 for the reverse op. Raises OpValidationError."""
+             group_tp_worldsize: int, *, bias: Optional[torch.Tensor] = None,
+             shard_type: int = 0) -> ReduceScatterBmmConfig:
+    """SPEC §6.4 for the reverse op; returns the call's config. Raises OpValidationError."""
     ep, tp = group_ep_worldsize, group_tp_worldsize
     validate_common(NAME, x, weight, group_ep, ep, group_tp, tp, shard_type)
     local = x.size(0)
@@ -52,19 +67,20 @@ def validate(x: torch.Tensor, weight: torch.Tensor, group_ep: str, group_ep_worl
         require(rows % (ep * tp) == 0, NAME, "x", f"dim 1 must be ep*C with C % tp == 0, a multiple of ep*tp={ep * tp} "
                 "(shard_type 1 scatters C)", f"shape {shape_of(x)}")
     validate_bias(NAME, bias, x, local, hidden // tp if shard_type == 0 else hidden)
+    return ReduceScatterBmmConfig(ep=ep, tp=tp, shard_type=shard_type, local_experts=local, rows=rows, hidden=hidden,
+                                  dtype=x.dtype)
 
 
-def infer_shape(x: torch.Tensor, weight: torch.Tensor, group_ep: str, group_ep_worldsize: int, group_tp: str,
-                group_tp_worldsize: int, *, shard_type: int = 0, **_: object) -> tuple[OutSpec, ...]:
+def infer_shape(config: ReduceScatterBmmConfig) -> tuple[OutSpec, ...]:
     """``y`` ``(E, C, H/tp)`` (shard 0) or ``(E, C/tp, H)`` (shard 1), x's dtype."""
-    ep, tp = group_ep_worldsize, group_tp_worldsize
-    experts, rows, hidden = x.size(0) * ep, x.size(1) // ep, weight.size(2)
-    shape = (experts, rows, hidden // tp) if shard_type == 0 else (experts, rows // tp, hidden)
-    return (OutSpec(shape, x.dtype),)
+    ep, tp, hidden = config.ep, config.tp, config.hidden
+    experts, c = config.local_experts * ep, config.rows // ep
+    shape = (experts, c, hidden // tp) if config.shard_type == 0 else (experts, c // tp, hidden)
+    return (OutSpec(shape, config.dtype),)
 
 
 _FLOAT = ("DT_FLOAT16", "DT_BF16")
-PROTO = OpProto(
+PROTO: OpProto[ReduceScatterBmmConfig] = OpProto(
     name=NAME,
     schema=SCHEMA,
     ge_type="BatchMatMulReduceScatterAlltoAll",

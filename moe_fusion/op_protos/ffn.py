@@ -9,7 +9,7 @@ experts a leading ``E`` on each. int4 weights are ``uint8`` with a halved last d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -35,16 +35,18 @@ ANTIQUANT_PARAMS = ("antiquant_scale1", "antiquant_scale2", "antiquant_offset1",
 
 
 @dataclass(frozen=True)
-class FfnLayout:
-    """What a validated call means: mode, expert row counts and logical sizes."""
+class FfnConfig:
+    """A validated ``npu_ffn`` call: mode, expert row counts and logical sizes (SymInts at trace
+    time; ``n1``/``n2`` count int4 values, two per stored byte)."""
 
     mode: str                         # "float" | "quant" | "antiquant"
     activation: str                   # lower-case name
     expert_counts: Optional[tuple]    # rows per expert, or None without experts
-    k1: int
-    n1: int
-    k2: int
-    n2: int
+    lead_shape: tuple                 # x.shape[:-1]; y is lead_shape + (n2,)
+    k1: Any
+    n1: Any
+    k2: Any
+    n2: Any
     out_dtype: torch.dtype
 
     @property
@@ -67,12 +69,16 @@ def expert_counts_of(expert_tokens: Optional[Sequence[int]], expert_tokens_index
     return None
 
 
-def layout(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activation: str, *,
-           expert_tokens: Optional[Sequence[int]] = None, expert_tokens_index: Optional[Sequence[int]] = None,
-           bias1=None, bias2=None, scale=None, offset=None, deq_scale1=None, deq_scale2=None,
-           antiquant_scale1=None, antiquant_scale2=None, antiquant_offset1=None, antiquant_offset2=None,
-           inner_precise: Optional[int] = None, output_dtype: Optional[torch.dtype] = None) -> FfnLayout:
-    """Validate a call (SPEC §5.5) and return its layout. Raises OpValidationError."""
+def validate(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activation: str, *,
+             expert_tokens: Optional[Sequence[int]] = None, expert_tokens_index: Optional[Sequence[int]] = None,
+             bias1: Optional[torch.Tensor] = None, bias2: Optional[torch.Tensor] = None,
+             scale: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
+             deq_scale1: Optional[torch.Tensor] = None, deq_scale2: Optional[torch.Tensor] = None,
+             antiquant_scale1: Optional[torch.Tensor] = None, antiquant_scale2: Optional[torch.Tensor] = None,
+             antiquant_offset1: Optional[torch.Tensor] = None, antiquant_offset2: Optional[torch.Tensor] = None,
+             inner_precise: Optional[int] = None, output_dtype: Optional[torch.dtype] = None) -> FfnConfig:
+    """Structural rules (SPEC §5.5) for the current target; returns the call's config. Raises
+    OpValidationError."""
     device = is_device_target()
     require_dim(NAME, "x", x, range(2, 9))
     require(isinstance(activation, str) and activation.lower() in PLAIN_ACTIVATIONS + GLU_ACTIVATIONS, NAME,
@@ -160,7 +166,7 @@ def layout(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activa
 
     if device:
         _validate_device_mode(mode, act, x.dtype, weight1.dtype, ip, counts, given)
-    return FfnLayout(mode, act, counts, k1, n1, k2, n2, out_dtype)
+    return FfnConfig(mode, act, counts, tuple(x.shape[:-1]), k1, n1, k2, n2, out_dtype)
 
 
 def _validate_quant_params(given, e_lead, n1, n2, out_dtype, act) -> None:
@@ -231,21 +237,14 @@ def _validate_device_mode(mode, act, x_dtype, w_dtype, inner_precise, counts, gi
         require(inner_precise == 0, NAME, "inner_precise", "must be 0 (high precision) for bfloat16 x", inner_precise)
 
 
-def validate(x, weight1, weight2, activation, **kwargs) -> None:
-    layout(x, weight1, weight2, activation, **kwargs)
-
-
-def infer_shape(x, weight1, weight2, activation, *, output_dtype=None, **_: object) -> tuple[OutSpec, ...]:
-    out_n = _logical_n(weight2)
-    if x.dtype == torch.int8:
-        out_dtype = torch.bfloat16 if output_dtype == torch.bfloat16 else torch.float16
-    else:
-        out_dtype = x.dtype  # torch_npu ignores output_dtype for non-int8 x
-    return (OutSpec(tuple(x.shape[:-1]) + (out_n,), out_dtype),)
+def infer_shape(config: FfnConfig) -> tuple[OutSpec, ...]:
+    """``y`` ``x.shape[:-1] + (N2,)``: x's dtype, or fp16/bf16 (``output_dtype``) for int8 x (torch_npu
+    ignores ``output_dtype`` for other x)."""
+    return (OutSpec(config.lead_shape + (config.n2,), config.out_dtype),)
 
 
 _FLOAT = ("DT_FLOAT16", "DT_BF16")
-PROTO = OpProto(
+PROTO: OpProto[FfnConfig] = OpProto(
     name=NAME,
     schema=SCHEMA,
     ge_type="FFN",

@@ -34,7 +34,8 @@ Shapes and dtypes (float modes of SPEC §5.4; quant/antiquant are ``npu_ffn``'s)
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -50,10 +51,27 @@ SCHEMA = (
 DEVICE_X_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@dataclass(frozen=True)
+class FfnGroupedConfig:
+    """A validated ``npu_ffn_grouped`` call. Sizes are SymInts at trace time."""
+
+    rows: Any                   # M, rows of x
+    num_experts: Any            # E
+    k1: Any
+    n1: Any
+    k2: Any
+    n2: Any
+    dtype: torch.dtype          # x's (and y's) dtype
+    activation: str             # lower-case name
+    inner_precise: int          # 0 (high precision) or 1 (fp16 intermediate)
+    tokens_index_flag: bool     # expert_tokens holds cumulative ends
+
+
 def validate(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activation: str, *,
              expert_tokens: torch.Tensor, bias1: Optional[torch.Tensor] = None, bias2: Optional[torch.Tensor] = None,
-             inner_precise: Optional[int] = None, tokens_index_flag: bool = False) -> None:
-    """Structural rules (SPEC §5.5, float modes, with experts) for the current target."""
+             inner_precise: Optional[int] = None, tokens_index_flag: bool = False) -> FfnGroupedConfig:
+    """Structural rules (SPEC §5.5, float modes, with experts) for the current target; returns the
+    call's config."""
     device = is_device_target()
     activations = ffn.PLAIN_ACTIVATIONS + ffn.GLU_ACTIVATIONS
     require(isinstance(activation, str) and activation.lower() in activations, NAME, "activation",
@@ -98,14 +116,16 @@ def validate(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, acti
                 repr(activation))
         if x.dtype == torch.bfloat16:
             require(ip == 0, NAME, "inner_precise", "must be 0 (high precision) for bfloat16 x", ip)
+    return FfnGroupedConfig(rows=x.size(0), num_experts=e, k1=k1, n1=n1, k2=k2, n2=n2, dtype=x.dtype, activation=act,
+                            inner_precise=ip, tokens_index_flag=tokens_index_flag)
 
 
-def validate_values(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activation: str, *,
-                    expert_tokens: torch.Tensor, tokens_index_flag: bool = False, **_: object) -> None:
-    """Count rules that need the values (eager only): counts >= 0 (ends non-decreasing) covering at most M rows."""
+def validate_values(config: FfnGroupedConfig, expert_tokens: torch.Tensor) -> None:
+    """Count rules that need the values (eager only; one host read of ``expert_tokens`` ``(E,)``):
+    counts >= 0 (ends non-decreasing) covering at most M rows."""
     tokens = expert_tokens.tolist()
-    m = x.size(0)
-    if tokens_index_flag:
+    m = config.rows
+    if config.tokens_index_flag:
         require(all(v >= 0 for v in tokens) and all(b >= a for a, b in zip(tokens, tokens[1:])), NAME,
                 "expert_tokens", "must be non-negative, non-decreasing cumulative ends (tokens_index_flag=True)", tokens)
         total = tokens[-1]
@@ -115,12 +135,12 @@ def validate_values(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tenso
     require(total <= m, NAME, "expert_tokens", f"must cover at most the M={m} rows of x", tokens)
 
 
-def infer_shape(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, activation: str,
-                **_: object) -> tuple[OutSpec, ...]:
-    return (OutSpec((x.size(0), weight2.size(2)), x.dtype),)
+def infer_shape(config: FfnGroupedConfig) -> tuple[OutSpec, ...]:
+    """``y`` ``(M, N2)`` in x's dtype."""
+    return (OutSpec((config.rows, config.n2), config.dtype),)
 
 
-PROTO = OpProto(
+PROTO: OpProto[FfnGroupedConfig] = OpProto(
     name=NAME,
     schema=SCHEMA,
     ge_type=ffn.PROTO.ge_type,
@@ -129,5 +149,4 @@ PROTO = OpProto(
     ge_outputs=ffn.PROTO.ge_outputs,
     validate=validate,
     infer_shape=infer_shape,
-    validate_values=validate_values,
 )

@@ -38,7 +38,8 @@ def validate(expand_x: torch.Tensor, expert_ids: torch.Tensor, expand_idx: torch
              activation_scale: Optional[torch.Tensor] = None, weight_scale: Optional[torch.Tensor] = None,
              group_list: Optional[torch.Tensor] = None, out_dtype: int = 0, group_list_type: int = 0,
              norm_eps: float = 1e-6, **kwargs: object) -> DistConfig:
-    """SPEC §4.4: the combine rules plus residual_x/gamma and the reserved arguments."""
+    """SPEC §4.4: the combine rules plus residual_x/gamma and the reserved arguments; returns the
+    resolved config."""
     cfg = validate_combine(NAME, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep,
                            ep_world_size, ep_rank_id, moe_expert_num, assist_arg="expand_idx",
                            device_x_dtypes=DEVICE_X_DTYPES, **kwargs)
@@ -47,7 +48,7 @@ def validate(expand_x: torch.Tensor, expert_ids: torch.Tensor, expand_idx: torch
         require(t is None, NAME, arg, "must be None (reserved)", "a tensor")
     for arg, value in (("out_dtype", out_dtype), ("group_list_type", group_list_type)):
         require(value == 0, NAME, arg, "must be 0 (reserved)", value)
-    bs, h = expert_ids.size(0), expand_x.size(1)
+    bs, h = cfg.num_tokens, cfg.hidden
     _same_dtype(NAME, "residual_x", residual_x, expand_x)
     require_shape(NAME, "residual_x", residual_x, (bs, 1, h))
     _same_dtype(NAME, "gamma", gamma, expand_x)
@@ -55,9 +56,10 @@ def validate(expand_x: torch.Tensor, expert_ids: torch.Tensor, expand_idx: torch
     return cfg
 
 
-def infer_shape(expand_x: torch.Tensor, expert_ids: torch.Tensor, *args: object, **kwargs: object) -> tuple[OutSpec, ...]:
-    bs, h = expert_ids.size(0), expand_x.size(1)
-    return (OutSpec((bs, 1, h), expand_x.dtype), OutSpec((bs, 1, 1), torch.float32), OutSpec((bs, 1, h), expand_x.dtype))
+def infer_shape(config: DistConfig) -> tuple[OutSpec, ...]:
+    """``y`` ``(BS, 1, H)``, ``rstd`` ``(BS, 1, 1)`` fp32, ``x`` ``(BS, 1, H)``; y and x in the expand_x dtype."""
+    bs, h, dtype = config.num_tokens, config.hidden, config.dtype
+    return (OutSpec((bs, 1, h), dtype), OutSpec((bs, 1, 1), torch.float32), OutSpec((bs, 1, h), dtype))
 
 
 _BF16 = ("DT_BF16",)
@@ -66,7 +68,7 @@ _BF16 = ("DT_BF16",)
 def _bf16_only(ge_input: GeInput) -> GeInput:
     """The fused op takes bf16 wherever combine_v2 takes bf16/fp16/int32 activations."""
     return GeInput(ge_input.name, _BF16, ge_input.kind) if "DT_BF16" in ge_input.dtypes else ge_input
-PROTO = OpProto(
+PROTO: OpProto[DistConfig] = OpProto(
     name=NAME,
     schema=SCHEMA,
     ge_type="MoeDistributeCombineAddRmsNorm",
@@ -76,7 +78,6 @@ PROTO = OpProto(
     ge_outputs=(GeOutput("y", _BF16), GeOutput("rstd", ("DT_FLOAT",)), GeOutput("x", _BF16)),
     validate=validate,
     infer_shape=infer_shape,
-    validate_values=None,
     targets=frozenset({"portable", "A3"}),
     communicates=True,
 )

@@ -51,7 +51,8 @@ def validate_combine(op: str, expand_x: torch.Tensor, expert_ids: torch.Tensor, 
                      shared_expert_num: int = 1, shared_expert_rank_num: int = 0, global_bs: int = 0,
                      comm_quant_mode: int = 0, comm_alg: str = "", zero_expert_num: int = 0,
                      copy_expert_num: int = 0, const_expert_num: int = 0) -> DistConfig:
-    """SPEC §4.4 rules common to both combine ops; ``assist_arg`` names the assist-info argument."""
+    """SPEC §4.4 rules common to both combine ops; ``assist_arg`` names the assist-info argument.
+    Returns the resolved config (both combine ops' config)."""
     require_dim(op, "expand_x", expand_x, (2,))
     require_dtype(op, "expand_x", expand_x, device_x_dtypes if is_device_target() else X_DTYPES)
     require_dim(op, "expert_ids", expert_ids, (2,))
@@ -65,11 +66,12 @@ def validate_combine(op: str, expand_x: torch.Tensor, expert_ids: torch.Tensor, 
     require_dtype(op, "expert_scales", expert_scales, (torch.float32,))
     require_shape(op, "expert_scales", expert_scales, (bs, k))
     cfg = check_dist_attrs(
-        op, bs=bs, k=k, h=h, group_ep=group_ep, world=ep_world_size, rank=ep_rank_id, moe_experts=moe_expert_num,
-        group_tp=group_tp, tp_world=tp_world_size, tp_rank=tp_rank_id, expert_shard_type=expert_shard_type,
-        shared_num=shared_expert_num, shared_ranks=shared_expert_rank_num, global_bs=global_bs, comm_alg=comm_alg,
-        zero_experts=zero_expert_num, copy_experts=copy_expert_num, const_experts=const_expert_num,
-        x_active_mask=x_active_mask, elastic_info=elastic_info, performance_info=performance_info)
+        op, bs=bs, k=k, h=h, dtype=expand_x.dtype, group_ep=group_ep, world=ep_world_size, rank=ep_rank_id,
+        moe_experts=moe_expert_num, group_tp=group_tp, tp_world=tp_world_size, tp_rank=tp_rank_id,
+        expert_shard_type=expert_shard_type, shared_num=shared_expert_num, shared_ranks=shared_expert_rank_num,
+        global_bs=global_bs, comm_alg=comm_alg, zero_experts=zero_expert_num, copy_experts=copy_expert_num,
+        const_experts=const_expert_num, x_active_mask=x_active_mask, elastic_info=elastic_info,
+        performance_info=performance_info)
     # The own row count is the last entry of this rank's part of the prefix sums.
     require(ep_send_counts.size(0) >= cfg.recv_slots, op, "ep_send_counts",
             f"must have at least {cfg.recv_slots} entries ({'W' if cfg.is_shared_rank else 'W * L'})",
@@ -142,13 +144,15 @@ def _validate_device_sizes(op, cfg: DistConfig, expand_x, assist_info, assist_ar
 def validate(expand_x: torch.Tensor, expert_ids: torch.Tensor, assist_info_for_combine: torch.Tensor,
              ep_send_counts: torch.Tensor, expert_scales: torch.Tensor, group_ep: str, ep_world_size: int,
              ep_rank_id: int, moe_expert_num: int, **kwargs: object) -> DistConfig:
+    """Every structural rule of SPEC §4.4 for the current target; returns the resolved config."""
     return validate_combine(NAME, expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales,
                             group_ep, ep_world_size, ep_rank_id, moe_expert_num, assist_arg="assist_info_for_combine",
                             device_x_dtypes=DEVICE_X_DTYPES, **kwargs)
 
 
-def infer_shape(expand_x: torch.Tensor, expert_ids: torch.Tensor, *args: object, **kwargs: object) -> tuple[OutSpec, ...]:
-    return (OutSpec((expert_ids.size(0), expand_x.size(1)), expand_x.dtype),)
+def infer_shape(config: DistConfig) -> tuple[OutSpec, ...]:
+    """``(BS, H)`` in the expand_x dtype."""
+    return (OutSpec((config.num_tokens, config.hidden), config.dtype),)
 
 
 _XS = ("DT_BF16", "DT_FLOAT16", "DT_INT32")
@@ -184,7 +188,7 @@ GE_ATTRS_HEAD = (
 GE_ATTRS_SPECIAL = (GeAttr("zero_expert_num", "Int", 0), GeAttr("copy_expert_num", "Int", 0),
                     GeAttr("const_expert_num", "Int", 0))
 
-PROTO = OpProto(
+PROTO: OpProto[DistConfig] = OpProto(
     name=NAME,
     schema=SCHEMA,
     ge_type="MoeDistributeCombineV2",
@@ -193,7 +197,5 @@ PROTO = OpProto(
     ge_outputs=(GeOutput("x", ("DT_BF16", "DT_FLOAT16")),),
     validate=validate,
     infer_shape=infer_shape,
-    # Value rules run inside the kernel, agreed on by every rank in the count exchange (see dispatch).
-    validate_values=None,
     communicates=True,
 )

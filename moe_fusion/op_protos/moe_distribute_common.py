@@ -1,9 +1,11 @@
 """Rules and sizes shared by the MoE dispatch/combine pair (SPEC §1, §3.2, §3.5, §4.4).
 
-``DistConfig`` is what a validated set of attributes means for this rank: the EP/TP world, the
-shared-expert layout, the local expert count ``L``, the receive capacity ``A`` (exactly torch_npu's
-Meta arithmetic, SymInt-safe) and the special-expert id ranges. ``check_dist_attrs`` applies the
-attribute rules common to dispatch and combine for the current target:
+``DistConfig`` is what a validated set of attributes means for this rank: the token count, top-k,
+hidden size and token dtype, the EP/TP world, the shared-expert layout, the local expert count
+``L``, the receive capacity ``A`` (exactly torch_npu's Meta arithmetic, SymInt-safe) and the
+special-expert id ranges. It is the config of both combine ops; dispatch's ``DispatchConfig``
+wraps it. ``check_dist_attrs`` applies the attribute rules common to dispatch and combine for the
+current target:
 
 * portable: only the rules the semantics need (ranks in range, divisibility, shared layout, ...);
 * A2 / A3: plus that product's tiling limits (SPEC §3.5 "A2" list and A3 table).
@@ -51,6 +53,10 @@ class DistConfig:
     ``expert_token_nums``/``ep_recv_counts``. ``capacity`` is ``A``.
     """
 
+    num_tokens: Any             # BS (SymInt-able)
+    top_k: Any                  # K
+    hidden: Any                 # H
+    dtype: torch.dtype          # x's (dispatch) or expand_x's (combine) dtype
     world: int                  # W
     rank: int                   # r
     moe_experts: int            # M
@@ -140,14 +146,15 @@ def _check_shared_layout(op: str, world: int, shared_ranks: int, shared_num: int
     return n_sh
 
 
-def check_dist_attrs(op: str, *, bs: Any, k: Any, h: Any, group_ep: str, world: int, rank: int, moe_experts: int,
-                     group_tp: str, tp_world: int, tp_rank: int, expert_shard_type: int, shared_num: int,
-                     shared_ranks: int, global_bs: int, comm_alg: str, zero_experts: int, copy_experts: int,
-                     const_experts: int, x_active_mask: Optional[torch.Tensor], elastic_info: Optional[torch.Tensor],
-                     performance_info: Optional[torch.Tensor]) -> DistConfig:
+def check_dist_attrs(op: str, *, bs: Any, k: Any, h: Any, dtype: torch.dtype, group_ep: str, world: int, rank: int,
+                     moe_experts: int, group_tp: str, tp_world: int, tp_rank: int, expert_shard_type: int,
+                     shared_num: int, shared_ranks: int, global_bs: int, comm_alg: str, zero_experts: int,
+                     copy_experts: int, const_experts: int, x_active_mask: Optional[torch.Tensor],
+                     elastic_info: Optional[torch.Tensor], performance_info: Optional[torch.Tensor]) -> DistConfig:
     """The attribute and shared-input rules of dispatch (§3.5) and combine (§4.4) for the current target.
 
-    ``bs``/``k``/``h`` are the token count, top-k and hidden size seen by the op (SymInt-able).
+    ``bs``/``k``/``h`` are the token count, top-k and hidden size seen by the op (SymInt-able),
+    ``dtype`` its token dtype. Returns the resolved config.
     """
     target = get_target()
     require(world >= 1, op, "ep_world_size", "must be >= 1", world)
@@ -205,11 +212,11 @@ def check_dist_attrs(op: str, *, bs: Any, k: Any, h: Any, group_ep: str, world: 
 
     capacity, meta_local, gbs = recv_capacity(bs, k, world, rank, moe_experts, shared_ranks, n_sh, global_bs,
                                               elastic_info is not None)
-    cfg = DistConfig(world=world, rank=rank, moe_experts=moe_experts, tp_world=tp_world, tp_rank=tp_rank,
-                     shared_ranks=shared_ranks, n_shared=n_sh, moe_local_experts=moe_local,
-                     local_experts=1 if rank < shared_ranks else moe_local, meta_local_experts=meta_local,
-                     global_bs=gbs, capacity=capacity, zero_experts=zero_experts, copy_experts=copy_experts,
-                     const_experts=const_experts)
+    cfg = DistConfig(num_tokens=bs, top_k=k, hidden=h, dtype=dtype, world=world, rank=rank, moe_experts=moe_experts,
+                     tp_world=tp_world, tp_rank=tp_rank, shared_ranks=shared_ranks, n_shared=n_sh,
+                     moe_local_experts=moe_local, local_experts=1 if rank < shared_ranks else moe_local,
+                     meta_local_experts=meta_local, global_bs=gbs, capacity=capacity, zero_experts=zero_experts,
+                     copy_experts=copy_experts, const_experts=const_experts)
     if target == "A3":
         _check_a3(op, cfg, bs, k, h, shared_num, global_bs, comm_alg, x_active_mask, elastic_info, performance_info)
     elif target == "A2":

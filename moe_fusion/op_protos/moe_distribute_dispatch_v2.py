@@ -7,6 +7,7 @@ the portable target), ``expert_ids`` ``(BS, K)`` int32; outputs sized by the rec
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,6 +30,22 @@ SCHEMA = (
 QUANT_NONE, QUANT_DYNAMIC = 0, 2
 
 
+@dataclass(frozen=True)
+class DispatchConfig:
+    """A validated ``npu_moe_distribute_dispatch_v2`` call: this rank's ``DistConfig`` and the
+    dispatch-only attrs that shape the outputs."""
+
+    dist: DistConfig
+    quant_mode: int                 # 0 or 2 (dynamic int8)
+    expert_scales: bool             # expert_scales given (expand_scales is then (A,), not (0,))
+    expert_token_nums_type: int     # 1 counts, 0 inclusive prefix sums
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """``expand_x``'s dtype: x's, int8 with ``quant_mode`` 2."""
+        return self.dist.dtype if self.quant_mode == QUANT_NONE else torch.int8
+
+
 def validate(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
              moe_expert_num: int, *, scales: Optional[torch.Tensor] = None,
              x_active_mask: Optional[torch.Tensor] = None, expert_scales: Optional[torch.Tensor] = None,
@@ -37,7 +54,7 @@ def validate(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_
              shared_expert_num: int = 1, shared_expert_rank_num: int = 0, quant_mode: int = 0, global_bs: int = 0,
              expert_token_nums_type: int = 1, comm_alg: str = "", zero_expert_num: int = 0,
              copy_expert_num: int = 0, const_expert_num: int = 0, y_dtype: Optional[int] = None,
-             x_dtype: Optional[int] = None, scales_dtype: Optional[int] = None) -> DistConfig:
+             x_dtype: Optional[int] = None, scales_dtype: Optional[int] = None) -> DispatchConfig:
     """Every structural rule of SPEC §3.5 for the current target; returns the resolved config."""
     require_dim(NAME, "x", x, (2,))
     require_dim(NAME, "expert_ids", expert_ids, (2,))
@@ -52,11 +69,12 @@ def validate(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_
         require(value is None, NAME, arg, "must be None (fp8/fp4 variants are not supported)", value)
     require_in(NAME, "expert_token_nums_type", expert_token_nums_type, (0, 1))
     cfg = check_dist_attrs(
-        NAME, bs=bs, k=k, h=h, group_ep=group_ep, world=ep_world_size, rank=ep_rank_id, moe_experts=moe_expert_num,
-        group_tp=group_tp, tp_world=tp_world_size, tp_rank=tp_rank_id, expert_shard_type=expert_shard_type,
-        shared_num=shared_expert_num, shared_ranks=shared_expert_rank_num, global_bs=global_bs, comm_alg=comm_alg,
-        zero_experts=zero_expert_num, copy_experts=copy_expert_num, const_experts=const_expert_num,
-        x_active_mask=x_active_mask, elastic_info=elastic_info, performance_info=performance_info)
+        NAME, bs=bs, k=k, h=h, dtype=x.dtype, group_ep=group_ep, world=ep_world_size, rank=ep_rank_id,
+        moe_experts=moe_expert_num, group_tp=group_tp, tp_world=tp_world_size, tp_rank=tp_rank_id,
+        expert_shard_type=expert_shard_type, shared_num=shared_expert_num, shared_ranks=shared_expert_rank_num,
+        global_bs=global_bs, comm_alg=comm_alg, zero_experts=zero_expert_num, copy_experts=copy_expert_num,
+        const_experts=const_expert_num, x_active_mask=x_active_mask, elastic_info=elastic_info,
+        performance_info=performance_info)
     # 1 is static quant, which the device rejects ("cannot support static quant now").
     require_in(NAME, "quant_mode", quant_mode, (QUANT_NONE, QUANT_DYNAMIC))
     if scales is not None:
@@ -69,33 +87,31 @@ def validate(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_
         require_shape(NAME, "expert_scales", expert_scales, (bs, k))
     elif get_target() == "A2":
         require(comm_alg != "hierarchy", NAME, "expert_scales", "is required with comm_alg 'hierarchy' on A2", None)
-    return cfg
+    return DispatchConfig(dist=cfg, quant_mode=quant_mode, expert_scales=expert_scales is not None,
+                          expert_token_nums_type=expert_token_nums_type)
 
 
-def infer_shape(x: torch.Tensor, expert_ids: torch.Tensor, *args: object, **kwargs: object) -> tuple[OutSpec, ...]:
+def infer_shape(config: DispatchConfig) -> tuple[OutSpec, ...]:
     """torch_npu's Meta shapes (SPEC §3.2) with ``A`` from the validated config."""
-    cfg = validate(x, expert_ids, *args, **kwargs)
-    expert_scales = kwargs.get("expert_scales")
-    bs, h = x.shape
-    k = expert_ids.size(1)
+    cfg = config.dist
+    bs, k, h = cfg.num_tokens, cfg.top_k, cfg.hidden
     a, w, tp = cfg.capacity, cfg.world, cfg.tp_world
-    out_dtype = x.dtype if kwargs.get("quant_mode", 0) == QUANT_NONE else torch.int8
     ep_counts = w * cfg.meta_local_experts * (tp if tp == 2 else 1)
-    if expert_scales is not None:
+    if config.expert_scales:
         # A2/A3 Meta appends the hierarchy reduce metadata (and drops the TP factor).
         ep_counts = w * cfg.meta_local_experts + cfg.global_bs * 2 * k * (w // 8)
     return (
-        OutSpec((a * cfg.tp_factor, h), out_dtype),                                   # expand_x
+        OutSpec((a * cfg.tp_factor, h), config.out_dtype),                            # expand_x
         OutSpec((a * tp,) if tp == 2 else (a,), torch.float32),                       # dynamic_scales
         OutSpec((torch.sym_max(bs * k, a * ASSIST_ROW_STRIDE),), torch.int32),        # assist_info_for_combine
         OutSpec((cfg.meta_local_experts,), torch.int64),                              # expert_token_nums
         OutSpec((ep_counts,), torch.int32),                                           # ep_recv_counts
         OutSpec((tp,), torch.int32),                                                  # tp_recv_counts
-        OutSpec((a,) if expert_scales is not None else (0,), torch.float32),          # expand_scales
+        OutSpec((a,) if config.expert_scales else (0,), torch.float32),               # expand_scales
     )
 
 
-PROTO = OpProto(
+PROTO: OpProto[DispatchConfig] = OpProto(
     name=NAME,
     schema=SCHEMA,
     ge_type="MoeDistributeDispatchV2",
@@ -129,8 +145,5 @@ PROTO = OpProto(
     ),
     validate=validate,
     infer_shape=infer_shape,
-    # Value rules run inside the kernel, where every rank learns every rank's verdict in the count
-    # exchange: a rank raising alone before a collective would leave its peers waiting.
-    validate_values=None,
     communicates=True,
 )

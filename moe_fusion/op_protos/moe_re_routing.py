@@ -6,10 +6,12 @@ blocks. ``tokens`` ``(A, H)``; ``expert_token_num_per_rank`` ``(N, E)`` int32/in
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
+from ..errors import fail
 from ..targets import is_device_target
 from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim,
                      require_dtype, require_shape)
@@ -26,9 +28,21 @@ COUNT_DTYPES = (torch.int32, torch.int64)
 DEVICE_MAX_H = 16384
 
 
+@dataclass(frozen=True)
+class ReRoutingConfig:
+    """A validated ``npu_moe_re_routing`` call. Sizes are SymInts at trace time."""
+
+    num_tokens: Any             # A, rows of tokens
+    hidden: Any                 # H
+    num_experts: Any            # E, local experts (columns of expert_token_num_per_rank)
+    tokens_dtype: torch.dtype
+    counts_dtype: torch.dtype
+
+
 def validate(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
              per_token_scales: Optional[torch.Tensor] = None, expert_token_num_type: int = 1,
-             idx_type: int = 0, tokens_dtype: Optional[int] = None) -> None:
+             idx_type: int = 0, tokens_dtype: Optional[int] = None) -> ReRoutingConfig:
+    """Structural rules (SPEC §7.4) for the current target; returns the call's config."""
     counts = expert_token_num_per_rank
     require_dim(NAME, "tokens", tokens, (2,))
     require_dim(NAME, "expert_token_num_per_rank", counts, (2,))
@@ -47,31 +61,33 @@ def validate(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
     if per_token_scales is not None:
         require_dtype(NAME, "per_token_scales", per_token_scales, (torch.float32,))
         require_shape(NAME, "per_token_scales", per_token_scales, (tokens.size(0),))
+    return ReRoutingConfig(num_tokens=tokens.size(0), hidden=tokens.size(1), num_experts=counts.size(1),
+                           tokens_dtype=tokens.dtype, counts_dtype=counts.dtype)
 
 
-def validate_values(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, **_: object) -> None:
-    """Counts are non-negative (zero is allowed, SPEC §9 #18) and add up to A."""
+def validate_values(config: ReRoutingConfig, expert_token_num_per_rank: torch.Tensor) -> None:
+    """Counts ``(N, E)`` are non-negative (zero is allowed, SPEC §9 #18) and add up to A (one host read)."""
     counts = expert_token_num_per_rank
-    if counts.numel() and bool((counts < 0).any()):
-        bad = counts[counts < 0][0].item()
-        require(False, NAME, "expert_token_num_per_rank", "entries must be >= 0", bad)
-    total = int(counts.sum().item())
-    require(total == tokens.size(0), NAME, "expert_token_num_per_rank",
-            f"must sum to tokens.size(0)={tokens.size(0)}", f"sum {total}")
+    low, total = (torch.stack((counts.min(), counts.sum())).tolist() if counts.numel() else (0, 0))
+    if low < 0:
+        fail(NAME, "expert_token_num_per_rank", "entries must be >= 0", counts[counts < 0][0].item())
+    if total != config.num_tokens:
+        fail(NAME, "expert_token_num_per_rank", f"must sum to tokens.size(0)={config.num_tokens}", f"sum {total}")
 
 
-def infer_shape(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
-                per_token_scales: Optional[torch.Tensor] = None, **_: object) -> tuple[OutSpec, ...]:
-    a = tokens.size(0)
+def infer_shape(config: ReRoutingConfig) -> tuple[OutSpec, ...]:
+    """``permute_tokens`` ``(A, H)``, ``permute_per_token_scales`` ``(A,)`` fp32, ``permute_token_idx``
+    ``(A,)`` int32, ``expert_token_num`` ``(E,)`` (counts dtype)."""
+    a = config.num_tokens
     return (
-        OutSpec(tuple(tokens.shape), tokens.dtype),                      # permute_tokens
-        OutSpec((a,), torch.float32 if per_token_scales is None else per_token_scales.dtype),
-        OutSpec((a,), torch.int32),                                       # permute_token_idx
-        OutSpec((expert_token_num_per_rank.size(1),), expert_token_num_per_rank.dtype),
+        OutSpec((a, config.hidden), config.tokens_dtype),
+        OutSpec((a,), torch.float32),                 # per_token_scales, when given, are fp32 too
+        OutSpec((a,), torch.int32),
+        OutSpec((config.num_experts,), config.counts_dtype),
     )
 
 
-PROTO = OpProto(
+PROTO: OpProto[ReRoutingConfig] = OpProto(
     name=NAME,
     schema=SCHEMA,
     ge_type="MoeReRouting",
@@ -89,5 +105,4 @@ PROTO = OpProto(
     ),
     validate=validate,
     infer_shape=infer_shape,
-    validate_values=validate_values,
 )

@@ -9,10 +9,12 @@ Maps each token's logical top-k experts to physical expert instances through ``e
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
+from ..errors import fail
 from ..targets import is_device_target
 from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim,
                      require_dtype, require_in, require_range, require_shape, shape_of)
@@ -26,26 +28,49 @@ SCHEMA = (
 MAX_BS, MAX_K, MAX_LOGICAL_EXPERTS, MAX_WORLD, MAX_F_MODE1 = 512, 16, 1024, 768, 769
 
 
+@dataclass(frozen=True)
+class UpdateExpertConfig:
+    """A validated ``npu_moe_update_expert`` call. Sizes are SymInts at trace time."""
+
+    num_tokens: Any             # BS, rows of expert_ids
+    top_k: Any                  # K, columns of expert_ids
+    num_logical: Any            # N_log, rows of eplb_table
+    table_width: Any            # F = 1 + the most replicas a row can list
+    ids_dtype: torch.dtype      # expert_ids' dtype, also balanced_expert_ids'
+    balance_mode: int
+    local_rank_id: int
+    world_size: int
+
+
 def validate(expert_ids: torch.Tensor, eplb_table: torch.Tensor, *, expert_scales: Optional[torch.Tensor] = None,
              pruning_threshold: Optional[torch.Tensor] = None, active_mask: Optional[torch.Tensor] = None,
-             local_rank_id: int = -1, world_size: int = -1, balance_mode: int = 0) -> None:
+             local_rank_id: int = -1, world_size: int = -1, balance_mode: int = 0) -> UpdateExpertConfig:
+    """Structural rules (SPEC §2.4) for the current target; returns the call's config.
+
+    Messages are built only on failure (``if not ...: fail``): this runs on every eager call.
+    """
     require_dim(NAME, "expert_ids", expert_ids, (2,))
     require_dtype(NAME, "expert_ids", expert_ids, (torch.int32, torch.int64))
     require_dim(NAME, "eplb_table", eplb_table, (2,))
     require_dtype(NAME, "eplb_table", eplb_table, (torch.int32,))
     bs, k = expert_ids.shape
     n_logical, f = eplb_table.shape
-    require(bs > 0, NAME, "expert_ids", "must have BS > 0 rows", f"shape {shape_of(expert_ids)}")
-    require(k > 0, NAME, "expert_ids", "must have K > 0 columns", f"shape {shape_of(expert_ids)}")
-    require(n_logical > 0, NAME, "eplb_table", "must have at least one logical expert row", f"shape {shape_of(eplb_table)}")
+    if not bs > 0:
+        fail(NAME, "expert_ids", "must have BS > 0 rows", f"shape {shape_of(expert_ids)}")
+    if not k > 0:
+        fail(NAME, "expert_ids", "must have K > 0 columns", f"shape {shape_of(expert_ids)}")
+    if not n_logical > 0:
+        fail(NAME, "eplb_table", "must have at least one logical expert row", f"shape {shape_of(eplb_table)}")
     # Column 0 is the replica count; at least one instance column must follow it.
-    require(f > 1, NAME, "eplb_table", "must have F > 1 columns ([count, instances...])", f"shape {shape_of(eplb_table)}")
+    if not f > 1:
+        fail(NAME, "eplb_table", "must have F > 1 columns ([count, instances...])", f"shape {shape_of(eplb_table)}")
     require_in(NAME, "balance_mode", balance_mode, (0, 1))
     if balance_mode == 0:
         # Mode 0 picks a replica from the rank's position in the world.
         require(world_size >= 1, NAME, "world_size", "must be >= 1 when balance_mode == 0", world_size)
         require_range(NAME, "local_rank_id", local_rank_id, 0, world_size - 1)
-    _validate_pruning_inputs(bs, k, expert_scales, pruning_threshold, active_mask)
+    if expert_scales is not None or pruning_threshold is not None or active_mask is not None:
+        _validate_pruning_inputs(bs, k, expert_scales, pruning_threshold, active_mask)
     if is_device_target():
         require(bs <= MAX_BS, NAME, "expert_ids", f"BS must be in [1, {MAX_BS}]", f"BS={bs}")
         require(k <= MAX_K, NAME, "expert_ids", f"K must be in [1, {MAX_K}]", f"K={k}")
@@ -58,6 +83,8 @@ def validate(expert_ids: torch.Tensor, eplb_table: torch.Tensor, *, expert_scale
                     f"shape {shape_of(eplb_table)}")
         else:
             require(f <= MAX_F_MODE1, NAME, "eplb_table", f"must have F <= {MAX_F_MODE1} columns", f"shape {shape_of(eplb_table)}")
+    return UpdateExpertConfig(num_tokens=bs, top_k=k, num_logical=n_logical, table_width=f, ids_dtype=expert_ids.dtype,
+                              balance_mode=balance_mode, local_rank_id=local_rank_id, world_size=world_size)
 
 
 def _validate_pruning_inputs(bs, k, expert_scales, pruning_threshold, active_mask) -> None:
@@ -79,29 +106,36 @@ def _validate_pruning_inputs(bs, k, expert_scales, pruning_threshold, active_mas
         require_shape(NAME, "active_mask", active_mask, (bs,))
 
 
-def validate_values(expert_ids: torch.Tensor, eplb_table: torch.Tensor, **_: object) -> None:
-    """Ids index ``eplb_table`` rows; counts of the rows tokens use index its instance columns."""
-    n_logical, f = eplb_table.shape
-    low, high = (int(v) for v in torch.aminmax(expert_ids))
-    if low < 0 or high >= n_logical:
-        require(False, NAME, "expert_ids", f"values must be in [0, {n_logical})", low if low < 0 else high)
-    counts = eplb_table[:, 0]
-    low, high = (int(v) for v in torch.aminmax(counts))
-    if low >= 1 and high <= f - 1:
-        return  # every row is valid: no need to look at which rows are used
-    used_counts = counts.index_select(0, expert_ids.reshape(-1))
+def validate_values(config: UpdateExpertConfig, flat_ids: torch.Tensor, replica_count: torch.Tensor) -> torch.Tensor:
+    """Ids index ``eplb_table`` rows; counts of the rows tokens use index its instance columns.
+
+    ``flat_ids`` ``(BS*K,)`` the expert ids, ``replica_count`` ``(N_log,)`` int32 eplb_table's column
+    0. One host read covers both ranges; the used rows are looked at only when some row's count is
+    out of range (a row no token uses may hold any count). Returns the counts to map: column 0
+    itself, or clamped into ``[1, F-1]`` when an unused row's count is out of range.
+    """
+    n_logical, f = config.num_logical, config.table_width
+    id_low, id_high, count_low, count_high = torch.stack((*torch.aminmax(flat_ids),
+                                                           *torch.aminmax(replica_count))).tolist()
+    if id_low < 0 or id_high >= n_logical:
+        fail(NAME, "expert_ids", f"values must be in [0, {n_logical})", id_low if id_low < 0 else id_high)
+    if count_low >= 1 and count_high <= f - 1:
+        return replica_count
+    used_counts = replica_count.index_select(0, flat_ids)
     bad_counts = (used_counts < 1) | (used_counts > f - 1)
     if bool(bad_counts.any()):
-        require(False, NAME, "eplb_table", f"replica counts (column 0) of used experts must be in [1, {f - 1}]",
-                used_counts[bad_counts][0].item())
+        fail(NAME, "eplb_table", f"replica counts (column 0) of used experts must be in [1, {f - 1}]",
+             used_counts[bad_counts][0].item())
+    return replica_count.clamp(1, f - 1)
 
 
-def infer_shape(expert_ids: torch.Tensor, eplb_table: torch.Tensor, **_: object) -> tuple[OutSpec, ...]:
-    shape = tuple(expert_ids.shape)
-    return (OutSpec(shape, expert_ids.dtype), OutSpec(shape, torch.bool))
+def infer_shape(config: UpdateExpertConfig) -> tuple[OutSpec, ...]:
+    """``balanced_expert_ids`` ``(BS, K)`` (expert_ids dtype), ``balanced_active_mask`` ``(BS, K)`` bool."""
+    shape = (config.num_tokens, config.top_k)
+    return (OutSpec(shape, config.ids_dtype), OutSpec(shape, torch.bool))
 
 
-PROTO = OpProto(
+PROTO: OpProto[UpdateExpertConfig] = OpProto(
     name=NAME,
     schema=SCHEMA,
     ge_type="MoeUpdateExpert",
@@ -116,6 +150,5 @@ PROTO = OpProto(
     ge_outputs=(GeOutput("balanced_expert_ids", ("DT_INT32", "DT_INT64")), GeOutput("balanced_active_mask", ("DT_BOOL",))),
     validate=validate,
     infer_shape=infer_shape,
-    validate_values=validate_values,
     targets=frozenset({"portable", "A3"}),
 )

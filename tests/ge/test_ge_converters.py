@@ -103,7 +103,7 @@ def test_converter_on_every_opcheck_case(torchair, name, args, kwargs):
         assert node_attrs[ge_name(arg.name)] == pytest.approx(expected), arg.name
     assert {k: node_attrs[k] for k in mapping.fixed_attrs} == mapping.fixed_attrs
 
-    assert output_dtypes(op) == [DT[spec.dtype] for spec in proto.infer_shape(*args, **kwargs)]
+    assert output_dtypes(op) == [DT[spec.dtype] for spec in proto.infer_shape(proto.check(*args, **kwargs))]
 
 
 # ------------------------------------------------------------------------------------------------
