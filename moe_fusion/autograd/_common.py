@@ -8,7 +8,7 @@ order, whose forward calls the op below autograd.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import torch
 
@@ -52,23 +52,40 @@ def refuse_needed(ctx: Any, op: str, names: Sequence[str], arguments: dict[str, 
 
 
 def register_formula(op: str, setup_context: Callable[[Any, tuple, Any], None],
-                     backward: Callable[..., tuple]) -> None:
+                     backward: Callable[..., tuple], *,
+                     forward: Optional[Callable[[Callable[..., Any], tuple], tuple]] = None) -> None:
     """Make ``torch.ops.moe_fusion.<op>`` differentiable: ``setup_context(ctx, inputs, output)``
     saves what ``backward(ctx, *output_grads)`` needs; ``inputs`` and the returned gradients are
-    in schema order (``input_names``)."""
+    in schema order (``input_names``).
+
+    ``forward(run, inputs)``, when given, replaces the plain call of the op: ``run(**changes)``
+    calls it with ``inputs`` and some arguments changed (e.g. a flag asking for an output the
+    backward needs and the caller did not request). It returns the caller's outputs followed by
+    extra tensors, which ``setup_context`` sees at the end of ``output`` and ``backward`` receives
+    ``None`` gradients for; the caller never sees them. Extras must not alias each other or an output.
+    """
     overload = getattr(torch.ops.moe_fusion, op).default
     arguments = overload._schema.arguments
     names = tuple(a.name for a in arguments)
     positional = sum(1 for a in arguments if not a.kwarg_only)
+    returned = len(overload._schema.returns)
+
+    def call(values: tuple, changes: dict[str, Any]) -> Any:
+        bound = {**dict(zip(names, values)), **changes}
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload(*(bound[n] for n in names[:positional]), **{n: bound[n] for n in names[positional:]})
 
     class Formula(torch.autograd.Function):
         @staticmethod
         def forward(*values: Any) -> Any:
-            with torch._C._AutoDispatchBelowAutograd():
-                return overload(*values[:positional], **dict(zip(names[positional:], values[positional:])))
+            if forward is None:
+                return call(values, {})
+            return forward(lambda **changes: call(values, changes), values)
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+            if forward is not None:
+                ctx.mark_non_differentiable(*output[returned:])
             setup_context(ctx, inputs, output)
 
         @staticmethod
@@ -85,6 +102,9 @@ def register_formula(op: str, setup_context: Callable[[Any, tuple, Any], None],
         bound = dict(zip(names, args))
         for argument in arguments[len(args):]:
             bound[argument.name] = kwargs.get(argument.name, argument.default_value)
-        return Formula.apply(*(bound[n] for n in names))
+        output = Formula.apply(*(bound[n] for n in names))
+        if forward is None:
+            return output
+        return output[0] if returned == 1 else output[:returned]   # drop the extras
 
     LIBRARY.impl(op, autograd_kernel, "Autograd")
