@@ -10,5 +10,6 @@ argument when a backward needs their gradient; they never get a silent zero.
 from ._common import NotDifferentiableError
 from . import local_ops  # noqa: F401  (registers the formulas)
 from . import bmm_collectives  # noqa: F401
+from . import moe_distribute  # noqa: F401
 
 __all__ = ["NotDifferentiableError"]
