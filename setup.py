@@ -6,8 +6,9 @@ setup(
     description="Ascend MoE fused operators as PyTorch ops for every device, and torch.compile fusion passes",
     packages=find_packages(include=["moe_fusion", "moe_fusion.*"]),
     python_requires=">=3.10",
-    # A range 2.13.0 satisfies: pip then keeps the CPU build installed first (see README).
-    install_requires=["torch>=2.13"],
+    # A range 2.13.0 satisfies: pip then keeps the CPU build installed first (see README). numpy:
+    # torch imports it when present and warns "Failed to initialize NumPy" on every rank when not.
+    install_requires=["torch>=2.13", "numpy"],
     extras_require={
         "onnx": ["onnx>=1.20", "onnxscript>=0.5", "onnxruntime>=1.22"],
         "test": ["pytest>=8", "hypothesis>=6.100", "numpy", "pytest-timeout",

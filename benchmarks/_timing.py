@@ -1,29 +1,46 @@
-"""Ratio timing for noisy 2-core machines: interleave the two functions, take medians."""
+"""What the benchmark scripts share: their argument parser, and one table of kernel-vs-baseline rows
+that prints each side's spread, the ratio with its confidence interval, and whether its target
+was met, or, without a target, whether the difference is outside the noise (the statistics are
+``moe_fusion.demo.timing``'s)."""
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Callable
+import argparse
+from typing import NamedTuple, Optional
+
+from moe_fusion.__main__ import Parser
+from moe_fusion.demo.timing import Comparison, compare, spread
+
+__all__ = ["Row", "argument_parser", "compare", "print_table"]
 
 
-def median_ratio(kernel: Callable[[], object], baseline: Callable[[], object], repeats: int = 7,
-                 warmup: int = 1) -> tuple[float, float, float]:
-    """(kernel median s, baseline median s, ratio of medians), the two timed alternately."""
-    for _ in range(warmup):
-        kernel()
-        baseline()
-    k_times, b_times = [], []
-    for _ in range(repeats):
-        for fn, times in ((kernel, k_times), (baseline, b_times)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    k, b = statistics.median(k_times), statistics.median(b_times)
-    return k, b, k / b
+class Row(NamedTuple):
+    """One benchmark case: its timings and its target (``ratio <= target``), if it has one."""
+
+    case: str
+    timing: Comparison
+    target: Optional[float]
 
 
-def print_table(rows: list[tuple[str, float, float, float, str]]) -> None:
-    """rows of (case, kernel s, baseline s, ratio, target)."""
-    print(f"{'case':58s} {'kernel ms':>10s} {'baseline ms':>12s} {'ratio':>7s}  target")
-    for case, k, b, ratio, target in rows:
-        print(f"{case:58s} {k * 1e3:10.3f} {b * 1e3:12.3f} {ratio:7.3f}  {target}")
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """The CLI's parser (``python -m moe_fusion``'s: one-line errors, exit status 2, every default in
+    ``--help``) with ``doc`` as its description."""
+    return Parser(description=doc)
+
+
+def print_table(rows: list[Row]) -> None:
+    """Print the rows, then what the columns mean and how sure the intervals are."""
+    width = max([len("case")] + [len(row.case) for row in rows])
+    print(f"{'case':{width}s} {'kernel ms min/med/max':>24s} {'baseline ms min/med/max':>26s} "
+          f"{'ratio [interval]':>22s} {'target':>7s}  verdict")
+    for row in rows:
+        t = row.timing
+        target = f"<={row.target:.2f}" if row.target is not None else "-"
+        print(f"{row.case:{width}s} {spread(t.kernel):>24s} {spread(t.baseline):>26s} {t.format_ratio():>22s} "
+              f"{target:>7s}  {t.target_verdict(row.target) if row.target is not None else t.noise_verdict()}")
+    coverages = {len(row.timing.ratios): row.timing.interval.coverage for row in rows}
+    coverage = ", ".join(f"{c:.1%} at {n} repeats" for n, c in sorted(coverages.items()))
+    print(f"ratio: median over interleaved repeats of kernel/baseline of the same repeat; interval: its "
+          f"distribution-free confidence interval ({coverage}); verdict: a target met (ok) or MISSED by the "
+          "median ratio, '(within noise)' when the target lies inside the interval; without a target, "
+          "'inside the noise' when the interval holds 1")
+

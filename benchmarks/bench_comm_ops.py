@@ -2,39 +2,23 @@
 
     python benchmarks/bench_comm_ops.py [--repeats N]
 
-Ratios are medians over repeats of the slowest rank's time per step (every step starts at a
-barrier), so a ratio compares the same amount of synchronized work.
+Times are the slowest rank's per step (every step starts at a barrier), kernel and baseline
+alternating, so a ratio compares the same amount of synchronized work; the table gives each
+side's spread, the median paired ratio with its interval, and whether each target was met.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 import warnings
 
 import torch
 import torch.distributed as dist
 
 import moe_fusion
-from _timing import print_table
+from _timing import Row, argument_parser, compare, print_table
+from moe_fusion.demo.timing import synced_seconds
 from moe_fusion.launch import run_ranks
 
 WORLD = 4
-
-
-def _timed_pair(kernel, baseline, repeats: int) -> tuple[float, float]:
-    """Per-step times of kernel and baseline (max over ranks), interleaved; medians."""
-    k_times, b_times = [], []
-    for step in range(repeats + 1):
-        for fn, times in ((kernel, k_times), (baseline, b_times)):
-            dist.barrier()
-            start = time.perf_counter()
-            fn()
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if step:  # step 0 warms up
-                times.append(elapsed.item())
-    return statistics.median(k_times), statistics.median(b_times)
 
 
 def _dispatch_combine_rank(rank: int, world: int, repeats: int) -> list:
@@ -59,9 +43,9 @@ def _dispatch_combine_rank(rank: int, world: int, repeats: int) -> list:
             dist.all_to_all_single(recv, send)
             dist.all_to_all_single(send, recv)
 
-        k, b = _timed_pair(fused, raw, repeats)
-        rows.append((f"dispatch+combine BS={bs} H={hidden} K={top_k} E={num_experts} {str(dtype)[6:]} vs raw a2a x2",
-                     k, b, k / b, "<= 1.5"))
+        timing = compare(fused, raw, repeats, timer=synced_seconds)
+        rows.append(Row(f"dispatch+combine BS={bs} H={hidden} K={top_k} E={num_experts} {str(dtype)[6:]} vs raw a2a x2",
+                        timing, 1.5))
     return rows
 
 
@@ -93,7 +77,7 @@ def _bmm_pair_rank(rank: int, world: int, repeats: int) -> list:
         y2 = y2.reshape(experts // ep, ep * capacity, hidden)
         return torch.nn.functional.gelu(torch.bmm(y2, weight))
 
-    k1, b1 = _timed_pair(fused_ag, unfused_ag, repeats)
+    allgather = compare(fused_ag, unfused_ag, repeats, timer=synced_seconds)
 
     y = torch.randn(experts // ep, ep * capacity, ffn_out // tp, generator=gen)
     w2 = torch.randn(experts // ep, ffn_out // tp, hidden, generator=gen) / ffn_out ** 0.5
@@ -110,10 +94,10 @@ def _bmm_pair_rank(rank: int, world: int, repeats: int) -> list:
         dist.all_to_all_single(out, send, group=ep_group)
         return out
 
-    k2, b2 = _timed_pair(fused_rs, unfused_rs, repeats)
+    reducescatter = compare(fused_rs, unfused_rs, repeats, timer=synced_seconds)
     shape = f"E={experts} C={capacity} H={hidden} M={ffn_out} ep={ep} tp={tp} fp32"
-    return [(f"alltoall_allgather_bmm {shape} vs unfused chain", k1, b1, k1 / b1, "<= 1.10"),
-            (f"bmm_reducescatter_alltoall {shape} vs unfused chain", k2, b2, k2 / b2, "<= 1.10")]
+    return [Row(f"alltoall_allgather_bmm {shape} vs unfused chain", allgather, 1.10),
+            Row(f"bmm_reducescatter_alltoall {shape} vs unfused chain", reducescatter, 1.10)]
 
 
 def _rank_main(rank: int, world: int, repeats: int) -> list:
@@ -123,8 +107,8 @@ def _rank_main(rank: int, world: int, repeats: int) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = argument_parser(__doc__)
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps of each kernel and baseline")
     args = parser.parse_args()
     rows = run_ranks(WORLD, _rank_main, args.repeats, timeout=1800, pg_timeout=600)[0]
     print_table(rows)

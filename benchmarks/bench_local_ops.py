@@ -1,16 +1,16 @@
-"""Local operators vs the plain torch code they replace; one table of ratios (medians of repeats).
+"""Local operators vs the plain torch code they replace; one table of ratios (kernel and
+baseline timed alternately; spreads, medians and intervals over the repeats, each target marked
+ok or MISSED).
 
     python benchmarks/bench_local_ops.py [--repeats N] [--quick]
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 import moe_fusion
-from _timing import median_ratio, print_table
+from _timing import Row, argument_parser, compare, print_table
 
 
 def bench_re_routing(repeats: int, num_tokens: int, hidden: int) -> list:
@@ -21,8 +21,8 @@ def bench_re_routing(repeats: int, num_tokens: int, hidden: int) -> list:
     counts = torch.bincount(counts, minlength=num_ranks * num_experts).reshape(num_ranks, num_experts).to(torch.int32)
     for dtype in (torch.bfloat16, torch.int8):
         tokens = (torch.randn(num_tokens, hidden) * 20).to(dtype)
-        k, b, r = median_ratio(lambda: moe_fusion.npu_moe_re_routing(tokens, counts), lambda: tokens.clone(), repeats)
-        rows.append((f"re_routing A={num_tokens} H={hidden} {str(dtype)[6:]} vs clone", k, b, r, "<= 1.5"))
+        timing = compare(lambda: moe_fusion.npu_moe_re_routing(tokens, counts), lambda: tokens.clone(), repeats)
+        rows.append(Row(f"re_routing A={num_tokens} H={hidden} {str(dtype)[6:]} vs clone", timing, 1.5))
     return rows
 
 
@@ -38,8 +38,8 @@ def bench_update_expert(repeats: int) -> list:
     def kernel():
         return moe_fusion.npu_moe_update_expert(expert_ids, table, local_rank_id=3, world_size=world)
 
-    kt, bt, r = median_ratio(kernel, lambda: flat_table[flat_index], repeats * 50)
-    return [(f"update_expert BS={bs} K={k} vs one eplb_table gather", kt, bt, r, "<= 2.0")]
+    timing = compare(kernel, lambda: flat_table[flat_index], repeats * 50)
+    return [Row(f"update_expert BS={bs} K={k} vs one eplb_table gather", timing, 2.0)]
 
 
 def _bare_ffn(x, w1, w2):
@@ -54,8 +54,8 @@ def bench_ffn(repeats: int, m: int, k1: int, n1: int) -> list:
     w2 = torch.randn(n1, k1, generator=gen) / n1 ** 0.5
     for dtype in (torch.float32, torch.bfloat16):
         xd, w1d, w2d = x.to(dtype), w1.to(dtype), w2.to(dtype)
-        k, b, r = median_ratio(lambda: moe_fusion.npu_ffn(xd, w1d, w2d, "gelu"), lambda: _bare_ffn(x, w1, w2), repeats)
-        rows.append((f"ffn {str(dtype)[6:]} M={m} K1={k1} N1={n1} vs fp32 x@W1->gelu->@W2", k, b, r, "<= 1.10"))
+        timing = compare(lambda: moe_fusion.npu_ffn(xd, w1d, w2d, "gelu"), lambda: _bare_ffn(x, w1, w2), repeats)
+        rows.append(Row(f"ffn {str(dtype)[6:]} M={m} K1={k1} N1={n1} vs fp32 x@W1->gelu->@W2", timing, 1.10))
     return rows
 
 
@@ -76,13 +76,13 @@ def bench_ffn_experts(repeats: int, m: int, k1: int, n1: int, num_experts: int =
             start += n
         return torch.cat(out)
 
-    k, b, r = median_ratio(lambda: moe_fusion.npu_ffn(x, w1, w2, "gelu", expert_tokens=counts), loop, repeats)
-    return [(f"ffn {num_experts} experts fp32 M={m} K1={k1} N1={n1} vs per-expert loop", k, b, r, "<= 1.10")]
+    timing = compare(lambda: moe_fusion.npu_ffn(x, w1, w2, "gelu", expert_tokens=counts), loop, repeats)
+    return [Row(f"ffn {num_experts} experts fp32 M={m} K1={k1} N1={n1} vs per-expert loop", timing, 1.10)]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = argument_parser(__doc__)
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls of each kernel and baseline (update_expert: 50x as many)")
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run, not the issue's sizes)")
     args = parser.parse_args()
     torch.manual_seed(0)

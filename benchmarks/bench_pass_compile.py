@@ -6,12 +6,11 @@ guards used to evaluate the block at full size, S^2*E, so a real batch could not
 One process, PyTorch's fake process group (world 2, rank 1): the layer is compiled, never run (at
 S=8192, E=64 its (S, E, C) mask alone would be 17 GB). For each repeat, a fresh inductor compile
 (FX graph cache off) of the capacity all-to-all layer with ``moe_fusion.backend()``; the time in
-the passes is measured inside the compile. Prints the medians and the passes' share (target <= 5 %).
+the passes is measured inside the compile. Prints min/median/max of both, and the passes' median
+share with its confidence interval and whether it met the target (<= 5 %).
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 import time
 
 import torch
@@ -20,7 +19,9 @@ import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from _timing import argument_parser
 from moe_fusion.demo.moe_layers import CapacityAllToAllMoE
+from moe_fusion.demo.timing import Comparison, spread
 from moe_fusion.passes import MoeFusionGraphPass, run_fusion_passes
 
 TARGET_SHARE = 0.05
@@ -66,30 +67,28 @@ def compile_once(tokens: int, experts: int, hidden: int, ffn_hidden: int) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--ffn-hidden", type=int, default=256)
+    parser = argument_parser(__doc__)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh compiles")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens (S)")
+    parser.add_argument("--experts", type=int, default=64, help="experts (E)")
+    parser.add_argument("--hidden", type=int, default=1024, help="model (hidden) size (H)")
+    parser.add_argument("--ffn-hidden", type=int, default=256, help="expert FFN hidden size (F)")
     args = parser.parse_args()
     torch._inductor.config.fx_graph_cache = False
     dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
     runs = [compile_once(args.tokens, args.experts, args.hidden, args.ffn_hidden) for _ in range(args.repeats)]
-    compile_s = [r[0] for r in runs]
-    pass_s = [r[1] for r in runs]
-    shares = [p / c for c, p, _ in runs]
-    share = statistics.median(shares)
+    compile_s = tuple(r[0] for r in runs)
+    pass_s = tuple(r[1] for r in runs)
+    share = Comparison(pass_s, compile_s)     # its ratios: each compile's share spent in the passes
     print(f"capacity-a2a S={args.tokens} E={args.experts} H={args.hidden} F={args.ffn_hidden}, world 2, "
           f"{args.repeats} fresh inductor compiles")
     print(f"  fused: {sorted(set(runs[0][2]))}")
-    print(f"  compile s  min/median/max: {min(compile_s):.2f} / {statistics.median(compile_s):.2f} / {max(compile_s):.2f}")
-    print(f"  passes s   min/median/max: {min(pass_s):.3f} / {statistics.median(pass_s):.3f} / {max(pass_s):.3f}")
-    print(f"  passes' share of compile time (median): {share:.1%}  target <= {TARGET_SHARE:.0%}: "
-          f"{'ok' if share <= TARGET_SHARE else 'MISSED'}")
+    print(f"  compile s  min/median/max: {spread(compile_s, scale=1.0)}")
+    print(f"  passes s   min/median/max: {spread(pass_s, scale=1.0)}")
+    print(f"  passes' share of compile time, median [{share.interval.coverage:.0%} interval]: "
+          f"{share.ratio:.1%} [{share.interval.low:.1%}, {share.interval.high:.1%}]  target <= {TARGET_SHARE:.0%}: "
+          f"{share.target_verdict(TARGET_SHARE)}")
     dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

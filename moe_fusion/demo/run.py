@@ -2,12 +2,14 @@
 gloo ranks, checked against eager, and timed fused vs unfused.
 
 ``python -m moe_fusion demo --help`` lists the options. Each configuration spawns ``world`` CPU
-ranks on 127.0.0.1; rank 0 prints the fusion report, the check and the timings.
+ranks on 127.0.0.1; rank 0 prints the fusion report, the check and the timings: the unfused and
+fused steps alternate, and the result gives each one's min/median/max, the median fused/unfused
+ratio of the same repeat with its confidence interval, and whether the difference is outside the
+noise (``moe_fusion.demo.timing`` says how).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import torch.distributed as dist
 
 from ..launch import run_ranks
 from ..passes import FusionReport, backend
+from .timing import Comparison, compare, spread, synced_seconds
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -80,19 +83,6 @@ LAYERS: dict[str, Callable[[DemoConfig, int], torch.nn.Module]] = {"deepspeed-bm
 LAYERS.update({"allgather-ep": _build_top_k("AllGatherEPMoE"), "capacity-a2a": _build_top_k("CapacityAllToAllMoE")})
 
 
-def _median_step(fn: Callable[[], torch.Tensor], steps: int) -> float:
-    """Median over steps of the slowest rank's time for one step (each step starts at a barrier)."""
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        times.append(elapsed.item())
-    return statistics.median(times)
-
-
 def _rank_main(rank: int, world: int, cfg: DemoConfig) -> dict:
     # torch 2.13 deprecates dist.all_gather_into_tensor, which the unfused layers use as people write them.
     warnings.filterwarnings("ignore", message=".*is deprecated. Please use", category=FutureWarning)
@@ -112,13 +102,19 @@ def _rank_main(rank: int, world: int, cfg: DemoConfig) -> dict:
         max_err = (got.float() - expected.float()).abs().max().item()
         scale = expected.float().abs().max().item()
         _say(rank, f"[{cfg.label}] fused vs eager unfused: max abs error {max_err:.3g} (output max {scale:.3g})")
-        _say(rank, f"[{cfg.label}] timing {cfg.steps} steps each")
-        unfused_s = _median_step(lambda: layer(x), cfg.steps)
-        fused_s = _median_step(lambda: fused(x), cfg.steps)
-    _say(rank, f"[{cfg.label}] per step: unfused {unfused_s * 1e3:.2f} ms, fused {fused_s * 1e3:.2f} ms, "
-               f"ratio fused/unfused {fused_s / unfused_s:.3f} (compile {compile_s:.1f} s)")
+        _say(rank, f"[{cfg.label}] timing {cfg.steps} steps of each, unfused and fused alternating")
+        timing = compare(lambda: fused(x), lambda: layer(x), cfg.steps, timer=synced_seconds)
+    _say(rank, f"[{cfg.label}] per step, ms min/median/max: unfused {spread(timing.baseline)}, "
+               f"fused {spread(timing.kernel)} (compile {compile_s:.1f} s)")
+    _say(rank, f"[{cfg.label}] {_timing_summary(timing)}")
     return {"fused": len(report.fused()), "refused": len(report.refused()), "max_err": max_err, "scale": scale,
-            "unfused_s": unfused_s, "fused_s": fused_s}
+            "timing": timing}
+
+
+def _timing_summary(timing: Comparison) -> str:
+    """``fused/unfused <ratio> [interval] (<coverage> interval): <verdict>``."""
+    return (f"fused/unfused {timing.format_ratio()} ({timing.interval.coverage:.0%} interval): "
+            f"{timing.noise_verdict('fused')}")
 
 
 def configs(args: argparse.Namespace) -> list[DemoConfig]:
@@ -127,20 +123,38 @@ def configs(args: argparse.Namespace) -> list[DemoConfig]:
                        args.dtype, args.steps, args.compiler) for ep, tp in layouts]
 
 
+def _layout(text: str) -> str:
+    """``--layout``: ``all`` or ``EPxTP`` with positive ints."""
+    ep, sep, tp = text.partition("x")
+    if text != "all" and not (sep and ep.isdigit() and tp.isdigit() and int(ep) > 0 and int(tp) > 0):
+        raise argparse.ArgumentTypeError(f"give EPxTP such as 2x2 or 4x1, or 'all'; got {text!r}")
+    return text
+
+
+def _positive(text: str) -> int:
+    """A positive int argument."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"give a positive integer, got {text!r}")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options (every one has a default)."""
     parser.add_argument("--layer", choices=sorted(LAYERS), default="deepspeed-bmm", help="the unfused MoE layer")
-    parser.add_argument("--layout", default="all", help="EPxTP, e.g. 2x2 or 4x1; 'all' runs 2x2 and 4x1")
-    parser.add_argument("--tokens", type=int, default=256, help="tokens per rank")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--ffn-hidden", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--layout", type=_layout, default="all", help="EPxTP, e.g. 2x2 or 4x1; 'all' runs 2x2 and 4x1")
+    parser.add_argument("--tokens", type=_positive, default=256, help="tokens per rank")
+    parser.add_argument("--hidden", type=_positive, default=512, help="model (hidden) size")
+    parser.add_argument("--ffn-hidden", type=_positive, default=1024, help="hidden size of each expert's FFN")
+    parser.add_argument("--experts", type=_positive, default=8, help="number of experts")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of inputs and weights")
+    parser.add_argument("--steps", type=_positive, default=20,
+                        help="timed steps of each variant, unfused and fused alternating")
     parser.add_argument("--compiler", choices=["inductor", "eager"], default="inductor",
                         help="inductor code generation, or the fused ATen graph run as is")
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run every configuration of ``args``; 0 when each fused and matched eager, else 1."""
     failures = 0
     for cfg in configs(args):
         print(f"== {cfg.label}: spawning {cfg.world} ranks", flush=True)
@@ -149,7 +163,6 @@ def main(args: argparse.Namespace) -> int:
         tolerance = (2e-2 if cfg.dtype == "bf16" else 1e-4) * max(result["scale"], 1.0)
         ok = result["fused"] > 0 and result["max_err"] <= tolerance
         print(f"== {cfg.label}: {'OK' if ok else 'FAILED'} ({result['fused']} fusions, max error "
-              f"{result['max_err']:.3g} <= {tolerance:.3g}, fused/unfused {result['fused_s'] / result['unfused_s']:.3f})",
-              flush=True)
+              f"{result['max_err']:.3g} <= {tolerance:.3g}; {_timing_summary(result['timing'])})", flush=True)
         failures += not ok
     return 1 if failures else 0

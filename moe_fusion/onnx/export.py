@@ -32,6 +32,12 @@ from .functions import Skipped, attach_functions
 from .translation import translation_table
 
 DEFAULT_OPSET = 20
+# The default-domain opsets the export produces, checked one by one (at each, every single-op case
+# of the ONNX tests exports at that opset, passes full_check and matches eager): torch.onnx's
+# translations are written at opset 18 and onnxscript's version converter moves a model up to 25.
+# Outside 18..25 torch.onnx.export either raises from the converter or keeps opset 18 and only
+# logs it (onnx's own down-converter lacks adapters for ops such as Div-14 and BitwiseAnd).
+MIN_OPSET, MAX_OPSET = 18, 25
 NO_BODY_KEY = "moe_fusion.nodes_without_body"   # metadata_props key listing the nodes left without a body
 _c10d = torch.ops._c10d_functional
 
@@ -106,6 +112,14 @@ def prepare_program(model: Union[torch.nn.Module, ExportedProgram], args: tuple,
     return program
 
 
+def check_opset(opset: int) -> int:
+    """``opset`` when the export produces it (``MIN_OPSET``..``MAX_OPSET``); else ValueError."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset {opset} is not one the export produces: give {MIN_OPSET}..{MAX_OPSET} "
+                         f"(default {DEFAULT_OPSET})")
+    return opset
+
+
 def export(model: Union[torch.nn.Module, ExportedProgram], args: tuple,
            path: Optional[Union[str, os.PathLike]] = None, *, fuse: bool = True, opset: int = DEFAULT_OPSET,
            target: str = "portable", dynamic_shapes: Any = None, functions: bool = True,
@@ -117,12 +131,13 @@ def export(model: Union[torch.nn.Module, ExportedProgram], args: tuple,
         args: example positional inputs.
         path: where to save the model (optional); the ``ModelProto`` is returned either way.
         fuse: run the fusion passes first (module docstring, step 2).
-        opset: the default-domain opset (18 or later).
+        opset: the default-domain opset, ``MIN_OPSET``..``MAX_OPSET`` (else ValueError, before any work).
         target: the compile target whose limits the fusion passes respect.
         dynamic_shapes: as for ``torch.export.export`` (e.g. a dynamic batch dim).
         functions: attach standard-op bodies to the local ops (onnxruntime runs them).
         report: a ``FusionReport`` to fill with what the passes fused or refused.
     """
+    check_opset(opset)
     program = prepare_program(model, args, fuse=fuse, target=target, dynamic_shapes=dynamic_shapes, report=report)
     onnx_program = torch.onnx.export(program, tuple(args), dynamo=True, opset_version=opset,
                                      custom_translation_table=translation_table(), verbose=False)

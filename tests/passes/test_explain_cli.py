@@ -38,6 +38,8 @@ def test_explain_training_graph_fuses_before_autograd(examples_on_path):
     assert any("exact erf form" in e.detail for e in report.refused("ffn"))
 
 
-def test_explain_factory_without_colon_is_a_clear_error():
-    with pytest.raises(SystemExit, match="give the factory as module:function"):
-        moe_fusion_main(["explain", "mlp_factory"])
+def test_explain_factory_without_colon_is_a_clear_error(capsys):
+    assert moe_fusion_main(["explain", "mlp_factory"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("python -m moe_fusion explain: error: give the factory as module:function "
+                   "(returning (model, inputs)), got 'mlp_factory'\n")
