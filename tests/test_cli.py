@@ -273,3 +273,21 @@ def test_benchmark_table_marks_each_target(monkeypatch, capsys):
     assert ffn.endswith("<=1.10  MISSED") and "1.13/1.15/1.16" in ffn and "1.00/1.00/1.00" in ffn
     assert untargeted.endswith("-  kernel faster")
     assert "98.4% at 7 repeats" in lines[-1]
+
+
+def test_demo_train_checks_output_and_gradients(capsys):
+    """``demo --train``: training steps of the AllGather-EP layer fused on 2 ranks, checked against
+    the eager step's output and gradients."""
+    status = moe_fusion_main(["demo", "--train", "--layer", "allgather-ep", "--layout", "2x1", "--tokens", "8",
+                              "--hidden", "16", "--ffn-hidden", "24", "--experts", "4", "--steps", "2",
+                              "--compiler", "eager"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "== allgather-ep EP=2 x TP=1: OK (1 fusions, max error" in out
+
+
+def test_demo_train_refuses_a_layer_without_autograd(capsys):
+    assert moe_fusion_main(["demo", "--train"]) == 2
+    assert _one_error_line(capsys.readouterr().err, "demo") == (
+        "--train needs one of the layers allgather-ep, capacity-a2a: the deepspeed-bmm demo layer's in-place "
+        "collectives have no autograd")

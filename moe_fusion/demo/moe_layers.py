@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
@@ -169,3 +170,37 @@ class CapacityAllToAllMoE(_TopKMoE):
         dist.all_to_all_single(returned, expert_out, group=self.group)
         y = torch.einsum("sec,ecm->sm", combine.to(x.dtype), returned)
         return self.add_shared(y, x)
+
+
+class TrainableAllGatherEPMoE(AllGatherEPMoE):
+    """``AllGatherEPMoE`` with differentiable functional collectives (``*_autograd``): the same
+    graph for the passes, and an eager step that trains (``dist.*``'s in-place collectives have
+    no autograd)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights, ids = self.route(x)
+        gathered_x = funcol.all_gather_tensor_autograd(x, 0, self.group)
+        gathered_ids = funcol.all_gather_tensor(ids, 0, self.group)
+        gathered_w = funcol.all_gather_tensor_autograd(weights.to(x.dtype), 0, self.group)
+        out = torch.zeros_like(gathered_x)
+        for i, expert in enumerate(self.experts):
+            token_weight = (gathered_w * (gathered_ids == self.first_expert + i)).sum(dim=-1, keepdim=True)
+            out = out + expert(gathered_x) * token_weight
+        return self.add_shared(funcol.reduce_scatter_tensor_autograd(out, "sum", 0, self.group), x)
+
+
+class TrainableCapacityAllToAllMoE(CapacityAllToAllMoE):
+    """``CapacityAllToAllMoE`` with differentiable all_to_alls (``all_to_all_single_autograd``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights, ids = self.route(x)
+        capacity = self.capacity(x.size(0))
+        combine = self.combine_weights(weights, ids, capacity)
+        dispatched = torch.einsum("sec,sm->ecm", combine.bool().to(x.dtype), x)
+        received = funcol.all_to_all_single_autograd(dispatched, None, None, self.group)
+        received = received.view(self.ep, self.local_experts, capacity, x.size(1))
+        outputs = [expert(chunk.reshape(-1, x.size(1))).view(self.ep, 1, capacity, x.size(1))
+                   for expert, chunk in zip(self.experts, received.chunk(self.local_experts, dim=1))]
+        expert_out = torch.cat(outputs, dim=1).view(self.num_experts, capacity, x.size(1))
+        returned = funcol.all_to_all_single_autograd(expert_out, None, None, self.group)
+        return self.add_shared(torch.einsum("sec,ecm->sm", combine.to(x.dtype), returned), x)

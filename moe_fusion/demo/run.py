@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ..factory import UsageError
 from ..launch import run_ranks
 from ..passes import FusionReport, backend
 from .timing import Comparison, compare, spread, synced_seconds
@@ -40,6 +41,7 @@ class DemoConfig:
     compiler: str
     top_k: int = 2                  # experts per token (the top-k layers)
     shared_expert: bool = False     # add a shared expert (the top-k layers)
+    train: bool = False             # time and check training steps (forward + backward)
 
     @property
     def label(self) -> str:
@@ -68,19 +70,35 @@ def _build_deepspeed(cfg: DemoConfig, rank: int) -> torch.nn.Module:
 
 
 def _build_top_k(class_name: str) -> Callable[[DemoConfig, int], torch.nn.Module]:
-    """Builder of a ``moe_layers`` class: experts over the EP group (TP ranks hold replicas)."""
+    """Builder of a ``moe_layers`` class: experts over the EP group (TP ranks hold replicas); its
+    ``Trainable`` form (differentiable collectives) for ``--train``."""
     def build(cfg: DemoConfig, rank: int) -> torch.nn.Module:
         from . import moe_layers
 
         ep_group, _ = ep_tp_groups(rank, cfg.ep, cfg.tp)
-        return getattr(moe_layers, class_name)(cfg.hidden, cfg.ffn_hidden, cfg.experts, cfg.top_k, ep_group=ep_group,
-                                               shared_expert=cfg.shared_expert, dtype=DTYPES[cfg.dtype])
+        layer_type = getattr(moe_layers, ("Trainable" if cfg.train else "") + class_name)
+        return layer_type(cfg.hidden, cfg.ffn_hidden, cfg.experts, cfg.top_k, ep_group=ep_group,
+                          shared_expert=cfg.shared_expert, dtype=DTYPES[cfg.dtype])
     return build
 
 
 # --layer name -> builder(cfg, rank) of the unfused layer.
 LAYERS: dict[str, Callable[[DemoConfig, int], torch.nn.Module]] = {"deepspeed-bmm": _build_deepspeed}
 LAYERS.update({"allgather-ep": _build_top_k("AllGatherEPMoE"), "capacity-a2a": _build_top_k("CapacityAllToAllMoE")})
+# Layers with a training form (the DeepSpeed-style layer's in-place collectives have no autograd).
+TRAINABLE = ("allgather-ep", "capacity-a2a")
+
+
+def _train_step(layer: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
+                x: torch.Tensor) -> list[torch.Tensor]:
+    """``run(x)`` (``layer`` or its compiled form), a fixed loss and its backward: the output, the
+    input gradient and every parameter gradient (then cleared)."""
+    x = x.detach().requires_grad_()
+    out = run(x)
+    (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    grads = [out.detach(), x.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+    layer.zero_grad(set_to_none=True)
+    return grads
 
 
 def _rank_main(rank: int, world: int, cfg: DemoConfig) -> dict:
@@ -90,20 +108,25 @@ def _rank_main(rank: int, world: int, cfg: DemoConfig) -> dict:
     _say(rank, f"[{cfg.label}] building the unfused layer on {world} gloo ranks")
     layer = LAYERS[cfg.layer](cfg, rank)
     x = torch.randn(cfg.tokens, cfg.hidden, dtype=DTYPES[cfg.dtype])
-    with torch.no_grad():
-        expected = layer(x)
-        report = FusionReport()
-        _say(rank, f"[{cfg.label}] compiling with moe_fusion.backend(compiler={cfg.compiler!r})")
+    report = FusionReport()
+    fused = torch.compile(layer, backend=backend(report=report, compiler=cfg.compiler), dynamic=False)
+    # Inference steps run without autograd; training steps are forward + backward of a fixed loss.
+    step: Callable[[Callable[[torch.Tensor], torch.Tensor]], list[torch.Tensor]] = (
+        (lambda run: _train_step(layer, run, x)) if cfg.train else (lambda run: [run(x)]))
+    with torch.set_grad_enabled(cfg.train):
+        expected = step(layer)
+        _say(rank, f"[{cfg.label}] compiling with moe_fusion.backend(compiler={cfg.compiler!r})"
+                   f"{' for training' if cfg.train else ''}")
         start = time.perf_counter()
-        fused = torch.compile(layer, backend=backend(report=report, compiler=cfg.compiler), dynamic=False)
-        got = fused(x)
+        got = step(fused)
         compile_s = time.perf_counter() - start
         _say(rank, report.format())
-        max_err = (got.float() - expected.float()).abs().max().item()
-        scale = expected.float().abs().max().item()
-        _say(rank, f"[{cfg.label}] fused vs eager unfused: max abs error {max_err:.3g} (output max {scale:.3g})")
+        max_err = max((g.float() - e.float()).abs().max().item() for g, e in zip(got, expected))
+        scale = max(e.float().abs().max().item() for e in expected)
+        what = "output and gradients" if cfg.train else "output"
+        _say(rank, f"[{cfg.label}] fused vs eager unfused {what}: max abs error {max_err:.3g} (max {scale:.3g})")
         _say(rank, f"[{cfg.label}] timing {cfg.steps} steps of each, unfused and fused alternating")
-        timing = compare(lambda: fused(x), lambda: layer(x), cfg.steps, timer=synced_seconds)
+        timing = compare(lambda: step(fused), lambda: step(layer), cfg.steps, timer=synced_seconds)
     _say(rank, f"[{cfg.label}] per step, ms min/median/max: unfused {spread(timing.baseline)}, "
                f"fused {spread(timing.kernel)} (compile {compile_s:.1f} s)")
     _say(rank, f"[{cfg.label}] {_timing_summary(timing)}")
@@ -120,7 +143,7 @@ def _timing_summary(timing: Comparison) -> str:
 def configs(args: argparse.Namespace) -> list[DemoConfig]:
     layouts = [(2, 2), (4, 1)] if args.layout == "all" else [tuple(int(v) for v in args.layout.split("x"))]
     return [DemoConfig(args.layer, ep * tp, ep, tp, args.tokens, args.hidden, args.ffn_hidden, args.experts,
-                       args.dtype, args.steps, args.compiler) for ep, tp in layouts]
+                       args.dtype, args.steps, args.compiler, train=args.train) for ep, tp in layouts]
 
 
 def _layout(text: str) -> str:
@@ -151,10 +174,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed steps of each variant, unfused and fused alternating")
     parser.add_argument("--compiler", choices=["inductor", "eager"], default="inductor",
                         help="inductor code generation, or the fused ATen graph run as is")
+    parser.add_argument("--train", action="store_true",
+                        help="time and check training steps (forward + backward) instead of inference "
+                             "(the top-k layers)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run every configuration of ``args``; 0 when each fused and matched eager, else 1."""
+    if args.train and args.layer not in TRAINABLE:
+        raise UsageError(f"--train needs one of the layers {', '.join(TRAINABLE)}: the {args.layer} demo layer's "
+                         "in-place collectives have no autograd")
     failures = 0
     for cfg in configs(args):
         print(f"== {cfg.label}: spawning {cfg.world} ranks", flush=True)

@@ -11,49 +11,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import torch.distributed._functional_collectives as funcol
-
-from moe_fusion.demo.moe_layers import AllGatherEPMoE, CapacityAllToAllMoE
+from moe_fusion.demo.moe_layers import TrainableAllGatherEPMoE, TrainableCapacityAllToAllMoE
 from moe_fusion.launch import run_ranks
 from moe_fusion.passes import FusionReport, backend
 
 from moe_dispatch_combine_variants import tokens
 
 HIDDEN, FFN_HIDDEN, TOKENS = 16, 24, 8
-
-
-class TrainableAllGatherMoE(AllGatherEPMoE):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(x)
-        gathered_x = funcol.all_gather_tensor_autograd(x, 0, self.group)
-        gathered_ids = funcol.all_gather_tensor(ids, 0, self.group)
-        gathered_w = funcol.all_gather_tensor_autograd(weights.to(x.dtype), 0, self.group)
-        out = torch.zeros_like(gathered_x)
-        for i, expert in enumerate(self.experts):
-            token_weight = (gathered_w * (gathered_ids == self.first_expert + i)).sum(dim=-1, keepdim=True)
-            out = out + expert(gathered_x) * token_weight
-        return self.add_shared(funcol.reduce_scatter_tensor_autograd(out, "sum", 0, self.group), x)
-
-
-class TrainableCapacityMoE(CapacityAllToAllMoE):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(x)
-        capacity = self.capacity(x.size(0))
-        combine = self.combine_weights(weights, ids, capacity)
-        dispatched = torch.einsum("sec,sm->ecm", combine.bool().to(x.dtype), x)
-        received = funcol.all_to_all_single_autograd(dispatched, None, None, self.group)
-        received = received.view(self.ep, self.local_experts, capacity, x.size(1))
-        outputs = [expert(chunk.reshape(-1, x.size(1))).view(self.ep, 1, capacity, x.size(1))
-                   for expert, chunk in zip(self.experts, received.chunk(self.local_experts, dim=1))]
-        expert_out = torch.cat(outputs, dim=1).view(self.num_experts, capacity, x.size(1))
-        returned = funcol.all_to_all_single_autograd(expert_out, None, None, self.group)
-        return self.add_shared(torch.einsum("sec,ecm->sm", combine.to(x.dtype), returned), x)
-
-
 CASES = {  # name -> (layer, expected fused pattern, compiler)
-    "allgather": (TrainableAllGatherMoE, "moe_allgather_ep", "eager"),
-    "capacity": (TrainableCapacityMoE, "moe_capacity_a2a", "eager"),
-    "capacity-inductor": (TrainableCapacityMoE, "moe_capacity_a2a", "inductor"),
+    "allgather": (TrainableAllGatherEPMoE, "moe_allgather_ep", "eager"),
+    "capacity": (TrainableCapacityAllToAllMoE, "moe_capacity_a2a", "eager"),
+    "capacity-inductor": (TrainableCapacityAllToAllMoE, "moe_capacity_a2a", "inductor"),
 }
 WORLD = 2
 
