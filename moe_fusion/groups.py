@@ -11,10 +11,16 @@ from typing import Optional
 import torch.distributed as dist
 
 
+class GroupPeerError(RuntimeError):
+    """A collective of an operator failed because a peer of its group is gone (exited, stopped, or
+    never called the op) or did not arrive within the process group's timeout. The message names
+    the op, the group and the peer ranks that did not arrive, then the backend's own error."""
+
+
 def registered_group(name: str) -> Optional[dist.ProcessGroup]:
     """The process group called ``name`` in this process, None when torch.distributed is not
     initialized or no group has that name."""
-    if not dist.is_available() or not dist.is_initialized():
+    if not name or not dist.is_available() or not dist.is_initialized():
         return None
     from torch.distributed.distributed_c10d import _resolve_process_group
 

@@ -5,7 +5,10 @@ Used by the tests, the benchmarks and the demo: real multi-process ranks on one 
 ``run_ranks(world_size, fn, *args)`` spawns ``world_size`` processes, each of which joins a gloo
 process group on 127.0.0.1 and calls ``fn(rank, world_size, *args)``; it returns the list of
 per-rank results (picklable: tensors, tuples, dicts). A rank that raises makes the whole call
-raise at once with that rank's traceback; a run past ``timeout`` seconds kills every rank.
+raise at once with that rank's traceback; a run past ``timeout`` seconds kills every rank. Ranks
+listed in ``may_exit`` may die without a result (fault-injection tests): their result is None.
+``pg_timeout`` is the gloo process group's timeout, which bounds how long a collective waits for a
+peer that is gone (the ops then raise ``moe_fusion.groups.GroupPeerError``).
 Batch many cases into one ``fn``: a spawn costs seconds (every rank imports torch).
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 import torch.multiprocessing as mp
@@ -67,8 +70,9 @@ def _failure_report(failures: dict[int, str], results: Any, grace: float = 3.0) 
 
 
 def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180.0,
-              pg_timeout: float = 60.0) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results."""
+              pg_timeout: float = 60.0, may_exit: Collection[int] = ()) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results
+    (None for a rank of ``may_exit`` that died first)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -88,6 +92,9 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
                 rank, ok, payload = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in collected]
+                for r in [r for r in dead if r in may_exit]:
+                    collected[r] = None
+                dead = [r for r in dead if r not in may_exit]
                 if dead:
                     raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
                 continue

@@ -1,117 +1,326 @@
 """Transport shared by the MoE dispatch and combine kernels.
 
-Every EP all-to-all is one **count exchange** (equal splits, int64: a header of the sender's
-attributes and error flag, then its per-destination counts) followed by one **payload exchange**
-(``all_to_all_single`` with split sizes over a ``uint8`` buffer: each row packs its payload,
-scales and metadata bytes side by side, so one collective moves everything a row needs).
+Every call runs, before any payload moves, one **agreement exchange** (``agree``): an all-gather of
+a vector of ``AGREEMENT_LEN`` int64 over the TP pair (when ``T == 2``), then over the EP group. Its
+size is fixed (independent of every attribute, of the op and of the inputs), so ranks that disagree
+on anything, or that rejected their inputs, still complete it, and every rank then raises together:
 
-The header lets every rank check, before any payload moves, that its peers agree on the
-attributes that shape the payload, and learn whether any peer rejected its inputs: then every
-rank raises together, instead of the healthy ones waiting forever in the next collective.
+* a rank whose inputs fail a check (structural, group or value rule) sends status ``REJECTED``
+  (the registered wrapper makes a rank that failed the structural checks join too, see
+  ``join_rejected``); every rank raises, this one its own error, the others a named rejection;
+* otherwise each field must be the same on every rank of its scope (the op itself, H, dtype, K,
+  expert counts, modes, ...), else every rank raises the same disagreement error.
+
+Then the kernels exchange counts (``exchange_counts``: equal splits, int64) and rows
+(``exchange_rows``: ``all_to_all_single`` with split sizes over a ``uint8`` buffer of packed rows,
+``RowLayout``). A backend failure of any collective (a peer exited, stopped, or never called the
+op: gloo raises after the process group's timeout) becomes a ``GroupPeerError`` naming the op, the
+group and the ranks that did not reach the exchange (from a per-group arrival mark in the default
+``torch.distributed`` store).
 
 A group of one rank is never looked up and moves nothing (``group is None``).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..errors import OpValidationError, fail
+from ..groups import GroupPeerError, registered_group
 from ._groups import resolve_group
 
 Tensor = torch.Tensor
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
-
-
-def group_or_none(op: str, arg: str, name: str, world: int, rank: int) -> Optional[dist.ProcessGroup]:
-    """The process group named ``name``, or None for a world of one rank (no communication)."""
-    return None if world == 1 else resolve_group(op, arg, name, world, rank)
+OP_CODES = {"npu_moe_distribute_dispatch_v2": 1, "npu_moe_distribute_combine_v2": 2,
+            "npu_moe_distribute_combine_add_rms_norm": 3}
+AGREEMENT_LEN = 32                 # int64 entries: [op code, status, field values..., zero padding]
+OK, REJECTED = 0, 1
+# Field scopes: which ranks must send the same value.
+EVERYWHERE, EP_ONLY, TP_ONLY, PER_RANK = "everywhere", "ep", "tp", "per-rank"
 
 
 # ---------------------------------------------------------------------------------------------
 # Byte packing: rows of several dtypes side by side in one uint8 buffer.
 # ---------------------------------------------------------------------------------------------
 
-def pack_rows(parts: Sequence[Tensor]) -> Tensor:
-    """``(N, B)`` uint8 with each part's row bytes side by side. Parts are ``(N, w_i)`` tensors."""
-    return torch.cat([p.contiguous().view(torch.uint8) for p in parts], dim=1)
+@dataclass(frozen=True)
+class RowLayout:
+    """Fields ``(dtype, width in elements)`` packed side by side in one ``uint8`` row.
 
-
-def unpack_rows(buf: Tensor, layout: Sequence[tuple[torch.dtype, int]]) -> list[Tensor]:
-    """Inverse of ``pack_rows``: ``layout`` lists each part's ``(dtype, width in elements)``."""
-    out, offset = [], 0
-    for dtype, width in layout:
-        nbytes = width * dtype.itemsize
-        out.append(buf[:, offset:offset + nbytes].contiguous().view(dtype))
-        offset += nbytes
-    return out
-
-
-def row_bytes(layout: Sequence[tuple[torch.dtype, int]]) -> int:
-    return sum(width * dtype.itemsize for dtype, width in layout)
-
-
-# ---------------------------------------------------------------------------------------------
-# Count exchange with agreement, and payload exchange.
-# ---------------------------------------------------------------------------------------------
-
-def exchange_counts(group: Optional[dist.ProcessGroup], header: Sequence[int], counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Send ``header`` to every rank and ``counts[d]`` to rank ``d``.
-
-    ``counts`` ``(W, C)`` int64. Returns ``headers`` ``(W, len(header))`` (row ``s`` = rank ``s``'s
-    header) and ``recv`` ``(W, C)`` (row ``s`` = what rank ``s`` sent to this rank).
+    Each field starts at a byte offset that is a multiple of its element size and the row length is
+    a multiple of the largest element size, so every field of a row buffer ``(N, row_bytes)`` is a
+    plain strided view of its dtype for any ``N`` (0 and 1 included) and any slice of whole rows:
+    packing and unpacking never reinterpret a misaligned byte offset.
     """
-    world = counts.size(0)
-    head = torch.tensor(list(header), dtype=torch.int64, device=counts.device).expand(world, len(header))
-    send = torch.cat([head, counts.to(torch.int64)], dim=1).contiguous()
+
+    fields: tuple[tuple[torch.dtype, int], ...]
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        offsets, end = [], 0
+        for dtype, width in self.fields:
+            end = -(-end // dtype.itemsize) * dtype.itemsize      # round up to the field's alignment
+            offsets.append(end)
+            end += width * dtype.itemsize
+        return tuple(offsets)
+
+    @property
+    def row_bytes(self) -> int:
+        dtype, width = self.fields[-1]
+        end = self.offsets[-1] + width * dtype.itemsize
+        align = max(d.itemsize for d, _ in self.fields)
+        return -(-end // align) * align
+
+    def _views(self, buf: Tensor) -> list[Tensor]:
+        return [buf[:, off:off + width * dtype.itemsize].view(dtype)
+                for (dtype, width), off in zip(self.fields, self.offsets)]
+
+    def pack(self, parts: Sequence[Tensor]) -> Tensor:
+        """``(N, row_bytes)`` uint8 holding ``parts`` (``(N, width_i)`` tensors of the layout's
+        dtypes, any strides); alignment padding bytes are zero."""
+        n = parts[0].size(0)
+        buf = torch.zeros((n, self.row_bytes), dtype=torch.uint8, device=parts[0].device)
+        for view, part in zip(self._views(buf), parts):
+            view.copy_(part)
+        return buf
+
+    def unpack(self, buf: Tensor) -> list[Tensor]:
+        """Views ``(N, width_i)`` of each field of ``buf`` ``(N, row_bytes)`` uint8 (rows of stride
+        ``row_bytes``: a buffer this layout packed or received, or a slice of its rows)."""
+        return self._views(buf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups and backend failures.
+# ---------------------------------------------------------------------------------------------
+
+def group_or_none(op: str, arg: str, name: str, world: int, rank: int) -> Optional[dist.ProcessGroup]:
+    """The process group named ``name``, or None for a world of one rank (no communication)."""
+    return None if world == 1 else resolve_group(op, arg, name, world, rank)
+
+
+def _arrival_key(group: dist.ProcessGroup, group_rank: int) -> str:
+    return f"moe_fusion/arrived/{group.group_name}/{group_rank}"
+
+
+_ARRIVALS: dict[str, int] = {}     # group name -> agreement exchanges this process entered on it
+
+
+def _mark_arrival(group: dist.ProcessGroup) -> int:
+    """Count this agreement exchange on ``group`` and publish the count in the default store, so
+    that a peer whose collective fails can tell which ranks never reached it. Returns the count."""
+    seq = _ARRIVALS.get(group.group_name, 0) + 1
+    _ARRIVALS[group.group_name] = seq
+    store = _default_store()
+    if store is not None:
+        store.set(_arrival_key(group, group.rank()), str(seq))
+    return seq
+
+
+def _default_store() -> Optional[dist.Store]:
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):   # no default group, or a backend without a store
+        return None
+
+
+def _missing_peers(group: dist.ProcessGroup, seq: int) -> list[int]:
+    """Group ranks whose arrival count is below ``seq`` (they did not reach this exchange)."""
+    store = _default_store()
+    if store is None:
+        return []
+    missing = []
+    for r in range(group.size()):
+        key = _arrival_key(group, r)
+        try:
+            reached = int(store.get(key)) if store.check([key]) else 0
+        except RuntimeError:     # the store itself is gone with the peers: nothing more to learn
+            return []
+        if reached < seq:
+            missing.append(r)
+    return missing
+
+
+@contextlib.contextmanager
+def peer_guard(op: str, arg: str, group: Optional[dist.ProcessGroup], stage: str, seq: int = 0) -> Iterator[None]:
+    """Turn a backend failure of the collectives inside into a ``GroupPeerError`` naming ``op``, the
+    group ``arg`` and, for an agreement exchange (``seq`` > 0), the ranks that never reached it."""
+    try:
+        yield
+    except OpValidationError:
+        raise
+    except RuntimeError as error:   # c10d's DistBackendError and gloo's errors are RuntimeErrors
+        if group is None:
+            raise
+        missing = _missing_peers(group, seq) if seq else []
+        who = (f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of the group did not reach it "
+               "(exited, stopped, or never called the op)" if missing else "a peer failed during it")
+        raise GroupPeerError(f"{op}: {arg} {group.group_name!r} ({group.size()} ranks, this process is rank "
+                             f"{group.rank()}): the {stage} did not complete within the process group's timeout: "
+                             f"{who}. Backend error: {error}") from error
+
+
+def _all_gather(group: dist.ProcessGroup, vector: Tensor) -> Tensor:
+    rows = vector.new_empty(group.size() * vector.numel())
+    dist.all_gather_single(rows, vector, group=group)
+    return rows.view(group.size(), vector.numel())
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement exchange.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Field:
+    """One agreed value: ``name`` as error messages say it, ``scope`` which ranks must match."""
+
+    name: str
+    value: int
+    scope: str = EVERYWHERE
+
+
+def _vector(op: str, status: int, fields: Sequence[Field], device: torch.device) -> Tensor:
+    values = [OP_CODES[op], status] + [f.value for f in fields]
+    # A bug guard, not a user error: the vector's size must never depend on the call.
+    assert len(values) <= AGREEMENT_LEN, f"{op}: {len(values)} agreement entries exceed {AGREEMENT_LEN}"
+    return torch.tensor(values + [0] * (AGREEMENT_LEN - len(values)), dtype=torch.int64, device=device)
+
+
+def _op_name(code: int) -> str:
+    return next((name for name, c in OP_CODES.items() if c == code), f"an unknown op (code {code})")
+
+
+def _disagreement(op: str, arg: str, fields: Sequence[Field], rows: Tensor, rank: int, scope: str) -> Optional[str]:
+    """The first disagreement among ``rows`` ``(G, AGREEMENT_LEN)`` (this rank's is row ``rank``) as a
+    message, None when every rank agrees: first the op itself, then each field of the scope."""
+    ops = rows[:, 0]
+    if bool((ops != ops[rank]).any()):
+        peer = int((ops != ops[rank]).nonzero()[0])
+        return (f"{op}: {arg} must be called by every rank of the group in the same order, got {op} on this rank, "
+                f"{_op_name(int(ops[peer]))} on rank {peer}")
+    for i, f in enumerate(fields):
+        if f.scope not in (EVERYWHERE, scope):
+            continue
+        column = rows[:, 2 + i]
+        if bool((column != column[rank]).any()):
+            peer = int((column != column[rank]).nonzero()[0])
+            return (f"{op}: {f.name} must be the same on every rank of {arg}, got {int(column[rank])} on this rank, "
+                    f"{int(column[peer])} on rank {peer}")
+    return None
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The groups of one call: EP (``ep``, named by ``group_ep``) and the TP pair (``tp``); None
+    where the world is one rank."""
+
+    op: str
+    ep: Optional[dist.ProcessGroup]
+    tp: Optional[dist.ProcessGroup]
+
+    def agree(self, fields: Sequence[Field], error: Optional[OpValidationError], device: torch.device,
+              tp_check: Optional[Callable[[Tensor], Optional[OpValidationError]]] = None) -> tuple[Tensor, Tensor]:
+        """The agreement exchange (module docstring). ``error``: this rank's rejection, if any.
+        ``tp_check(tp_rows)`` may reject the TP pair's rows (both ranks run it on the same rows).
+
+        Returns ``(ep_rows (W, AGREEMENT_LEN), tp_rows (2, AGREEMENT_LEN) or None)`` int64, field
+        ``i`` in column ``2 + i``; raises on every rank of both groups together otherwise.
+        """
+        status = OK if error is None else REJECTED
+        tp_rows = None
+        if self.tp is not None:
+            tp_rows = self._gather(self.tp, "group_tp", _vector(self.op, status, fields, device))
+            if error is None:
+                t = self.tp.rank()
+                if bool(tp_rows[1 - t, 1] != OK):
+                    error = OpValidationError(f"{self.op}: group_tp ranks must all accept their inputs, got a rejection "
+                                              f"by TP rank {1 - t} (see that rank's error)")
+                else:
+                    message = _disagreement(self.op, "group_tp", fields, tp_rows, t, TP_ONLY)
+                    error = OpValidationError(message) if message else (tp_check(tp_rows) if tp_check else None)
+        # A TP verdict travels in the EP status: both EP domains of the pair stop together.
+        vector = _vector(self.op, OK if error is None else REJECTED, fields, device)
+        ep_rows = vector.unsqueeze(0) if self.ep is None else self._gather(self.ep, "group_ep", vector)
+        rank = 0 if self.ep is None else self.ep.rank()
+        message = _disagreement(self.op, "group_ep", [], ep_rows, rank, EP_ONLY)   # the op itself first
+        if message:
+            raise OpValidationError(message)
+        if error is not None:
+            raise error
+        bad = (ep_rows[:, 1] != OK).nonzero()
+        if bad.numel():
+            fail(self.op, "group_ep", "ranks must all accept their inputs",
+                 f"a rejection by rank {int(bad[0])} of group_ep or its TP peer (see that rank's error)")
+        message = _disagreement(self.op, "group_ep", fields, ep_rows, rank, EP_ONLY)
+        if message:
+            raise OpValidationError(message)
+        return ep_rows, tp_rows
+
+    def _gather(self, group: dist.ProcessGroup, arg: str, vector: Tensor) -> Tensor:
+        seq = _mark_arrival(group)
+        with peer_guard(self.op, arg, group, "agreement exchange", seq):
+            return _all_gather(group, vector)
+
+
+def open_exchange(op: str, group_ep: str, ep_world: int, ep_rank: int, group_tp: str, tp_world: int,
+                  tp_rank: int) -> Exchange:
+    """Resolve the call's groups; a group that fails its checks still lets this rank join the
+    agreement exchange with its error (``join_rejected``), so the peers stop too."""
+    try:
+        ep = group_or_none(op, "group_ep", group_ep, ep_world, ep_rank)
+        tp = group_or_none(op, "group_tp", group_tp, 2, tp_rank) if tp_world == 2 else None
+    except OpValidationError as error:
+        join_rejected(op, error, group_ep, group_tp, tp_world)
+    return Exchange(op, ep, tp)
+
+
+def join_rejected(op: str, error: OpValidationError, group_ep: object, group_tp: object,
+                  tp_world: object) -> NoReturn:
+    """Take part in the agreement exchange with a rejection, then raise ``error``.
+
+    For a rank whose call failed before its kernel could agree (structural checks, groups). The
+    groups are looked up leniently from the raw arguments: a name that resolves to a group of more
+    than one rank is joined (its peers are waiting there, whatever the size and rank arguments
+    say). A name that does not resolve cannot be joined: the peers then fail after the process
+    group's timeout with a ``GroupPeerError`` naming this rank.
+    """
+    ep = registered_group(group_ep) if isinstance(group_ep, str) else None
+    tp = registered_group(group_tp) if isinstance(group_tp, str) and tp_world == 2 else None
+    if tp is not None and tp.size() != 2:
+        tp = None        # not a TP pair: no peer waits on it in a TP stage
+    if ep is not None and ep.size() > 1 or tp is not None:
+        exchange = Exchange(op, ep if ep is not None and ep.size() > 1 else None, tp)
+        exchange.agree([], error, torch.device("cpu"))
+    raise error
+
+
+# ---------------------------------------------------------------------------------------------
+# Count and payload exchanges (after the agreement: their sizes are then the same on every rank).
+# ---------------------------------------------------------------------------------------------
+
+def exchange_counts(op: str, group: Optional[dist.ProcessGroup], counts: Tensor) -> Tensor:
+    """Send ``counts[d]`` to rank ``d``: ``counts`` ``(W, C)`` int64; returns ``(W, C)`` with row ``s``
+    = what rank ``s`` sent to this rank."""
+    send = counts.to(torch.int64).contiguous()
     if group is None:
-        recv = send
-    else:
-        recv = torch.empty_like(send)
+        return send
+    recv = torch.empty_like(send)
+    with peer_guard(op, "group_ep", group, "count exchange"):
         dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
-    return recv[:, :len(header)], recv[:, len(header):]
+    return recv
 
 
-def exchange_rows(group: Optional[dist.ProcessGroup], buf: Tensor, send_splits: Tensor, recv_splits: Tensor) -> Tensor:
+def exchange_rows(op: str, group: Optional[dist.ProcessGroup], buf: Tensor, send_splits: Tensor,
+                  recv_splits: Tensor) -> Tensor:
     """All-to-all of ``buf`` ``(N, B)`` uint8 rows: ``send_splits[d]`` consecutive rows go to rank ``d``."""
     if group is None:
         return buf
     out = buf.new_empty((int(recv_splits.sum()), buf.size(1)))
-    dist.all_to_all_single(out, buf.contiguous(), output_split_sizes=recv_splits.tolist(),
-                           input_split_sizes=send_splits.tolist(), group=group)
+    with peer_guard(op, "group_ep", group, "payload exchange"):
+        dist.all_to_all_single(out, buf, output_split_sizes=recv_splits.tolist(),
+                               input_split_sizes=send_splits.tolist(), group=group)
     return out
-
-
-def any_error(group: Optional[dist.ProcessGroup], error: Optional[OpValidationError],
-              device: torch.device) -> Tensor:
-    """``(G,)`` int64 error flags of every rank of ``group`` (one all-gather), this rank's alone without a group."""
-    flag = torch.tensor([int(error is not None)], dtype=torch.int64, device=device)
-    if group is None:
-        return flag
-    flags = flag.new_empty(group.size())
-    dist.all_gather_single(flags, flag, group=group)
-    return flags
-
-
-def raise_agreed(op: str, arg: str, error: Optional[OpValidationError], flags: Tensor) -> None:
-    """Raise this rank's error, or a peer's verdict, so that every rank of the group stops together."""
-    if error is not None:
-        raise error
-    bad = flags.nonzero()
-    if bad.numel():
-        fail(op, arg, "ranks must all accept their inputs",
-             f"a rejection by rank {int(bad[0])} of {arg} or its TP peer (see that rank's error)")
-
-
-def check_agreement(op: str, arg: str, names: Sequence[str], headers: Tensor, rank: int) -> None:
-    """Every rank of the group must send the same header values (apart from per-rank fields,
-    which callers leave out of ``names``): they shape the payload rows and their meaning."""
-    mine = headers[rank]
-    differs = (headers != mine).any(dim=0).nonzero()
-    if differs.numel():
-        column = int(differs[0])
-        peer = int((headers[:, column] != mine[column]).nonzero()[0])
-        fail(op, names[column], f"must be the same on every rank of {arg}",
-             f"{int(mine[column])} on this rank, {int(headers[peer, column])} on rank {peer}")

@@ -4,12 +4,14 @@ Combine consumes only what the paired dispatch wrote (canonical layout, see
 ``moe_distribute_dispatch``): this rank's own row count is the last entry of its part of
 ``ep_send_counts``; row ``i < own`` returns to ``(source rank, token, slot) = assist[3i : 3i+3]``.
 
-1. TP (T == 2): the pair all-gathers ``[error, own rows, peer rows]`` (both ranks stop together on
-   an error), then one fp32 ``reduce_scatter_single`` adds the peer's copy of our rows (its rows
+1. agreement (``_moe_exchange.Exchange.agree``): one fixed-size all-gather over the TP pair (T == 2)
+   then over the EP group carries every rank's verdict on its inputs, the attributes that shape
+   the rows and the TP pair's row counts (``_fields``), so every rank stops together;
+2. TP (T == 2): one fp32 ``reduce_scatter_tensor`` adds the peer's copy of our rows (its rows
    ``[peer_own, peer_own + own)``) to ours; the sum is rounded to the ``expand_x`` dtype;
-2. EP return: one count exchange (header + rows per source rank), one payload exchange of packed
-   rows ``[row or int8 row + per-8-group scales | token, slot]`` (``comm_quant_mode`` 2 quantizes
-   per group of 8 elements, SPEC §4.3);
+   EP return: one count exchange (rows per source rank), one payload exchange of packed rows
+   ``[row or int8 row + per-8-group scales | token, slot]`` (``RowLayout``; ``comm_quant_mode`` 2
+   quantizes per group of 8 elements, SPEC §4.3);
 3. on the token's rank, in fp32: ``acc = sum_j w_j * row_j`` over slots ``j = 0..K-1`` (copy
    experts use ``ori_x``, const experts ``ori_x * alpha_1 + v * alpha_2``, zero experts nothing),
    then the shared-expert rows and ``shared_expert_x`` unweighted.
@@ -18,7 +20,7 @@ Rows of tokens that are not processed (masked out) are zero in every output (rst
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,13 +30,12 @@ from ..errors import OpValidationError, fail
 from ..op_protos import moe_distribute_combine_add_rms_norm as rms_proto
 from ..op_protos import moe_distribute_combine_v2 as combine_proto
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
-from ._moe_exchange import (DTYPE_CODES, check_agreement, exchange_counts, exchange_rows,
-                            group_or_none, pack_rows, raise_agreed, unpack_rows)
+from ._moe_exchange import (DTYPE_CODES, EP_ONLY, PER_RANK, TP_ONLY, Field, RowLayout, exchange_counts,
+                            exchange_rows, open_exchange, peer_guard)
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
 QUANT_GROUP = 8                       # elements per comm-quant scale (one 32-byte fp32 block)
-AGREED = ("expand_x (hidden size H)", "expand_x (dtype)", "comm_quant_mode")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,69 +102,80 @@ def require_value(cond: bool, op: str, arg: str, rule: str, seen: Any) -> None:
         fail(op, arg, rule, seen)
 
 
-def _tp_reduce(op: str, group, cfg: DistConfig, expand_x: Tensor, own: int, peer: int,
-               error: Optional[OpValidationError]) -> tuple[Tensor, Optional[OpValidationError], bool]:
-    """Own rows plus the peer's copy of them (SPEC §4.3 step 1).
+def _fields(cfg: DistConfig, comm_quant_mode: int, global_bs: int, own: int, peer: int) -> list[Field]:
+    """What every rank must agree on before rows move; ``own``/``peer`` (this rank's and its TP
+    peer's row counts) are per rank, checked across the TP pair by ``_tp_counts_check``."""
+    return [
+        Field("ep_world_size", cfg.world), Field("ep_rank_id (the TP pair's EP rank)", cfg.rank, TP_ONLY),
+        Field("tp_world_size", cfg.tp_world), Field("tp_rank_id (the EP domain's TP rank)", cfg.tp_rank, EP_ONLY),
+        Field("expand_x (hidden size H)", cfg.hidden), Field("expand_x (dtype)", DTYPE_CODES[cfg.dtype]),
+        Field("expert_ids (K)", cfg.top_k), Field("moe_expert_num", cfg.moe_experts),
+        Field("shared_expert_rank_num", cfg.shared_ranks), Field("shared_expert_num", cfg.n_shared),
+        Field("global_bs", global_bs), Field("comm_quant_mode", comm_quant_mode),
+        Field("zero_expert_num", cfg.zero_experts), Field("copy_expert_num", cfg.copy_experts),
+        Field("const_expert_num", cfg.const_experts),
+        Field("own rows", own, PER_RANK), Field("TP peer rows", peer, PER_RANK),
+    ]
 
-    Returns ``(rows, error, failed)``: ``error`` may now also be a pairing error found here (both
-    ranks find it), ``failed`` is True when either rank of the pair has an error; the caller then
-    reports it in the EP count exchange so that every rank stops together.
-    """
-    info = torch.tensor([int(error is not None), own, peer], dtype=torch.int64, device=expand_x.device)
-    infos = info.new_empty(6)
-    dist.all_gather_single(infos, info, group=group)
-    infos = infos.view(2, 3)
+
+def _tp_counts_check(op: str, t: int, own: int, peer: int,
+                     own_column: int) -> Callable[[Tensor], Optional[OpValidationError]]:
+    """Our peer rows are copies of the TP peer's own rows: the two counts must match across the pair
+    (``tp_rows`` ``(2, AGREEMENT_LEN)`` int64 hold own and peer rows at ``own_column`` and the next)."""
+    def check(tp_rows: Tensor) -> Optional[OpValidationError]:
+        theirs = tp_rows[1 - t, own_column:own_column + 2].tolist()
+        if theirs != [peer, own]:
+            return OpValidationError(f"{op}: tp_send_counts must be the same on both TP ranks, got "
+                                     f"{[own, peer]} here and {theirs} on the peer")
+        return None
+    return check
+
+
+def _tp_reduce(op: str, group: dist.ProcessGroup, cfg: DistConfig, expand_x: Tensor, own: int, peer: int) -> Tensor:
+    """Own rows ``(own, H)`` plus the peer's copy of them, rounded to expand_x's dtype (SPEC §4.3
+    step 1): one fp32 reduce-scatter over the pair, whose counts the agreement checked."""
     t = cfg.tp_rank
-    if bool(infos[:, 0].any()):
-        return expand_x[:0], error, True
-    # Our peer rows are copies of the peer's own rows: the two counts must match across the pair.
-    if int(infos[1 - t, 1]) != peer or int(infos[1 - t, 2]) != own:
-        mismatch = OpValidationError(f"{op}: tp_send_counts must be the same on both TP ranks, got "
-                                     f"{[own, peer]} here and {infos[1 - t, 1:].tolist()} on the peer")
-        return expand_x[:0], mismatch, True
     rows = max(own, peer)
     send = expand_x.new_zeros((2, rows, expand_x.size(1)), dtype=torch.float32)
     send[t, :own] = expand_x[:own].float()
     send[1 - t, :peer] = expand_x[own:own + peer].float()
     summed = send.new_empty((rows, expand_x.size(1)))
-    dist.reduce_scatter_single(summed, send.view(2 * rows, expand_x.size(1)), group=group)
-    return summed[:own].to(expand_x.dtype), None, False
+    with peer_guard(op, "group_tp", group, "TP reduce-scatter"):
+        dist.reduce_scatter_tensor(summed, send.view(2 * rows, expand_x.size(1)), group=group)
+    return summed[:own].to(expand_x.dtype)
 
 
 def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """Steps 1–2: every row this rank computed for another rank's token, delivered there.
     Returns ``(rows (R, H), token (R,), slot (R,))`` of the rows this rank received (rows in
-    expand_x's dtype, or fp32 after int8 comm quant)."""
+    expand_x's dtype, or its dtype after int8 comm quant)."""
     expand_x, expert_ids = inputs["expand_x"], inputs["expert_ids"]
     dtype, h = expand_x.dtype, expand_x.size(1)
     assist, comm_quant_mode = inputs["assist"], inputs["comm_quant_mode"]
-    ep_group = group_or_none(op, "group_ep", inputs["group_ep"], cfg.world, cfg.rank)
+    exchange = open_exchange(op, inputs["group_ep"], cfg.world, cfg.rank, inputs["group_tp"], cfg.tp_world,
+                             cfg.tp_rank)
     error, own, peer = _local_error(cfg, op, expand_x, expert_ids, assist, inputs["assist_arg"],
                                     inputs["ep_send_counts"], inputs["tp_send_counts"], inputs["x_active_mask"],
                                     inputs["elastic_info"])
-    failed = error is not None
-    rows = expand_x[:own]
-    if cfg.tp_world == 2:
-        tp_group = group_or_none(op, "group_tp", inputs["group_tp"], 2, cfg.tp_rank)
-        rows, error, failed = _tp_reduce(op, tp_group, cfg, expand_x, own, peer, error)
+    fields = _fields(cfg, comm_quant_mode, inputs["global_bs"], own, peer)
+    exchange.agree(fields, error, expand_x.device, _tp_counts_check(op, cfg.tp_rank, own, peer, len(fields)))
+
+    rows = _tp_reduce(op, exchange.tp, cfg, expand_x, own, peer) if cfg.tp_world == 2 else expand_x[:own]
     triples = assist[:3 * rows.size(0)].view(-1, 3).long()
     order = torch.argsort(triples[:, 0], stable=True)
     send_counts = torch.bincount(triples[:, 0], minlength=cfg.world)
-    header = [int(failed), expert_ids.size(0), h, DTYPE_CODES[dtype], comm_quant_mode]
-    headers, recv_counts = exchange_counts(ep_group, header, send_counts.unsqueeze(1))
-    raise_agreed(op, "group_ep", error, headers[:, 0])
-    check_agreement(op, "group_ep", AGREED, headers[:, 2:], cfg.rank)
+    recv_counts = exchange_counts(op, exchange.ep, send_counts.unsqueeze(1))
 
     rows, triples = rows[order], triples[order]
     meta = triples[:, 1:].int()
     if comm_quant_mode == combine_proto.COMM_QUANT_INT8:
         q, scales = comm_quant(rows)
-        layout = [(torch.int8, h), (dtype, scales.size(1)), (torch.int32, 2)]
-        buf = pack_rows([q, scales, meta])
+        layout = RowLayout(((torch.int8, h), (dtype, scales.size(1)), (torch.int32, 2)))
+        buf = layout.pack([q, scales, meta])
     else:
-        layout = [(dtype, h), (torch.int32, 2)]
-        buf = pack_rows([rows, meta])
-    parts = unpack_rows(exchange_rows(ep_group, buf, send_counts, recv_counts.squeeze(1)), layout)
+        layout = RowLayout(((dtype, h), (torch.int32, 2)))
+        buf = layout.pack([rows, meta])
+    parts = layout.unpack(exchange_rows(op, exchange.ep, buf, send_counts, recv_counts.squeeze(1)))
     got = comm_dequant(parts[0], parts[1]) if comm_quant_mode == combine_proto.COMM_QUANT_INT8 else parts[0]
     return got, parts[-1][:, 0].long(), parts[-1][:, 1].long()
 
@@ -236,7 +248,8 @@ def _inputs(expand_x, expert_ids, assist, assist_arg, ep_send_counts, expert_sca
     inputs = {name: kwargs.get(name) for name in names}
     inputs.update(expand_x=expand_x, expert_ids=expert_ids, assist=assist, assist_arg=assist_arg,
                   ep_send_counts=ep_send_counts, expert_scales=expert_scales, group_ep=group_ep,
-                  group_tp=kwargs.get("group_tp", ""), comm_quant_mode=kwargs.get("comm_quant_mode", 0))
+                  group_tp=kwargs.get("group_tp", ""), comm_quant_mode=kwargs.get("comm_quant_mode", 0),
+                  global_bs=kwargs.get("global_bs", 0))
     return inputs
 
 

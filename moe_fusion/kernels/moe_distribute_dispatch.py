@@ -8,12 +8,16 @@ Per rank, vectorized over all (token, slot) copies:
    token), which is the all-to-all send order;
 2. payload: the token row (``quant_mode`` 0) or its int8 dynamic quantization per copy with the
    scale ``1 / ds`` (``quant_mode`` 2, optional smooth ``scales`` row of the destination expert);
-3. EP exchange: one count exchange (header + counts per destination and local expert), one
-   payload exchange of packed rows ``[payload | dynamic scale | expand scale | token, slot]``;
-4. receive layout: rows sorted local-expert-major, source-minor, token order kept;
-5. TP (T == 2): error flags are pooled over the TP pair first (so both EP domains stop together),
-   and after the EP exchange the peer's rows are appended after ours with one count all-gather
-   and one payload all-gather.
+3. agreement (``_moe_exchange.Exchange.agree``): one fixed-size all-gather over the TP pair (T == 2)
+   then over the EP group carries every rank's verdict on its inputs and the attributes that shape
+   the rows (``_fields``), so every rank of both groups stops together on a rejection or a
+   disagreement;
+4. EP exchange: one count exchange (counts per destination and local expert), one payload
+   exchange of packed rows ``[payload | dynamic scale | expand scale | token, slot]``
+   (``RowLayout``: each field aligned to its element size);
+5. receive layout: rows sorted local-expert-major, source-minor, token order kept;
+6. TP (T == 2): after the EP exchange the peer's rows are appended after ours with one count
+   all-gather and one payload all-gather.
 
 Implementation-defined outputs (SPEC §3.4), all zero where not written:
 ``assist_info_for_combine[3*row : 3*row+3] = (source rank, source token, slot)`` for own rows;
@@ -33,15 +37,11 @@ from ..errors import OpValidationError, fail
 from ..meta import allocate_outputs
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ..op_protos.moe_distribute_dispatch_v2 import NAME, PROTO, QUANT_DYNAMIC, DispatchConfig
-from ._moe_exchange import (DTYPE_CODES, any_error, check_agreement, exchange_counts, exchange_rows,
-                            group_or_none, pack_rows, raise_agreed, unpack_rows)
+from ._moe_exchange import (DTYPE_CODES, EP_ONLY, TP_ONLY, Field, RowLayout, exchange_counts, exchange_rows,
+                            open_exchange, peer_guard)
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
-# Header fields every EP rank must agree on (after the per-rank error flag and BS).
-AGREED = ("x (hidden size H)", "x (dtype)", "expert_ids (K)", "moe_expert_num", "shared_expert_rank_num",
-          "shared_expert_num", "global_bs", "quant_mode", "expert_scales (given or not)", "zero_expert_num",
-          "copy_expert_num", "const_expert_num", "tp_world_size")
 
 
 def dynamic_quant(rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,21 +96,21 @@ def _local_error(cfg: DistConfig, expert_ids: Tensor, x_active_mask: Optional[Te
     return None
 
 
-def _check_capacity(cfg: DistConfig, global_bs: int, source_bs: Tensor) -> None:
-    """Every source's BS fits the capacity ``A`` was sized for (identical on every rank: no hang)."""
-    if global_bs == 0:
-        # A = BS * W * ... assumes every rank has this rank's BS.
-        bad = (source_bs != source_bs[cfg.rank]).nonzero()
-        if bad.numel():
-            s = int(bad[0])
-            fail(NAME, "global_bs", "must be given (max BS * ep_world_size) when ranks have different BS",
-                 f"BS {int(source_bs[s])} on rank {s}, {int(source_bs[cfg.rank])} on rank {cfg.rank}")
-    else:
-        too_big = (source_bs > global_bs // cfg.world).nonzero()
-        if too_big.numel():
-            s = int(too_big[0])
-            fail(NAME, "global_bs", f"must be >= max BS * ep_world_size (max BS <= {global_bs // cfg.world})",
-                 f"BS {int(source_bs[s])} on rank {s}")
+def _fields(config: DispatchConfig, has_expert_scales: bool, global_bs: int) -> list[Field]:
+    """What every rank must agree on before rows move (they shape the rows and their meaning)."""
+    cfg = config.dist
+    return [
+        Field("ep_world_size", cfg.world), Field("ep_rank_id (the TP pair's EP rank)", cfg.rank, TP_ONLY),
+        Field("tp_world_size", cfg.tp_world), Field("tp_rank_id (the EP domain's TP rank)", cfg.tp_rank, EP_ONLY),
+        Field("x (hidden size H)", cfg.hidden), Field("x (dtype)", DTYPE_CODES[cfg.dtype]),
+        Field("expert_ids (K)", cfg.top_k), Field("moe_expert_num", cfg.moe_experts),
+        Field("shared_expert_rank_num", cfg.shared_ranks), Field("shared_expert_num", cfg.n_shared),
+        Field("global_bs", global_bs), Field("quant_mode", config.quant_mode),
+        Field("expert_scales (given or not)", int(has_expert_scales)), Field("zero_expert_num", cfg.zero_experts),
+        Field("copy_expert_num", cfg.copy_experts), Field("const_expert_num", cfg.const_experts),
+        # A = global_bs_real * ... sizes every rank's buffers from this rank's BS when global_bs is 0.
+        Field("x rows (BS; ranks may differ only when global_bs > 0)", cfg.num_tokens if global_bs == 0 else 0),
+    ]
 
 
 def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Tensor, group_ep: str,
@@ -122,36 +122,27 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     ``(BS, H)``, ``expert_ids`` ``(BS, K)`` int32 (its values are checked here, agreed on by every
     rank); sizes, TP rank and modes come from the validated ``config``."""
     cfg = config.dist
-    quant_mode, tp_world_size, tp_rank_id = config.quant_mode, cfg.tp_world, cfg.tp_rank
+    quant_mode, tp_world_size = config.quant_mode, cfg.tp_world
+    exchange = open_exchange(NAME, group_ep, cfg.world, cfg.rank, group_tp, tp_world_size, cfg.tp_rank)
+    error = _local_error(cfg, expert_ids, x_active_mask, elastic_info)
+    exchange.agree(_fields(config, expert_scales is not None, global_bs), error, x.device)
+
     outs = allocate_outputs(PROTO.infer_shape(config), x)
     expand_x, dynamic_scales, assist, token_nums, ep_counts, tp_counts, expand_scales = outs
     for out in outs[1:]:
         out.zero_()   # expand_x, the big one, is written once below: rows, then zero padding
-    bs, h, k = cfg.num_tokens, cfg.hidden, cfg.top_k
-    ep_group = group_or_none(NAME, "group_ep", group_ep, cfg.world, cfg.rank)
-    tp_group = group_or_none(NAME, "group_tp", group_tp, 2, tp_rank_id) if tp_world_size == 2 else None
-
-    error = _local_error(cfg, expert_ids, x_active_mask, elastic_info)
-    tp_flags = any_error(tp_group, error, x.device)   # a TP peer's error also stops this EP domain
-    failed = bool(tp_flags.any())
-    plan = _plan(cfg, expert_ids, x_active_mask) if not failed else {}   # ids may be out of range
+    h, k = cfg.hidden, cfg.top_k
+    plan = _plan(cfg, expert_ids, x_active_mask)
     lm = cfg.moe_local_experts
-    send_counts = (torch.zeros(cfg.world * lm, dtype=torch.int64, device=x.device) if failed else
-                   torch.bincount(plan["dst"] * lm + plan["local"], minlength=cfg.world * lm)).view(cfg.world, lm)
-    header = [int(failed), bs, h, DTYPE_CODES[x.dtype], k, cfg.moe_experts, cfg.shared_ranks,
-              cfg.n_shared, global_bs, quant_mode, int(expert_scales is not None), cfg.zero_experts,
-              cfg.copy_experts, cfg.const_experts, tp_world_size]
-    headers, recv_counts = exchange_counts(ep_group, header, send_counts)
-    raise_agreed(NAME, "group_ep", error, headers[:, 0])
-    check_agreement(NAME, "group_ep", AGREED, headers[:, 2:], cfg.rank)
-    _check_capacity(cfg, global_bs, headers[:, 1])
+    send_counts = torch.bincount(plan["dst"] * lm + plan["local"], minlength=cfg.world * lm).view(cfg.world, lm)
+    recv_counts = exchange_counts(NAME, exchange.ep, send_counts)
 
-    layout = [(x.dtype if quant_mode != QUANT_DYNAMIC else torch.int8, h)]
-    layout += [(torch.float32, 1)] * (quant_mode == QUANT_DYNAMIC) + [(torch.float32, 1)] * (expert_scales is not None)
-    layout += [(torch.int32, 2)]
-    buf = exchange_rows(ep_group, _pack(plan, x, scales, expert_scales, quant_mode, k),
+    layout = RowLayout(((x.dtype if quant_mode != QUANT_DYNAMIC else torch.int8, h),)
+                       + ((torch.float32, 1),) * (quant_mode == QUANT_DYNAMIC)
+                       + ((torch.float32, 1),) * (expert_scales is not None) + ((torch.int32, 2),))
+    buf = exchange_rows(NAME, exchange.ep, _pack(layout, plan, x, scales, expert_scales, quant_mode, k),
                         send_counts.sum(1), recv_counts.sum(1))
-    parts = unpack_rows(buf, layout)
+    parts = layout.unpack(buf)
 
     # Receive order is (source, local expert, token); the layout is (local expert, source, token).
     lo = cfg.local_experts
@@ -172,7 +163,7 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     _write_prefix(ep_counts, 0, per_expert.reshape(-1).cumsum(0))
     nums = per_expert.sum(1)
     if tp_world_size == 2:
-        nums = nums + _tp_gather(tp_group, cfg, expand_x, dynamic_scales, ep_counts, tp_counts, own, quant_mode,
+        nums = nums + _tp_gather(exchange.tp, cfg, expand_x, dynamic_scales, ep_counts, tp_counts, own, quant_mode,
                                  per_expert.reshape(-1))
     elif tp_world_size == 1:
         tp_counts[0] = own
@@ -180,9 +171,9 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     return outs
 
 
-def _pack(plan: dict[str, Tensor], x: Tensor, scales: Optional[Tensor], expert_scales: Optional[Tensor],
-          quant_mode: int, k: int) -> Tensor:
-    """The send buffer ``(copies, row bytes)`` uint8: ``[payload | dyn scale | expand scale | token, slot]``."""
+def _pack(layout: RowLayout, plan: dict[str, Tensor], x: Tensor, scales: Optional[Tensor],
+          expert_scales: Optional[Tensor], quant_mode: int, k: int) -> Tensor:
+    """The send buffer ``(copies, layout.row_bytes)`` uint8: ``[payload | dyn scale | expand scale | token, slot]``."""
     tok, slot = plan["tok"], plan["slot"]
     parts: list[Tensor] = []
     if quant_mode == QUANT_DYNAMIC:
@@ -198,7 +189,7 @@ def _pack(plan: dict[str, Tensor], x: Tensor, scales: Optional[Tensor], expert_s
         weight = expert_scales[tok, slot.clamp(max=k - 1)]
         parts.append(torch.where(moe, weight, 0.0).unsqueeze(1))
     parts.append(torch.stack([tok, slot], dim=1).int())
-    return pack_rows(parts)
+    return layout.pack(parts)
 
 
 def _write_prefix(out: Tensor, start: int, values: Tensor) -> None:
@@ -208,22 +199,24 @@ def _write_prefix(out: Tensor, start: int, values: Tensor) -> None:
     out[start:start + n] = values[:n].to(out.dtype)
 
 
-def _tp_gather(group, cfg: DistConfig, expand_x: Tensor, dynamic_scales: Tensor, ep_counts: Tensor,
-               tp_counts: Tensor, own: int, quant_mode: int, own_counts: Tensor) -> Tensor:
-    """Append the TP peer's rows after ours (SPEC §3.4 TP all-gather); returns the peer's row count."""
+def _tp_gather(group: dist.ProcessGroup, cfg: DistConfig, expand_x: Tensor, dynamic_scales: Tensor,
+               ep_counts: Tensor, tp_counts: Tensor, own: int, quant_mode: int, own_counts: Tensor) -> Tensor:
+    """Append the TP peer's rows after ours (SPEC §3.4 TP all-gather); returns the peer's row count
+    ``(1,)`` int64. ``own_counts`` ``(L * W,)``: our rows per (local expert, source)."""
     t = cfg.tp_rank
-    row_layout = [(expand_x.dtype, expand_x.size(1))] + [(torch.float32, 1)] * (quant_mode == QUANT_DYNAMIC)
+    layout = RowLayout(((expand_x.dtype, expand_x.size(1)),) + ((torch.float32, 1),) * (quant_mode == QUANT_DYNAMIC))
     info = torch.cat([own_counts.new_tensor([own]), own_counts.to(torch.int64)])
     infos = info.new_empty(2 * info.numel())
-    dist.all_gather_single(infos, info, group=group)
-    infos = infos.view(2, -1)
-    rows = int(infos[:, 0].max())
-    parts = [expand_x[:rows]] + ([dynamic_scales[:rows].unsqueeze(1)] if quant_mode == QUANT_DYNAMIC else [])
-    mine = pack_rows(parts)
-    gathered = mine.new_empty((2 * rows, mine.size(1)))
-    dist.all_gather_single(gathered, mine, group=group)
+    with peer_guard(NAME, "group_tp", group, "TP all-gather"):
+        dist.all_gather_single(infos, info, group=group)
+        infos = infos.view(2, -1)
+        rows = int(infos[:, 0].max())
+        parts = [expand_x[:rows]] + ([dynamic_scales[:rows].unsqueeze(1)] if quant_mode == QUANT_DYNAMIC else [])
+        mine = layout.pack(parts)
+        gathered = mine.new_empty((2 * rows, mine.size(1)))
+        dist.all_gather_single(gathered, mine, group=group)
     peer = int(infos[1 - t, 0])
-    peer_parts = unpack_rows(gathered[(1 - t) * rows:(1 - t) * rows + peer], row_layout)
+    peer_parts = layout.unpack(gathered[(1 - t) * rows:(1 - t) * rows + peer])
     expand_x[own:own + peer] = peer_parts[0]
     if quant_mode == QUANT_DYNAMIC:
         dynamic_scales[own:own + peer] = peer_parts[1][:, 0]
