@@ -169,7 +169,36 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any],
                          graph_pass: MoeFusionGraphPass) -> fx.GraphModule:
     """Dynamo's graph ``gm`` as a functional ATen graph with inductor's decompositions, fused by
     ``graph_pass``: what AOT autograd should differentiate (see the module docstring). Traced on
-    the fake values dynamo used for ``example_inputs``."""
+    the fake values dynamo used for ``example_inputs``. Returns ``gm`` itself, and says why in the
+    report, when the graph cannot be traced this way (functionalization does not handle every
+    graph: custom autograd Functions, some in-place ops) or when a fused op has no autograd
+    formula: those graphs train unfused, never wrongly."""
+    report = graph_pass.report
+    trial = FusionReport()
+    try:
+        traced = _functional_aten_graph(gm, example_inputs)
+        MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial)(traced.graph)
+    except Exception as error:  # noqa: BLE001 - any failure to trace means: leave the graph to AOT as it is
+        reason = " ".join(str(error).split())[:300]
+        _record(report, f"fused nothing before autograd: the graph does not trace as a functional ATen graph "
+                        f"({type(error).__name__}: {reason})")
+        return gm
+    without = sorted({str(n.target) for n in traced.graph.nodes if n.op == "call_function"
+                      and str(n.target).startswith("moe_fusion.") and not _differentiable(n.target)})
+    # An op without a formula would return outputs that do not require grad: silently wrong gradients.
+    if without:
+        _record(report, f"fused nothing before autograd: {', '.join(without)} has no autograd formula")
+        return gm
+    _restore_differentiable_casts(traced.graph)
+    traced.recompile()
+    if report is not None:
+        report.events.extend(trial.events)
+        report.ops_before.update(trial.ops_before)
+        report.ops_after.update(trial.ops_after)
+    return traced
+
+
+def _functional_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:   # called outside torch.compile: trace on fresh fakes
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -179,23 +208,21 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any],
     with fake_mode, torch.no_grad():
         traced = make_fx(torch.func.functionalize(gm, remove="mutations"),
                          decomposition_table=select_decomp_table())(*fakes)
-    trial = FusionReport()
-    MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial)(traced.graph)
-    traced.recompile()
-    without = sorted({str(n.target) for n in traced.graph.nodes if n.op == "call_function"
-                      and str(n.target).startswith("moe_fusion.") and not _differentiable(n.target)})
-    report = graph_pass.report
-    # An op without a formula would return outputs that do not require grad: silently wrong gradients.
-    if without:
-        if report is not None:
-            report.events.append(FusionEvent("training", False, "graph", f"fused nothing before autograd: "
-                                             f"{', '.join(without)} has no autograd formula"))
-        return gm
-    if report is not None:
-        report.events.extend(trial.events)
-        report.ops_before.update(trial.ops_before)
-        report.ops_after.update(trial.ops_after)
+    traced.graph.eliminate_dead_code()   # decompositions leave unused casts, which would read as other uses
     return traced
+
+
+def _restore_differentiable_casts(graph: fx.Graph) -> None:
+    """``prims.convert_element_type`` (inductor's decomposition of ``_to_copy``) has no autograd
+    formula: AOT autograd must see the ``aten._to_copy`` it came from."""
+    for node in graph.find_nodes(op="call_function", target=torch.ops.prims.convert_element_type.default):
+        node.target = torch.ops.aten._to_copy.default
+        node.args, node.kwargs = node.args[:1], {"dtype": node.args[1]}
+
+
+def _record(report: Optional[FusionReport], detail: str) -> None:
+    if report is not None:
+        report.events.append(FusionEvent("training", False, "graph", detail))
 
 
 def _differentiable(op: Any) -> bool:

@@ -130,3 +130,77 @@ def test_a_fused_op_without_formula_keeps_the_graph_unfused(monkeypatch):
     torch.testing.assert_close(got_out, want_out)
     for got, want in zip(got_grads, want_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_bf16_training_fuses_and_casts_stay_differentiable():
+    """Inductor's decompositions turn dtype casts into ``prims.convert_element_type``, which has no
+    autograd formula: the fused training graph hands AOT autograd ``aten._to_copy`` instead."""
+    torch.manual_seed(0)
+    model = DenseMLP().to(torch.bfloat16)
+    x = torch.randn(TOKENS, HIDDEN).to(torch.bfloat16)
+
+    def run(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda t: m(t).float()      # a bf16 model read in fp32, as mixed precision does
+
+    want_out, want_grads = _cast_step(model, run(model), x)
+    report = FusionReport()
+    torch._dynamo.reset()
+    got_out, got_grads = _cast_step(model, run(torch.compile(model, backend=backend(report=report,
+                                                                                   compiler="eager"))), x)
+    assert [e.pattern for e in report.fused()] == ["ffn"], report.format()
+    torch.testing.assert_close(got_out, want_out, rtol=2e-2, atol=2e-2)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+
+
+def _cast_step(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
+               x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_()
+    out = run(x)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    grads = [x.grad] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+class Doubled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * 2
+
+
+class WithAutogradFunction(DenseMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Doubled.apply(super().forward(x))
+
+
+class WithInPlaceMask(DenseMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x > -1
+        mask &= x < 1
+        return super().forward(x * mask)
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    (WithAutogradFunction, "custom_function_call"),
+    (WithInPlaceMask, "does not trace as a functional ATen graph"),
+])
+def test_graphs_that_do_not_trace_train_unfused(model_type, reason):
+    """Graphs functionalization cannot trace (custom autograd Functions, some in-place ops) go to
+    AOT autograd as they are: right gradients, no fusion, and the report says why."""
+    torch.manual_seed(0)
+    model = model_type()
+    x = torch.randn(TOKENS, HIDDEN)
+    want_out, want_grads = _step(model, x)
+    report = FusionReport()
+    torch._dynamo.reset()
+    got_out, got_grads = _step(torch.compile(model, backend=backend(report=report, compiler="eager")), x)
+    assert not report.fused()
+    assert any(e.pattern == "training" and reason in e.detail for e in report.refused()), report.format()
+    torch.testing.assert_close(got_out, want_out)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want)
