@@ -50,9 +50,26 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., Any], ar
             torch.save(result, buffer)   # bytes, not shared-memory tensors: the rank exits right after
             results.put((rank, True, buffer.getvalue()))
         finally:
+            _leave(rank, world_size, pg_timeout)
             dist.destroy_process_group()
     except BaseException:  # report every failure, including assertion errors, to the parent
         results.put((rank, False, traceback.format_exc()))
+
+
+def _leave(rank: int, world_size: int, wait: float) -> None:
+    """Rank 0 hosts the TCP store: it stays until every rank has left (at most ``wait`` seconds),
+    so that peers still handling a failed collective can read the store (the ops name the ranks
+    that never reached an exchange from it)."""
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.add("moe_fusion/launch/left", 1)
+        deadline = time.monotonic() + wait
+        while rank == 0 and store.add("moe_fusion/launch/left", 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except RuntimeError:   # the store's host is gone already: nothing to wait for
+        pass
 
 
 def _failure_report(failures: dict[int, str], results: Any, grace: float = 3.0) -> str:
