@@ -13,15 +13,14 @@ import torch
 from ..op_protos.moe_update_expert import UpdateExpertConfig, validate_values
 
 
-@lru_cache(maxsize=64)
-def _replica_columns(world_size: int, local_rank_id: int, table_width: int,
-                     device: torch.device) -> torch.Tensor:
-    """balance_mode 0: ``(F,)`` int64, the eplb_table column this rank uses for a row of replica
-    count ``c`` in ``[1, F-1]``: ``1 + local_rank_id // ceil(world_size / c)`` (``<= c`` since
-    ``local_rank_id < world_size``). Entry 0 is never read (``validate_values`` hands out counts in
-    ``[1, F-1]``)."""
-    columns = [1] + [1 + local_rank_id // -(-world_size // c) for c in range(1, table_width)]
-    return torch.tensor(columns, dtype=torch.int64, device=device)
+def _replica_columns(world_size: int, local_rank_id: int, replica_count: torch.Tensor) -> torch.Tensor:
+    """balance_mode 0: ``(N_log,)`` int64, the eplb_table column this rank uses for each row:
+    ``1 + local_rank_id // ceil(world_size / c)`` for the row's replica count ``c`` in ``[1, F-1]``
+    (``<= c`` since ``local_rank_id < world_size``). Computed per row in int64, so neither a wide table
+    nor a large ``world_size`` costs more than the rows."""
+    count = replica_count.to(torch.int64)
+    span = torch.div(count + (world_size - 1), count, rounding_mode="floor")    # ceil(world_size / c)
+    return torch.div(torch.full_like(count, local_rank_id), span, rounding_mode="floor").add_(1)
 
 
 @lru_cache(maxsize=64)
@@ -42,8 +41,8 @@ def moe_update_expert(config: UpdateExpertConfig, expert_ids: torch.Tensor, eplb
     flat_ids = expert_ids.reshape(-1)
     replica_count = validate_values(config, flat_ids, eplb_table.select(1, 0))
     if config.balance_mode == 0:
-        columns = _replica_columns(config.world_size, config.local_rank_id, width, device)
-        positions = columns.index_select(0, replica_count).add_(_row_starts(config.num_logical, width, device))
+        columns = _replica_columns(config.world_size, config.local_rank_id, replica_count)
+        positions = columns.add_(_row_starts(config.num_logical, width, device))
         mapped = torch.take(eplb_table, positions)                          # (N_log,) this rank's instance
         if mapped.dtype != config.ids_dtype:
             mapped = mapped.to(config.ids_dtype)

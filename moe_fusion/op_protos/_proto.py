@@ -123,6 +123,10 @@ class OpProto(Generic[ConfigT]):
 # Validation vocabulary. Each helper raises OpValidationError("<op>: <arg> <rule>, got <seen>").
 # ---------------------------------------------------------------------------------------------
 
+# Largest int32: the device stores ids, row counts and row indices as int32, so every bound that keeps
+# an index or a count inside int32 is written against it.
+INT32_MAX = 2**31 - 1
+
 _DTYPE_NAMES = {
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
     torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32", torch.int64: "int64",
@@ -163,6 +167,12 @@ def require_dtype(op: str, arg: str, t: torch.Tensor, dtypes: Sequence[torch.dty
 def require_shape(op: str, arg: str, t: torch.Tensor, shape: Sequence[Any]) -> None:
     if tuple(t.shape) != tuple(shape):
         fail(op, arg, f"must have shape {tuple(shape)}", f"shape {shape_of(t)}")
+
+
+def require_same_dtype(op: str, arg: str, t: torch.Tensor, like_arg: str, like: torch.Tensor) -> None:
+    """``t`` has the dtype of the argument ``like_arg`` (the tensor ``like``)."""
+    if t.dtype != like.dtype:
+        fail(op, arg, f"dtype must equal {like_arg}'s ({dtype_name(like.dtype)})", dtype_name(t.dtype))
 
 
 def require_in(op: str, arg: str, value: Any, allowed: Sequence[Any]) -> None:

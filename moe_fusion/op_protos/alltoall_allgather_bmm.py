@@ -37,6 +37,10 @@ SCHEMA = (
 # act_type codes; the public wrapper also takes these names, case-insensitively (MindSpeed).
 ACT_TYPES = {"none": 0, "gelu": 1, "silu": 2, "relu": 3, "fastgelu": 4}
 DEVICE_WORLD_SIZES = (2, 4, 8, 16, 32)
+# Every target: a group of more than 32 ranks exists on no device (SPEC §6.4), and the group sizes
+# multiply output rows (y1/y2/y3 have ep * C rows; shard_type 1 gathers tp * (C / tp)), so the portable
+# target keeps the device's largest value as its bound.
+MAX_WORLD_SIZE = DEVICE_WORLD_SIZES[-1]
 DEVICE_MAX_EXPERTS, DEVICE_MAX_LOCAL_EXPERTS, DEVICE_MAX_DIM = 512, 32, 65535
 MAX_GROUP_NAME = 127
 TARGETS = frozenset({"portable", "A3"})   # A3 only on device (SPEC §6.5)
@@ -95,6 +99,7 @@ def validate_common(op: str, x: torch.Tensor, weight: torch.Tensor, group_ep: st
             require(size in DEVICE_WORLD_SIZES, op, arg, f"must be one of {DEVICE_WORLD_SIZES} on {get_target()}", size)
         else:
             require(size >= 1, op, arg, "must be >= 1", size)
+            require(size <= MAX_WORLD_SIZE, op, arg, f"must be <= {MAX_WORLD_SIZE}", size)
     require_in(op, "shard_type", shard_type, (0, 1))
     for arg, t in (("x", x), ("weight", weight)):
         require(all(d > 0 for d in t.shape), op, arg, "must have no zero-size dim", f"shape {shape_of(t)}")

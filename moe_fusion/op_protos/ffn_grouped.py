@@ -41,7 +41,7 @@ import torch
 
 from ..targets import is_device_target
 from . import ffn
-from ._proto import OpProto, OutSpec, dtype_name, require, require_dim, require_dtype, require_in, require_shape
+from ._proto import INT32_MAX, OpProto, OutSpec, dtype_name, require, require_dim, require_dtype, require_in, require_shape
 
 NAME = "npu_ffn_grouped"
 SCHEMA = (
@@ -49,6 +49,8 @@ SCHEMA = (
     "Tensor? bias2=None, int? inner_precise=None, bool tokens_index_flag=False) -> Tensor"
 )
 DEVICE_X_DTYPES = (torch.float16, torch.bfloat16)
+# Every target: segment ends are int32 (torch._grouped_mm offsets) and reach M, so M <= INT32_MAX.
+MAX_ROWS = INT32_MAX
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ def validate(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, acti
     act = activation.lower()
     require_dim(NAME, "x", x, (2,))
     require_dtype(NAME, "x", x, DEVICE_X_DTYPES if device else DEVICE_X_DTYPES + (torch.float32,))
+    require(x.size(0) <= MAX_ROWS, NAME, "x", f"must have M <= {MAX_ROWS} rows (int32 segment ends)",
+            f"shape {tuple(x.shape)}")
     for name, w in (("weight1", weight1), ("weight2", weight2)):
         require_dim(NAME, name, w, (3,))
         require(w.dtype == x.dtype, NAME, name, f"dtype must equal x's ({dtype_name(x.dtype)})", dtype_name(w.dtype))

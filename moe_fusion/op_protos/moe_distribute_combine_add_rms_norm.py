@@ -11,9 +11,8 @@ from typing import Optional
 
 import torch
 
-from ._proto import GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_shape
-from .moe_distribute_combine_v2 import (GE_ATTRS_HEAD, GE_ATTRS_SPECIAL, GE_INPUTS_HEAD, GE_INPUTS_TAIL, _same_dtype,
-                                        validate_combine)
+from ._proto import GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_same_dtype, require_shape
+from .moe_distribute_combine_v2 import GE_ATTRS_HEAD, GE_ATTRS_SPECIAL, GE_INPUTS_HEAD, GE_INPUTS_TAIL, validate_combine
 from .moe_distribute_common import DistConfig
 
 NAME = "npu_moe_distribute_combine_add_rms_norm"
@@ -49,9 +48,9 @@ def validate(expand_x: torch.Tensor, expert_ids: torch.Tensor, expand_idx: torch
     for arg, value in (("out_dtype", out_dtype), ("group_list_type", group_list_type)):
         require(value == 0, NAME, arg, "must be 0 (reserved)", value)
     bs, h = cfg.num_tokens, cfg.hidden
-    _same_dtype(NAME, "residual_x", residual_x, expand_x)
+    require_same_dtype(NAME, "residual_x", residual_x, "expand_x", expand_x)
     require_shape(NAME, "residual_x", residual_x, (bs, 1, h))
-    _same_dtype(NAME, "gamma", gamma, expand_x)
+    require_same_dtype(NAME, "gamma", gamma, "expand_x", expand_x)
     require_shape(NAME, "gamma", gamma, (h,))
     return cfg
 

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from ..targets import get_target, is_device_target
-from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, dtype_name, require, require_dim, require_dtype,
-                     require_in, require_shape, shape_of)
+from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim, require_dtype, require_in,
+                     require_same_dtype, require_shape, shape_of)
 from .moe_distribute_common import ASSIST_ROW_STRIDE, DEVICE_X_DTYPES, X_DTYPES, DistConfig, check_dist_attrs
 
 NAME = "npu_moe_distribute_combine_v2"
@@ -31,11 +31,6 @@ SCHEMA = (
     "int const_expert_num=0) -> Tensor"
 )
 COMM_QUANT_NONE, COMM_QUANT_INT8 = 0, 2
-
-
-def _same_dtype(op: str, arg: str, t: torch.Tensor, like: torch.Tensor) -> None:
-    require(t.dtype == like.dtype, op, arg, f"dtype must equal expand_x's ({dtype_name(like.dtype)})",
-            dtype_name(t.dtype))
 
 
 def validate_combine(op: str, expand_x: torch.Tensor, expert_ids: torch.Tensor, assist_info: torch.Tensor,
@@ -87,7 +82,7 @@ def validate_combine(op: str, expand_x: torch.Tensor, expert_ids: torch.Tensor, 
     elif get_target() == "A2":
         require(comm_alg != "hierarchy", op, "expand_scales", "is required with comm_alg 'hierarchy' on A2", None)
     if shared_expert_x is not None:
-        _same_dtype(op, "shared_expert_x", shared_expert_x, expand_x)
+        require_same_dtype(op, "shared_expert_x", shared_expert_x, "expand_x", expand_x)
         require_dim(op, "shared_expert_x", shared_expert_x, (2, 3))
         sx = shared_expert_x
         require(sx.size(-1) == h and (sx.size(0) if sx.dim() == 2 else sx.size(0) * sx.size(1)) == bs, op,
@@ -100,7 +95,7 @@ def validate_combine(op: str, expand_x: torch.Tensor, expert_ids: torch.Tensor, 
     if ori_x is not None or copy_expert_num or const_expert_num:
         needed_by = ", ".join(f"{n}={v}" for n, v in specials.items() if v) or "given"
         require(ori_x is not None, op, "ori_x", "is required when copy_expert_num or const_expert_num > 0", needed_by)
-        _same_dtype(op, "ori_x", ori_x, expand_x)
+        require_same_dtype(op, "ori_x", ori_x, "expand_x", expand_x)
         require_shape(op, "ori_x", ori_x, (bs, h))
     _validate_const_experts(op, expand_x, const_expert_num, h, const_expert_alpha_1, const_expert_alpha_2,
                             const_expert_v)
@@ -123,7 +118,7 @@ def _validate_const_experts(op, expand_x, q, h, alpha1, alpha2, v) -> None:
         if t is None:
             require(q == 0, op, arg, "is required when const_expert_num > 0", None)
             continue
-        _same_dtype(op, arg, t, expand_x)
+        require_same_dtype(op, arg, t, "expand_x", expand_x)
         shapes = ((q, h),) if arg == "const_expert_v" else ((q,), (q, h))
         require(tuple(t.shape) in shapes, op, arg, "must have shape " + " or ".join(map(str, shapes)),
                 f"shape {shape_of(t)}")

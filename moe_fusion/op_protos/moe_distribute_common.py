@@ -22,13 +22,12 @@ import torch
 
 from ..errors import fail
 from ..targets import get_target
-from ._proto import require, require_dim, require_dtype, require_in, require_range, require_shape, shape_of
+from ._proto import INT32_MAX, require, require_dim, require_dtype, require_in, require_range, require_shape, shape_of
 
 DEVICE_X_DTYPES = (torch.bfloat16, torch.float16)   # tokens (x, expand_x) on A2/A3
 X_DTYPES = DEVICE_X_DTYPES + (torch.float32,)       # the portable target adds fp32
 ASSIST_ROW_STRIDE = 128                             # Meta allocates A * 128 assist_info entries
 
-INT32_MAX = 2**31 - 1
 MAX_GROUP_NAME = 127          # group names are 1..127 characters (torch_npu hcomm names)
 A3_COMM_ALGS = ("", "fullmesh_v1", "fullmesh_v2")
 A2_COMM_ALGS = ("", "0", "fullmesh", "hierarchy")
@@ -37,6 +36,16 @@ A3_H_RANGE, A3_MAX_SHARED, A3_MAX_LOCAL_TIMES_W = (1024, 8192), 4, 2048
 A2_WORLDS_FULLMESH, A2_WORLDS_HIERARCHY = (16, 32, 64, 128, 256), (16, 32, 64)
 A2_MAX_EXPERTS, A2_MAX_LOCAL_FULLMESH, A2_MAX_BS, A2_MAX_K = 512, 24, 256, 16
 A2_MAX_H_FULLMESH, A2_MAX_H_HIERARCHY, A2_H_ALIGN = 7168, 10240, 32
+# Bounds on every target (SPEC §3.5 gives the device values; the portable target takes the largest
+# device value, so nothing torch_npu accepts on a device is refused):
+# * ep_world_size <= 768 (A3): W multiplies into ep_recv_counts (W * L) and the default global_bs (BS * W).
+# * moe_expert_num <= 1024 (A3): M sizes expert_token_nums (L = M / (W - S)) and ep_recv_counts (W * L).
+# * global_bs / ep_world_size is the largest BS of any rank, so it is at most the target's largest BS
+#   (portable: 512, or this rank's BS when larger); it sizes the receive capacity A.
+# * A * 128 <= INT32_MAX: assist_info_for_combine has A * 128 int32-indexed entries, and ep_recv_counts /
+#   tp_recv_counts count up to max(T, 1) * A rows in int32 (the device's largest A is 512 * 768 * 16).
+MAX_WORLD, MAX_EXPERTS, PORTABLE_MAX_BS = A3_MAX_WORLD, A3_MAX_EXPERTS, A3_MAX_BS
+MAX_CAPACITY = INT32_MAX // ASSIST_ROW_STRIDE
 
 
 def ceil_div(a: Any, b: Any) -> Any:
@@ -158,6 +167,8 @@ def check_dist_attrs(op: str, *, bs: Any, k: Any, h: Any, dtype: torch.dtype, gr
     """
     target = get_target()
     require(world >= 1, op, "ep_world_size", "must be >= 1", world)
+    if target == "portable":   # A2/A3 check their own, tighter ranges below
+        require(world <= MAX_WORLD, op, "ep_world_size", f"must be <= {MAX_WORLD}", world)
     require_range(op, "ep_rank_id", rank, 0, world - 1)
     _check_group_name(op, "group_ep", group_ep, world > 1)
     require_in(op, "tp_world_size", tp_world, (0, 1, 2))
@@ -173,6 +184,8 @@ def check_dist_attrs(op: str, *, bs: Any, k: Any, h: Any, dtype: torch.dtype, gr
     require_in(op, "expert_shard_type", expert_shard_type, (0,))
     n_sh = _check_shared_layout(op, world, shared_ranks, shared_num)
     require(moe_experts > 0, op, "moe_expert_num", "must be > 0", moe_experts)
+    if target == "portable":
+        require(moe_experts <= MAX_EXPERTS, op, "moe_expert_num", f"must be <= {MAX_EXPERTS}", moe_experts)
     require(moe_experts % (world - shared_ranks) == 0, op, "moe_expert_num",
             f"must be a multiple of ep_world_size - shared_expert_rank_num = {world - shared_ranks}", moe_experts)
     moe_local = moe_experts // (world - shared_ranks)
@@ -197,6 +210,10 @@ def check_dist_attrs(op: str, *, bs: Any, k: Any, h: Any, dtype: torch.dtype, gr
         require(global_bs >= bs * world and global_bs % world == 0, op, "global_bs",
                 f"must be 0 or a multiple of ep_world_size={world} that is >= BS * ep_world_size = {bs * world}",
                 global_bs)
+        max_bs = {"A2": A2_MAX_BS, "A3": A3_MAX_BS}.get(target, torch.sym_max(bs, PORTABLE_MAX_BS))
+        require(global_bs <= world * max_bs, op, "global_bs",
+                f"must be <= ep_world_size * {max_bs} = {world * max_bs} (global_bs / ep_world_size is the largest "
+                "BS of any rank)", global_bs)
     if x_active_mask is not None:
         require_dtype(op, "x_active_mask", x_active_mask, (torch.bool,))
         require_dim(op, "x_active_mask", x_active_mask, (1, 2))
@@ -221,6 +238,11 @@ def check_dist_attrs(op: str, *, bs: Any, k: Any, h: Any, dtype: torch.dtype, gr
         _check_a3(op, cfg, bs, k, h, shared_num, global_bs, comm_alg, x_active_mask, elastic_info, performance_info)
     elif target == "A2":
         _check_a2(op, cfg, bs, k, h, global_bs, comm_alg, x_active_mask, elastic_info)
+    if not capacity <= MAX_CAPACITY:
+        fail(op, "global_bs" if global_bs else "expert_ids",
+             f"must keep the receive capacity A = global_bs_real * min(L, K) (or max_bs * shared groups) "
+             f"<= {MAX_CAPACITY} (assist_info_for_combine holds A * {ASSIST_ROW_STRIDE} int32-indexed entries)",
+             f"A={capacity} (global_bs={global_bs}, BS={bs}, K={k})")
     return cfg
 
 

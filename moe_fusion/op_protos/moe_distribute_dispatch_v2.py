@@ -8,13 +8,13 @@ the portable target), ``expert_ids`` ``(BS, K)`` int32; outputs sized by the rec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ..targets import get_target, is_device_target
-from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim, require_dtype, require_in,
-                     require_shape)
+from ._proto import (INT32_MAX, GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim, require_dtype,
+                     require_in, require_shape)
 from .moe_distribute_common import ASSIST_ROW_STRIDE, DEVICE_X_DTYPES, X_DTYPES, DistConfig, check_dist_attrs
 
 NAME = "npu_moe_distribute_dispatch_v2"
@@ -85,21 +85,31 @@ def validate(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_
     if expert_scales is not None:
         require_dtype(NAME, "expert_scales", expert_scales, (torch.float32,))
         require_shape(NAME, "expert_scales", expert_scales, (bs, k))
+        # ep_recv_counts then also holds the hierarchy metadata: an int32-indexed buffer.
+        entries = ep_recv_entries(cfg, True)
+        require(entries <= INT32_MAX, NAME, "expert_scales", f"must keep ep_recv_counts (W * L + global_bs_real * 2 "
+                f"* K * (W // 8) entries) <= {INT32_MAX}", f"{entries} entries")
     elif get_target() == "A2":
         require(comm_alg != "hierarchy", NAME, "expert_scales", "is required with comm_alg 'hierarchy' on A2", None)
     return DispatchConfig(dist=cfg, quant_mode=quant_mode, expert_scales=expert_scales is not None,
                           expert_token_nums_type=expert_token_nums_type)
 
 
+def ep_recv_entries(cfg: DistConfig, expert_scales: bool) -> Any:
+    """Length of ``ep_recv_counts`` (torch_npu's Meta, SPEC §3.2)."""
+    w = cfg.world
+    if expert_scales:
+        # A2/A3 Meta appends the hierarchy reduce metadata (and drops the TP factor).
+        return w * cfg.meta_local_experts + cfg.global_bs * 2 * cfg.top_k * (w // 8)
+    return w * cfg.meta_local_experts * (cfg.tp_world if cfg.tp_world == 2 else 1)
+
+
 def infer_shape(config: DispatchConfig) -> tuple[OutSpec, ...]:
     """torch_npu's Meta shapes (SPEC §3.2) with ``A`` from the validated config."""
     cfg = config.dist
     bs, k, h = cfg.num_tokens, cfg.top_k, cfg.hidden
-    a, w, tp = cfg.capacity, cfg.world, cfg.tp_world
-    ep_counts = w * cfg.meta_local_experts * (tp if tp == 2 else 1)
-    if config.expert_scales:
-        # A2/A3 Meta appends the hierarchy reduce metadata (and drops the TP factor).
-        ep_counts = w * cfg.meta_local_experts + cfg.global_bs * 2 * k * (w // 8)
+    a, tp = cfg.capacity, cfg.tp_world
+    ep_counts = ep_recv_entries(cfg, config.expert_scales)
     return (
         OutSpec((a * cfg.tp_factor, h), config.out_dtype),                            # expand_x
         OutSpec((a * tp,) if tp == 2 else (a,), torch.float32),                       # dynamic_scales

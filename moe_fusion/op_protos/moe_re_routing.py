@@ -13,8 +13,8 @@ import torch
 
 from ..errors import fail
 from ..targets import is_device_target
-from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim,
-                     require_dtype, require_shape)
+from ._proto import (INT32_MAX, GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim,
+                     require_dtype, require_shape, shape_of)
 
 NAME = "npu_moe_re_routing"
 SCHEMA = (
@@ -26,6 +26,11 @@ DEVICE_TOKEN_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
 COUNT_DTYPES = (torch.int32, torch.int64)
 # [K] tiling errors only when H > 16384 (the API page says H < 16384; SPEC §9 #17).
 DEVICE_MAX_H = 16384
+# Every target: permute_token_idx is int32 and holds row indices < A, and an int32 expert_token_num
+# holds column sums <= A, so A <= INT32_MAX. The counts (N, E) are each in [0, A] (validate_values):
+# with N * E <= INT32_MAX their int64 sum is below 2**62 and cannot wrap.
+MAX_TOKENS = INT32_MAX
+MAX_COUNT_ENTRIES = INT32_MAX
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,11 @@ def validate(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
     require(idx_type == 0, NAME, "idx_type", "must be 0 (gather index; scatter index 1 is not implemented)", idx_type)
     # fp8/hifloat8/fp4 token reinterpretation exists only on Ascend950 (out of scope, SPEC §7.1).
     require(tokens_dtype is None, NAME, "tokens_dtype", "must be None (fp8/fp4 tokens are not supported)", tokens_dtype)
+    if not tokens.size(0) <= MAX_TOKENS:
+        fail(NAME, "tokens", f"must have A <= {MAX_TOKENS} rows (permute_token_idx is int32)", f"A={tokens.size(0)}")
+    if not counts.size(0) * counts.size(1) <= MAX_COUNT_ENTRIES:
+        fail(NAME, "expert_token_num_per_rank", f"must have N * E <= {MAX_COUNT_ENTRIES} entries (so their sum "
+             "cannot wrap)", f"shape {shape_of(counts)}")
     if is_device_target():
         # The device tiling also rejects H == 0 (SPEC §7.4 "0 < H"); portable copies empty rows.
         require(0 < tokens.size(1) <= DEVICE_MAX_H, NAME, "tokens", f"hidden size H must be in [1, {DEVICE_MAX_H}]",
@@ -66,11 +76,18 @@ def validate(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
 
 
 def validate_values(config: ReRoutingConfig, expert_token_num_per_rank: torch.Tensor) -> None:
-    """Counts ``(N, E)`` are non-negative (zero is allowed, SPEC §9 #18) and add up to A (one host read)."""
+    """Counts ``(N, E)`` are each in ``[0, A]`` (zero is allowed, SPEC §9 #18) and add up to A (one
+    host read). The per-entry range comes first: it is what keeps the int64 sum from wrapping (a
+    wrapped sum can equal A and would send the gather out of bounds)."""
     counts = expert_token_num_per_rank
-    low, total = (torch.stack((counts.min(), counts.sum())).tolist() if counts.numel() else (0, 0))
+    if counts.numel() == 0:
+        low = high = total = 0
+    else:
+        low, high, total = torch.stack((*torch.aminmax(counts), counts.sum(dtype=torch.int64))).tolist()
     if low < 0:
-        fail(NAME, "expert_token_num_per_rank", "entries must be >= 0", counts[counts < 0][0].item())
+        fail(NAME, "expert_token_num_per_rank", "entries must be >= 0", low)
+    if high > config.num_tokens:
+        fail(NAME, "expert_token_num_per_rank", f"entries must be <= tokens.size(0)={config.num_tokens}", high)
     if total != config.num_tokens:
         fail(NAME, "expert_token_num_per_rank", f"must sum to tokens.size(0)={config.num_tokens}", f"sum {total}")
 

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import fail
 from ..targets import is_device_target
-from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim,
+from ._proto import (INT32_MAX, GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim,
                      require_dtype, require_in, require_range, require_shape, shape_of)
 
 NAME = "npu_moe_update_expert"
@@ -26,6 +26,12 @@ SCHEMA = (
 )
 # Device (A3 tiling) limits, SPEC §2.4.
 MAX_BS, MAX_K, MAX_LOGICAL_EXPERTS, MAX_WORLD, MAX_F_MODE1 = 512, 16, 1024, 768, 769
+# Every target, balance_mode 0: world_size sizes nothing but enters the replica pick
+# local_rank_id // ceil(world_size / count), computed in int32 by the device and the ONNX body:
+# world_size <= 2**16 (more ranks than any cluster has; the device's own bound is 768), and the
+# ceil-division numerator world_size + count - 1 with count <= F - 1 must stay in int32, which bounds F
+# (only a stride-0 table can be that wide).
+PORTABLE_MAX_WORLD = 2**16
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,11 @@ def validate(expert_ids: torch.Tensor, eplb_table: torch.Tensor, *, expert_scale
     if balance_mode == 0:
         # Mode 0 picks a replica from the rank's position in the world.
         require(world_size >= 1, NAME, "world_size", "must be >= 1 when balance_mode == 0", world_size)
+        require(world_size <= PORTABLE_MAX_WORLD, NAME, "world_size",
+                f"must be <= {PORTABLE_MAX_WORLD} when balance_mode == 0 (int32 replica arithmetic)", world_size)
+        if not world_size + f - 2 <= INT32_MAX:
+            fail(NAME, "eplb_table", f"must have F <= {INT32_MAX + 2 - world_size} columns when balance_mode == 0 "
+                 "(world_size + F - 2 must fit int32)", f"shape {shape_of(eplb_table)}")
         require_range(NAME, "local_rank_id", local_rank_id, 0, world_size - 1)
     if expert_scales is not None or pruning_threshold is not None or active_mask is not None:
         _validate_pruning_inputs(bs, k, expert_scales, pruning_threshold, active_mask)
