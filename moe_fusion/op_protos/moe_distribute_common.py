@@ -211,9 +211,10 @@ def check_dist_attrs(op: str, *, bs: Any, k: Any, h: Any, dtype: torch.dtype, gr
                 f"must be 0 or a multiple of ep_world_size={world} that is >= BS * ep_world_size = {bs * world}",
                 global_bs)
         max_bs = {"A2": A2_MAX_BS, "A3": A3_MAX_BS}.get(target, torch.sym_max(bs, PORTABLE_MAX_BS))
-        require(global_bs <= world * max_bs, op, "global_bs",
-                f"must be <= ep_world_size * {max_bs} = {world * max_bs} (global_bs / ep_world_size is the largest "
-                "BS of any rank)", global_bs)
+        if not global_bs <= world * max_bs:
+            max_bs = int(max_bs)   # the example's value in the message, also at trace time (failing anyway)
+            fail(op, "global_bs", f"must be <= ep_world_size * {max_bs} = {world * max_bs} (global_bs / "
+                 "ep_world_size is the largest BS of any rank)", global_bs)
     if x_active_mask is not None:
         require_dtype(op, "x_active_mask", x_active_mask, (torch.bool,))
         require_dim(op, "x_active_mask", x_active_mask, (1, 2))
@@ -242,7 +243,7 @@ def check_dist_attrs(op: str, *, bs: Any, k: Any, h: Any, dtype: torch.dtype, gr
         fail(op, "global_bs" if global_bs else "expert_ids",
              f"must keep the receive capacity A = global_bs_real * min(L, K) (or max_bs * shared groups) "
              f"<= {MAX_CAPACITY} (assist_info_for_combine holds A * {ASSIST_ROW_STRIDE} int32-indexed entries)",
-             f"A={capacity} (global_bs={global_bs}, BS={bs}, K={k})")
+             f"A={int(capacity)} (global_bs={global_bs}, BS={int(bs)}, K={int(k)})")
     return cfg
 
 

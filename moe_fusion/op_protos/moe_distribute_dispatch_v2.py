@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..errors import fail
 from ..targets import get_target, is_device_target
 from ._proto import (INT32_MAX, GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim, require_dtype,
                      require_in, require_shape)
@@ -87,8 +88,9 @@ def validate(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_
         require_shape(NAME, "expert_scales", expert_scales, (bs, k))
         # ep_recv_counts then also holds the hierarchy metadata: an int32-indexed buffer.
         entries = ep_recv_entries(cfg, True)
-        require(entries <= INT32_MAX, NAME, "expert_scales", f"must keep ep_recv_counts (W * L + global_bs_real * 2 "
-                f"* K * (W // 8) entries) <= {INT32_MAX}", f"{entries} entries")
+        if not entries <= INT32_MAX:
+            fail(NAME, "expert_scales", f"must keep ep_recv_counts (W * L + global_bs_real * 2 * K * (W // 8) entries) "
+                 f"<= {INT32_MAX}", f"{int(entries)} entries")
     elif get_target() == "A2":
         require(comm_alg != "hierarchy", NAME, "expert_scales", "is required with comm_alg 'hierarchy' on A2", None)
     return DispatchConfig(dist=cfg, quant_mode=quant_mode, expert_scales=expert_scales is not None,
