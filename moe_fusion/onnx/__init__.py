@@ -17,7 +17,7 @@ op (GE type)                           onnxruntime (function body)       Referen
 =====================================  ================================  =======================  ==================
 MoeReRouting                           yes                               yes                      attrs, scales given
 MoeUpdateExpert                        yes (both balance modes, pruning) yes                      attrs, inputs given
-FFN float fp32/fp16/bf16, all 7        yes                               yes                      activation, E,
+FFN float fp32/fp16/bf16, all 7        yes (experts: a ``Loop``)         yes                      activation,
 activations, experts (both forms)                                                                 inner_precise
 FFN antiquant int8/int4, per-channel   yes                               yes                      as above + groups
 and per-group
@@ -37,8 +37,20 @@ MoeDistributeCombineAddRmsNorm         no                                ep_worl
   the node; plain onnxruntime then runs the model. Nodes without a body are listed in the model's
   ``metadata_props["moe_fusion.nodes_without_body"]``.
 * ReferenceEvaluator: ``reference_evaluator(model)`` runs every custom node with the moe_fusion
-  reference kernel, after attr-type, world-of-one and size-cap checks (``reference``), so a model
-  from an untrusted file fails with an ``OpValidationError`` rather than allocating what an attr says.
+  reference kernel (``reference``).
+
+Models from untrusted files. Both runtimes apply the same checks first (``_checks.check_node``:
+attr names and types, a ``Bool`` 0 or 1, element types, ranks <= 8, dims >= 0, at most 2**40
+elements per input and 2**16 FFN experts, then the op's own ``ge_mapping`` and ``validate`` rules
+on meta tensors of the declared shapes): ``attach_functions`` raises ``OpValidationError`` (naming
+the op, the attr or input and the value) for a node its op rejects, before changing the model,
+and the evaluator raises the same error on the arrays. Nothing is allocated from a declared dim or
+an attr: a body's size is fixed (experts are ``Loop`` iterations; under 400 nodes), re_routing's
+body runs in O(A + N*E) memory, and the evaluator allocates what its inputs size (the ops' own
+caps: ``A``, ``N*E``, FFN's ``M`` <= 2**31 - 1, world sizes). Value rules (counts, ids, replica
+counts) run inside the reference kernels and, in onnxruntime, inside the bodies: a run whose values
+the op rejects fails in a node named ``moe_fusion check: <op>: <rule>``; so do runtime shapes that
+differ from the declared dims a body was built for.
 * ``npu_ffn`` and ``npu_ffn_grouped`` both export as ``FFN`` (one GE prototype); the evaluator
   runs a float FFN of a 2-D x with counts as ``npu_ffn_grouped`` (which equals ``npu_ffn`` when the
   counts cover every row), any other FFN as ``npu_ffn``.

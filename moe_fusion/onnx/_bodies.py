@@ -1,11 +1,16 @@
 """Standard-op ONNX bodies of the local ops, one builder per GE op type (SPEC §2.3, §5.4, §6.3, §7.3).
 
-Each builder writes, into a ``Builder``, the computation of one node specialized to its attrs, the
-inputs present and their dtypes, and returns ``{GE output name: value}`` for every GE output. A
-node it cannot express raises ``Unsupported`` (the node then has no body); a bad attr raises
-``OpValidationError`` naming the GE op, the attr and the value. Matmuls run in fp32 and round to
-the storage dtype where the reference kernels round (ONNX ``Cast`` rounds half to even, where
-FFN's high-precision cast rounds ties away from zero: results differ on exact ties only).
+Each builder writes, into a ``Builder``, the computation of one node that passed
+``_checks.check_node`` (so its attrs, input types and declared shapes are ones the op accepts),
+specialized to its attrs, the inputs present and their dtypes, and returns ``{GE output name:
+value}`` for every GE output. A node it cannot express raises ``Unsupported`` (the node then has
+no body). A body's size does not depend on any attr or dim: experts are iterations of a ``Loop``.
+
+Rules on tensor contents (counts, ids, replica counts) are checked inside the bodies, at run
+time, by ``Builder.guard``: a run whose values the reference kernel rejects fails in a node named
+``moe_fusion check: <op>: <rule>``, before any output is computed from them. Matmuls run in fp32
+and round to the storage dtype where the reference kernels round (ONNX ``Cast`` rounds half to
+even, where FFN's high-precision cast rounds ties away from zero: results differ on exact ties only).
 """
 from __future__ import annotations
 
@@ -15,18 +20,13 @@ from typing import Callable, Optional
 import numpy as np
 import onnx
 from onnx import TensorProto as T
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
-from ..errors import fail
-from ..op_protos.alltoall_allgather_bmm import ACT_TYPES
-from ..op_protos.ffn import GLU_ACTIVATIONS, PLAIN_ACTIVATIONS
-from ._builder import Builder, NodeView
+from ..op_protos.ffn import GLU_ACTIVATIONS
+from ._builder import TO_END, Builder, NodeView, Unsupported
 
 Outputs = dict[str, str]
-
-
-class Unsupported(Exception):
-    """The node has no standard-op body (the message says why); it runs in the reference evaluator."""
+INT32_MAX = 2 ** 31 - 1
 
 
 def _zero(dtype: type) -> onnx.TensorProto:
@@ -34,38 +34,43 @@ def _zero(dtype: type) -> onnx.TensorProto:
     return numpy_helper.from_array(np.zeros(1, dtype))
 
 
-def _choice(view: NodeView, attr: str, allowed: tuple) -> object:
-    value = view.attrs[attr]
-    if value not in allowed:
-        fail(view.op, attr, f"must be one of {allowed}", value)
-    return value
-
-
 # -- MoeReRouting ---------------------------------------------------------------------------------
 
 def re_routing(b: Builder, v: NodeView) -> Outputs:
-    """Rank-major blocks -> expert-major blocks. Row ``r`` of source block ``blk`` (the number of
-    blocks ending at or before ``r``) goes to ``dst_start[blk] + r - src_start[blk]``; the gather
-    index is the inverse permutation. Uses an ``(A, N*E)`` comparison: O(A * N * E) memory."""
-    _choice(v, "expert_token_num_type", (1,))
-    _choice(v, "idx_type", (0,))
+    """Rank-major blocks -> expert-major blocks, in O(A + N*E) memory. Row ``r`` of source block
+    ``blk`` goes to ``dst_start[blk] + r - src_start[blk]``, where ``blk`` is the number of blocks
+    ending at or before ``r`` (a cumulative histogram of the block ends); the gather index is the
+    inverse permutation. Checked at run time: every count in ``[0, A]`` and their sum ``A`` (so no
+    sum wraps), and ``A <= 2**31 - 1`` (``permute_token_idx`` is int32)."""
     counts = b("Cast", v.inputs["expert_token_num_per_rank"], to=T.INT64)           # (N, E)
-    flat = b("Reshape", counts, b.ints([-1]))
     zero = b.ints([0])
+    num_rows = b("Slice", b("Shape", v.inputs["tokens"]), zero, b.ints([1]))       # (1,) A
+    rows_total = b("Squeeze", num_rows, zero)
+    ok = b.all_of(b.none_outside(counts, b.const(0), rows_total),
+                  b("Equal", b("ReduceSum", counts, keepdims=0), rows_total),
+                  b("LessOrEqual", rows_total, b.const(INT32_MAX)))
+    counts = b.guard(counts, ok, f"{v.op}: expert_token_num_per_rank entries must be in [0, A] and sum to "
+                                 f"A = tokens.size(0) <= {INT32_MAX}")
+    flat = b("Reshape", counts, b.ints([-1]))                                       # (N*E,) source block order
     ends = b("CumSum", flat, zero)
     src_start = b("Sub", ends, flat)
     per_expert = b("ReduceSum", counts, zero, keepdims=0)                           # (E,)
     expert_start = b("Sub", b("CumSum", per_expert, zero), per_expert)
     rank_before = b("Sub", b("CumSum", counts, zero), counts)                       # exclusive over ranks
     dst_start = b("Reshape", b("Add", rank_before, b("Unsqueeze", expert_start, zero)), b.ints([-1]))
-    num_rows = b("Slice", b("Shape", v.inputs["tokens"]), zero, b.ints([1]))
-    rows = b("Range", b.const(0), b("Squeeze", num_rows, zero), b.const(1))        # (A,)
-    ended = b("LessOrEqual", b("Unsqueeze", ends, zero), b("Unsqueeze", rows, b.ints([1])))
-    block = b("ReduceSum", b("Cast", ended, to=T.INT64), b.ints([1]), keepdims=0)
+    rows = b("Range", b.const(0), rows_total, b.const(1))                           # (A,)
+    # ends lie in [0, A]: a histogram over A + 1 slots, cumulated, counts the ends <= r.
+    slots = b("ConstantOfShape", b("Add", num_rows, b.ints([1])), value=_zero(np.int64))
+    histogram = b("ScatterElements", slots, ends, b("Expand", b.const(1), b("Shape", ends)), axis=0, reduction="add")
+    block = b("Slice", b("CumSum", histogram, zero), zero, num_rows)                # (A,)
     dst = b("Sub", b("Add", b("Gather", dst_start, block), rows), b("Gather", src_start, block))
     index = b("ScatterElements", b("ConstantOfShape", num_rows, value=_zero(np.int64)), dst, rows, axis=0)
     if v.has("per_token_scales"):
-        scales = b("Gather", v.inputs["per_token_scales"], index, axis=0)
+        scales = v.inputs["per_token_scales"]
+        # A longer (A + k,) would gather without error: the op's (A,) rule, at run time for a symbolic A.
+        scales = b.guard(scales, b("Equal", b.dim_of(scales, 0), rows_total), f"{v.op}: per_token_scales must have "
+                         "shape (A,) = (tokens.size(0),)")
+        scales = b("Gather", scales, index, axis=0)
     else:   # the device leaves it undefined; the reference kernel writes zeros
         scales = b("ConstantOfShape", num_rows, value=_zero(np.float32))
     return {"permute_tokens": b("Gather", v.inputs["tokens"], index, axis=0), "permute_per_token_scales": scales,
@@ -75,29 +80,45 @@ def re_routing(b: Builder, v: NodeView) -> Outputs:
 
 # -- MoeUpdateExpert ------------------------------------------------------------------------------
 
+def _update_expert_shapes(b: Builder, v: NodeView, ids: str) -> str:
+    """Bool scalar: the op's shape rules that relate symbolic dims, at run time (broadcasting would
+    otherwise take a (1, K) scale or a (1,) mask for BS rows): ``BS, K > 0``, ``expert_scales``
+    ``(BS, K)``, ``pruning_threshold`` of K entries, ``active_mask`` ``(BS,)``."""
+    shape = b("Shape", ids)
+    checks = [b.none_outside(shape, b.const(1), b.const(2 ** 62))]
+    if v.has("expert_scales"):
+        checks.append(b("Equal", b("ReduceSum", b.cast(b("Equal", b("Shape", v.inputs["expert_scales"]), shape),
+                                                        T.INT64), keepdims=0), b.const(2)))
+    if v.has("pruning_threshold"):
+        checks.append(b("Equal", b("Size", v.inputs["pruning_threshold"]), b.dim_of(ids, 1)))
+    if v.has("active_mask"):
+        checks.append(b("Equal", b.dim_of(v.inputs["active_mask"], 0), b.dim_of(ids, 0)))
+    return b.all_of(*checks)
+
+
 def update_expert(b: Builder, v: NodeView) -> Outputs:
     """``row = eplb_table[id]``; replica column 1 when ``row[0] == 1``, else ``local_rank_id //
-    ceil(world_size / row[0]) + 1`` (mode 0) or ``token % row[0] + 1`` (mode 1). Pruning keeps
-    ``scale >= threshold * sum(scales)``; without it the mask is all True. Counts below 1 are
-    read as 1 (no division by zero); out-of-range ids or columns fail in ``Gather``."""
-    mode = _choice(v, "balance_mode", (0, 1))
-    rank, world = v.attrs["local_rank_id"], v.attrs["world_size"]
-    if mode == 0 and not (world >= 1 and 0 <= rank < world):
-        fail(v.op, "local_rank_id", f"must be in [0, world_size={world}) with world_size >= 1 when balance_mode == 0",
-             rank)
+    ceil(world_size / row[0]) + 1`` (mode 0; ``ceil(W / c)`` as ``(W - 1) // c + 1``, which cannot
+    overflow for any int64 ``W >= 1``) or ``token % row[0] + 1`` (mode 1). Pruning keeps ``scale >=
+    threshold * sum(scales)``; without it the mask is all True. Checked at run time: ids in
+    ``[0, N_log)`` and the replica counts of the rows they use in ``[1, F-1]``."""
     two = b.ints([2])
-    ids = v.inputs["expert_ids"]
-    rows = b("Cast", b("Gather", v.inputs["eplb_table"], b.cast(ids, T.INT64), axis=0), to=T.INT64)   # (BS, K, F)
-    count = b("Gather", rows, b.const(0), axis=2)                                                # (BS, K)
-    safe = b("Max", count, b.const(1))
-    if mode == 0:
-        span = b("Div", b("Add", b.const(world), b("Sub", safe, b.const(1))), safe)            # ceil(W / count)
-        column = b("Add", b("Div", b.const(rank), span), b.const(1))
+    table = v.inputs["eplb_table"]
+    ids = b.cast(v.inputs["expert_ids"], T.INT64)
+    ids = b.guard(ids, _update_expert_shapes(b, v, ids), f"{v.op}: expert_ids must be (BS, K) with BS, K > 0, "
+                  "expert_scales (BS, K), pruning_threshold K entries and active_mask (BS,)")
+    ids = b.guard(ids, b.none_outside(ids, b.const(0), b("Sub", b.dim_of(table, 0), b.const(1))),
+                  f"{v.op}: expert_ids values must be in [0, N_log = eplb_table.size(0))")
+    rows = b("Cast", b("Gather", table, ids, axis=0), to=T.INT64)                               # (BS, K, F)
+    count = b("Gather", rows, b.const(0), axis=2)                                               # (BS, K)
+    count = b.guard(count, b.none_outside(count, b.const(1), b("Sub", b.dim_of(table, 1), b.const(1))),
+                    f"{v.op}: eplb_table replica counts (column 0) of used experts must be in [1, F-1]")
+    if v.attrs["balance_mode"] == 0:   # the proto holds 0 <= local_rank_id < world_size here
+        span = b("Add", b("Div", b.const(v.attrs["world_size"] - 1), count), b.const(1))       # ceil(W / count)
+        column = b("Add", b("Div", b.const(v.attrs["local_rank_id"]), span), b.const(1))
     else:
-        token = b("Unsqueeze", b("Range", b.const(0), b("Gather", b("Shape", ids), b.const(0)), b.const(1)),
-                  b.ints([1]))
-        column = b("Add", b("Mod", token, safe), b.const(1))
-    column = b("Where", b("Equal", count, b.const(1)), b.const(1), column)
+        token = b("Unsqueeze", b("Range", b.const(0), b.dim_of(ids, 0), b.const(1)), b.ints([1]))
+        column = b("Add", b("Mod", token, count), b.const(1))
     chosen = b("Squeeze", b("GatherElements", rows, b("Unsqueeze", column, two), axis=2), two)
     if v.has("expert_scales") and v.has("pruning_threshold"):
         scales = b.f32(v.inputs["expert_scales"])
@@ -126,12 +147,13 @@ def _activation(b: Builder, name: str, h: str) -> str:
     return b("Mul", b("Mul", b.scalar_f(0.5), h), b("Add", b.scalar_f(1.0), b("Tanh", inner)))
 
 
-def _ffn_activation(b: Builder, name: str, h: str, n1: int) -> str:
+def _ffn_activation(b: Builder, name: str, h: str) -> str:
     if name not in GLU_ACTIVATIONS:
         return _activation(b, name, h)
-    half = n1 // 2   # left * f(right), left = the first N1/2 columns (SPEC §9 #14)
-    left = b("Slice", h, b.ints([0]), b.ints([half]), b.ints([-1]))
-    right = b("Slice", h, b.ints([half]), b.ints([n1]), b.ints([-1]))
+    # left * f(right), left = the first N1/2 columns (SPEC §9 #14)
+    half = b("Unsqueeze", b("Div", b.dim_of(h, -1), b.const(2)), b.ints([0]))
+    left = b("Slice", h, b.ints([0]), half, b.ints([-1]))
+    right = b("Slice", h, half, b.ints([TO_END]), b.ints([-1]))
     return b("Mul", left, _activation(b, name, right))
 
 
@@ -170,55 +192,82 @@ def _ffn_weight(b: Builder, v: NodeView, idx: int, store: int) -> str:
     return b.round_to(b("Mul", shifted, scale), store)
 
 
+def _ffn_counts(b: Builder, v: NodeView, num_rows: str) -> str:
+    """FFN's ``(E,)`` int64 rows per expert, from counts or cumulative ends (``tokens_index_flag``),
+    checked at run time as the reference kernel checks them: E entries (weight1's experts), each
+    count (and end) in ``[0, M]``, together ``M`` rows (``npu_ffn``) or at most ``M``
+    (``npu_ffn_grouped``, whose rows past the counted ones are zero). Entries in ``[0, M]`` keep
+    every sum far from wrapping (``E <= 2**16``, ``M <= 2**40``)."""
+    tokens = v.inputs["expert_tokens"]
+    zero = b.const(0)
+    checks = [b("Equal", b.dim_of(tokens, 0), b.dim_of(v.inputs["weight1"], 0)),
+              b.none_outside(tokens, zero, num_rows)]
+    if v.attrs["tokens_index_flag"]:   # cumulative ends -> counts; non-decreasing ends give counts >= 0
+        tokens = b("Sub", tokens, b("Concat", b.ints([0]), b("Slice", tokens, b.ints([0]), b.ints([-1])), axis=0))
+        checks.append(b.none_outside(tokens, zero, num_rows))
+    total = b("ReduceSum", tokens, keepdims=0)
+    exact = v.torch_op == "npu_ffn"
+    checks.append(b("Equal" if exact else "LessOrEqual", total, num_rows))
+    cover = "cover the M rows of x" if exact else "cover at most the M rows of x"
+    return b.guard(tokens, b.all_of(*checks),
+                   f"{v.op}: expert_tokens must hold weight1.size(0) non-negative counts (non-decreasing ends with "
+                   f"tokens_index_flag) that {cover}")
+
+
 def ffn(b: Builder, v: NodeView) -> Outputs:
-    """``y = act(x @ W1 + b1) @ W2 + b2`` per expert segment (``Split`` by the counts; rows past
-    the counted ones are zero), in fp32, for float and antiquant (int8/int4 weights) modes. Quant
-    mode (int8 x) has no body: its uint64 deq scales carry fp32 bits, which no standard op reads."""
+    """``y = act(x @ W1 + b1) @ W2 + b2`` in fp32, for float and antiquant (int8/int4 weights)
+    modes; with experts, one ``Loop`` iteration per expert over its row segment (rows past the
+    counted ones are zero). Quant mode (int8 x) has no body: its uint64 deq scales carry fp32
+    bits, which no standard op reads."""
     store = v.elem_types["x"]
     if store == T.INT8:
         raise Unsupported("FFN quant mode (int8 x): runs in the reference evaluator")
-    activation = str(v.attrs["activation"]).lower()
-    if activation not in PLAIN_ACTIVATIONS + GLU_ACTIVATIONS:
-        fail(v.op, "activation", f"must be one of {PLAIN_ACTIVATIONS + GLU_ACTIVATIONS}", repr(v.attrs["activation"]))
-    _choice(v, "inner_precise", (0, 1))
-    flag = _choice(v, "tokens_index_flag", (0, 1))
+    activation = v.attrs["activation"].lower()
     # fp16 mm1 and activation: inner_precise=1, and fp16 antiquant whatever inner_precise (the kernel's rule)
     fp16_intermediate = store == T.FLOAT16 and (v.attrs["inner_precise"] == 1 or v.has("antiquant_scale1"))
     w1, w2 = _ffn_weight(b, v, 1, store), _ffn_weight(b, v, 2, store)
-    n1 = v.dim("weight1", -1) * (2 if v.elem_types["weight1"] == T.UINT8 else 1)
-    k1 = v.dim("weight1", -2)
-    x = b.f32(b("Reshape", v.inputs["x"], b.ints([-1, k1])))
+    x_shape = b("Shape", v.inputs["x"])
+    lead = b("Slice", x_shape, b.ints([0]), b.ints([-1]))
+    # Explicit sizes, no -1: a -1 is ambiguous when M or K1 is 0.
+    x = b.f32(b("Reshape", v.inputs["x"], b("Concat", b("ReduceProd", lead, keepdims=1),
+                                            b("Slice", x_shape, b.ints([-1]), b.ints([TO_END])), axis=0)))  # (M, K1)
     b1 = b.f32(v.inputs["bias1"]) if v.has("bias1") else None
     b2 = b.f32(v.inputs["bias2"]) if v.has("bias2") else None
 
-    def expert(rows: str, pick: Callable[[Optional[str]], Optional[str]]) -> str:
-        h = b("MatMul", rows, pick(w1))
+    def expert(bb: Builder, rows: str, pick: Callable[[Optional[str]], Optional[str]]) -> str:
+        h = bb("MatMul", rows, pick(w1))
         if b1 is not None:
-            h = b("Add", h, pick(b1))
+            h = bb("Add", h, pick(b1))
         if fp16_intermediate:
-            h = b.round_to(h, T.FLOAT16)
-        act = b.round_to(_ffn_activation(b, activation, h, n1), store)
-        y = b("MatMul", act, pick(w2))
-        return y if b2 is None else b("Add", y, pick(b2))
+            h = bb.round_to(h, T.FLOAT16)
+        act = bb.round_to(_ffn_activation(bb, activation, h), store)
+        y = bb("MatMul", act, pick(w2))
+        return y if b2 is None else bb("Add", y, pick(b2))
 
-    if v.has("expert_tokens"):
-        num = v.dim("weight1", 0)
-        tokens = v.inputs["expert_tokens"]
-        if flag:   # cumulative ends -> counts
-            tokens = b("Sub", tokens, b("Concat", b.ints([0]), b("Slice", tokens, b.ints([0]), b.ints([-1])), axis=0))
-        # One more segment for the rows the counts leave (npu_ffn_grouped: zeros; npu_ffn: none).
-        num_rows = b("Slice", b("Shape", x), b.ints([0]), b.ints([1]))
-        rest = b("Sub", num_rows, b("ReduceSum", tokens, b.ints([0]), keepdims=1))
-        *segments, tail = b("Split", x, b("Concat", tokens, rest, axis=0), axis=0, outputs=num + 1)
-        parts = [expert(seg, lambda t, e=e: None if t is None else b("Gather", t, b.const(e), axis=0))
-                 for e, seg in enumerate(segments)]
-        n2 = v.dim("weight2", -1) * (2 if v.elem_types["weight2"] == T.UINT8 else 1)
-        zeros = b("ConstantOfShape", b("Concat", b("Slice", b("Shape", tail), b.ints([0]), b.ints([1])), b.ints([n2]),
-                                       axis=0), value=_zero(np.float32))
-        y = b("Concat", *parts, zeros, axis=0)
+    if len(v.shapes["weight1"]) == 3:   # experts (the op's rule: 3-D weights exactly when counts are given)
+        num_rows = b.dim_of(x, 0)
+        counts = _ffn_counts(b, v, num_rows)
+        zero = b.ints([0])
+        ends = b("CumSum", counts, zero)
+        starts = b("Sub", ends, counts)
+
+        def one_expert(bb: Builder, e: str, carried: list[str]) -> list[str]:
+            segment = bb("Slice", x, bb("Unsqueeze", bb("Gather", starts, e), zero),
+                         bb("Unsqueeze", bb("Gather", ends, e), zero), zero)
+            pick = lambda t: None if t is None else bb("Gather", t, e, axis=0)  # noqa: E731
+            return [bb("SequenceInsert", carried[0], expert(bb, segment, pick))]
+
+        parts_type = helper.make_sequence_type_proto(helper.make_tensor_type_proto(T.FLOAT, None))
+        (parts,) = b.loop(b.dim_of(counts, 0), [(b("SequenceEmpty", dtype=T.FLOAT), parts_type)], one_expert)
+        counted = b("ConcatFromSequence", parts, axis=0)                              # (sum(counts), N2)
+        rest = b("Sub", num_rows, b("ReduceSum", counts, keepdims=0))
+        zeros = b("ConstantOfShape", b("Concat", b("Unsqueeze", rest, zero), b("Slice", b("Shape", counted),
+                                                                                b.ints([1]), b.ints([2])), axis=0),
+                  value=_zero(np.float32))
+        y = b("Concat", counted, zeros, axis=0)
     else:
-        y = expert(x, lambda t: t)
-    shape = b("Concat", b("Slice", b("Shape", v.inputs["x"]), b.ints([0]), b.ints([-1])), b.ints([-1]), axis=0)
+        y = expert(b, x, lambda t: t)
+    shape = b("Concat", lead, b("Slice", b("Shape", y), b.ints([-1]), b.ints([TO_END])), axis=0)
     return {"y": b.cast(b("Reshape", y, shape), store)}
 
 
@@ -245,10 +294,7 @@ def alltoall_allgather_bmm(b: Builder, v: NodeView) -> Outputs:
     """ep = tp = 1: no exchange, ``y2 = x``, ``y3 = x @ weight (+ bias)``, ``y1 = act(y3)``
     (act_type 1 is the erf GELU of the golden). Unrequested y2/y3 are ``(0, 0, 0)``."""
     _world_of_one(v)
-    act = _choice(v, "act_type", tuple(ACT_TYPES.values()))
-    _choice(v, "x_shard_type", (0, 1))
-    if v.attrs["output_y3_flag"] and act == 0:
-        fail(v.op, "output_y3_flag", "must be 0 when act_type is 0", v.attrs["output_y3_flag"])
+    act = v.attrs["act_type"]
     store = v.elem_types["x"]
     y3 = _bmm_bias(b, v, b("MatMul", b.f32(v.inputs["x"]), b.f32(v.inputs["weight"])), store)
     y1 = y3
@@ -267,7 +313,6 @@ def alltoall_allgather_bmm(b: Builder, v: NodeView) -> Outputs:
 def bmm_reducescatter_alltoall(b: Builder, v: NodeView) -> Outputs:
     """ep = tp = 1: ``y = x @ weight`` rounded, ``+ bias`` in fp32, rounded."""
     _world_of_one(v)
-    _choice(v, "y_shard_type", (0, 1))
     store = v.elem_types["x"]
     y = _bmm_bias(b, v, b("MatMul", b.f32(v.inputs["x"]), b.f32(v.inputs["weight"])), store)
     return {"y": b.cast(y, store)}

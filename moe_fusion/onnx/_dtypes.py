@@ -35,11 +35,12 @@ def onnx_to_torch(elem_type: int) -> torch.dtype:
 
 def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
     """A torch tensor with the values of a reference-evaluator array (bfloat16 arrays are
-    ``ml_dtypes.bfloat16``, which torch cannot read directly)."""
+    ``ml_dtypes.bfloat16``, which torch cannot read directly), a copy with row-major strides:
+    numpy gives an empty array strides 0, which kernels taking ``.contiguous()`` at its word fail on."""
     array = np.ascontiguousarray(array)
     if array.dtype.name == "bfloat16":
-        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
+        return torch.from_numpy(array.view(np.uint16)).clone(memory_format=torch.contiguous_format).view(torch.bfloat16)
+    return torch.from_numpy(array).clone(memory_format=torch.contiguous_format)
 
 
 def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -3,14 +3,18 @@
 Each node runs the moe_fusion reference kernel of its op (``torch.ops.moe_fusion.*``, portable
 target), after checks that make it safe on a model from an untrusted file:
 
-1. attrs have their GE type (``Int``/``Bool`` int, ``Float`` float, ``Str`` str);
+1. ``_checks.check_node`` on the arrays' types and shapes: arity, attr types, element types,
+   ranks and sizes, and the op's own structural rules (the checks ``attach_functions`` runs on
+   the declared types before it gives onnxruntime a body);
 2. the communication attrs describe a world of one rank (EP and TP group sizes 1, no shared-expert
    ranks), and the attrs that size outputs are capped by the inputs or the device limits
    (``global_bs`` 0 or ``BS``, ``moe_expert_num`` <= 1024);
-3. the op's own validation (shapes, dtypes, values) runs inside the kernel.
+3. the op's own value rules (counts, ids), inside the kernel.
 
 Every failure is an ``OpValidationError`` naming the op, the attr or input, the rule and the value.
-Collectives of a group of one are identities, so the kernels need no process group.
+What a node allocates is bounded by its inputs (outputs and intermediates the size of the inputs,
+or of a matmul of them): no attr sizes an allocation. Collectives of a group of one are
+identities, so the kernels need no process group.
 """
 from __future__ import annotations
 
@@ -19,46 +23,26 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import onnx
 import torch
-from onnx import helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from ..errors import fail
 from ..op_protos import PROTOS, OpProto
-from ..op_protos.ge_mapping import proto_for_node, proto_of_ge_type, to_torch
+from ..op_protos.ge_mapping import proto_of_ge_type, to_torch
 from ..op_protos.moe_distribute_common import A3_MAX_EXPERTS
 from ..targets import target
+from ._checks import Declared, check_node, node_attrs
 from ._dtypes import numpy_to_torch, torch_to_numpy
 from ._schema import DOMAIN, register_schemas
 
-_PY_TYPES = {"Int": int, "Bool": int, "Float": float, "Str": str, "ListInt": list}
 _DIST_OPS = ("npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2",
              "npu_moe_distribute_combine_add_rms_norm")
 _BMM_OPS = ("npu_alltoall_allgather_bmm", "npu_bmm_reducescatter_alltoall")
 
 
-def node_attrs(proto: OpProto, node: onnx.NodeProto) -> dict[str, Any]:
-    """The node's GE attrs with defaults filled in, each checked against its GE type."""
-    given = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    unknown = sorted(set(given) - {a.name for a in proto.ge_attrs})
-    if unknown:
-        fail(proto.ge_type, unknown[0], "is not an attr of the op", repr(given[unknown[0]]))
-    attrs = {}
-    for a in proto.ge_attrs:
-        if a.name not in given and a.required:
-            fail(proto.ge_type, a.name, "is a required attr", "nothing")
-        value = given.get(a.name, a.default)
-        value = value.decode() if isinstance(value, bytes) else value
-        if a.type == "Float" and isinstance(value, int):
-            value = float(value)
-        if not isinstance(value, _PY_TYPES[a.type]):
-            fail(proto.ge_type, a.name, f"must be a {a.type} attr", repr(value))
-        attrs[a.name] = bool(value) if a.type == "Bool" else value
-    return attrs
-
-
-def check_world_of_one(proto: OpProto, attrs: dict[str, Any], inputs: dict[str, Optional[torch.Tensor]]) -> None:
-    """World-of-one and size-cap rules (module docstring, step 2)."""
+def check_world_of_one(proto: OpProto, attrs: dict[str, Any], declared: dict[str, Optional[Declared]]) -> None:
+    """World-of-one and size-cap rules (module docstring, step 2), on the typed attrs and the
+    inputs' ``Declared``."""
     if proto.name in _BMM_OPS:
         for attr in ("ep_world_size", "tp_world_size"):
             if attrs[attr] != 1:
@@ -73,10 +57,19 @@ def check_world_of_one(proto: OpProto, attrs: dict[str, Any], inputs: dict[str, 
              attrs["tp_world_size"])
     if not 0 < attrs["moe_expert_num"] <= A3_MAX_EXPERTS:
         fail(proto.ge_type, "moe_expert_num", f"must be in [1, {A3_MAX_EXPERTS}]", attrs["moe_expert_num"])
-    ids = inputs["expert_ids"]
-    bs = ids.size(0) if ids is not None else 0
+    ids = declared.get("expert_ids")
+    bs = ids.shape[0] if ids is not None and ids.shape else 0
     if attrs["global_bs"] not in (0, bs):
         fail(proto.ge_type, "global_bs", f"must be 0 or BS = {bs} in a world of one rank", attrs["global_bs"])
+
+
+def _declared(ge_type: str, name: str, array: np.ndarray) -> Declared:
+    """An input array's element type and shape, as ``check_node`` reads a declared input."""
+    try:
+        elem_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    except (KeyError, TypeError, ValueError):
+        fail(ge_type, name, "must be a tensor of an ONNX element type", f"numpy dtype {array.dtype}")
+    return Declared(elem_type, tuple(array.shape))
 
 
 def run_node(ge_type: str, node: onnx.NodeProto, arrays: Sequence[Optional[np.ndarray]]) -> tuple[np.ndarray, ...]:
@@ -84,18 +77,18 @@ def run_node(ge_type: str, node: onnx.NodeProto, arrays: Sequence[Optional[np.nd
     prototype = proto_of_ge_type(ge_type)
     if len(arrays) > len(prototype.ge_inputs):
         fail(ge_type, "inputs", f"must be at most {len(prototype.ge_inputs)}", len(arrays))
+    arrays = [None if a is None else np.asarray(a) for a in arrays]
+    declared = {spec.name: None if array is None else _declared(ge_type, spec.name, array)
+                for spec, array in zip(prototype.ge_inputs, arrays)}
+    # Before the op's rules: an attr sized for a larger world fails as such, not as a shape mismatch.
+    check_world_of_one(prototype, node_attrs(prototype, node), declared)
+    checked = check_node(node, declared)
     inputs = {i.name: None for i in prototype.ge_inputs}
     for spec, array in zip(prototype.ge_inputs, arrays):
-        inputs[spec.name] = None if array is None else numpy_to_torch(np.asarray(array))
-    missing = [i.name for i in prototype.ge_inputs if i.kind != "optional" and inputs[i.name] is None]
-    if missing:
-        fail(ge_type, missing[0], "is a required input", "nothing")
-    proto = proto_for_node(ge_type, inputs)
-    attrs = node_attrs(proto, node)
-    check_world_of_one(proto, attrs, inputs)
-    kwargs = to_torch(proto, inputs, attrs)
+        inputs[spec.name] = None if array is None else numpy_to_torch(array)
+    kwargs = to_torch(checked.proto, inputs, checked.attrs)
     with target("portable"):
-        outputs = getattr(torch.ops.moe_fusion, proto.name)(**kwargs)
+        outputs = getattr(torch.ops.moe_fusion, checked.proto.name)(**kwargs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     return tuple(torch_to_numpy(t) for t in outputs)
 

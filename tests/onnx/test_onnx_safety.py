@@ -52,11 +52,11 @@ def test_reference_rejects_bad_shapes():
     model = export_fn(lambda t, c: ops.npu_moe_re_routing(t, c),
                       (torch.randn(6, 4), torch.tensor([[1, 2], [2, 1]], dtype=torch.int32)))
     with pytest.raises(OpValidationError, match="npu_moe_re_routing: expert_token_num_per_rank must sum to"):
-        run_reference(model, (torch.randn(6, 4), torch.tensor([[1, 2], [2, 9]], dtype=torch.int32)))
+        run_reference(model, (torch.randn(6, 4), torch.tensor([[1, 2], [2, 3]], dtype=torch.int32)))
 
 
 @pytest.mark.parametrize("attr, value, message", [
-    ("activation", "tanh", "FFN: activation must be one of"),
+    ("activation", "tanh", "npu_ffn: activation must be one of"),
     ("tokens_index_flag", 5, r"FFN: tokens_index_flag must be one of \(0, 1\), got 5"),
 ])
 def test_function_bodies_reject_bad_attrs(attr, value, message):
@@ -70,5 +70,5 @@ def test_update_expert_body_rejects_bad_mode():
     model = export_fn(lambda ids, t: ops.npu_moe_update_expert(ids, t, local_rank_id=0, world_size=2),
                       (torch.zeros(2, 1, dtype=torch.int32), torch.tensor([[1, 0]], dtype=torch.int32)),
                       functions=False)
-    with pytest.raises(OpValidationError, match=r"MoeUpdateExpert: balance_mode must be one of \(0, 1\), got 7"):
+    with pytest.raises(OpValidationError, match=r"npu_moe_update_expert: balance_mode must be one of \(0, 1\), got 7"):
         attach_functions(_set_attr(model, "balance_mode", 7))
