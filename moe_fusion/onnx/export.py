@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import TensorArgument
 
+from ..groups import registered_group
 from ..passes import FusionReport, run_fusion_passes
 from ..passes.collectives import find_collectives
 from .functions import Skipped, attach_functions
@@ -43,11 +44,14 @@ _c10d = torch.ops._c10d_functional
 
 
 def _group_size(name: str, declared: int) -> int:
+    """The collective's group size: as the graph declares it, else the registered group's."""
     if declared:
         return declared
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(name).size()
+    group = registered_group(name)
+    if group is None:
+        raise ValueError(f"moe_fusion.onnx.export: an all_reduce runs on group {name!r}, which is not a process group "
+                         "of this process; its size is unknown")
+    return group.size()
 
 
 def _all_reduces(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, str]]:
