@@ -82,7 +82,7 @@ def combine_world64(expand_xs: Sequence[Tensor], expert_ids: Sequence[Tensor], e
     n = lambda seq: list(seq) if seq is not None else [None] * world  # noqa: E731
     masks, sxs, oris = n(x_active_masks), n(shared_expert_xs), n(ori_xs)
     al1, al2, cv = n(const_expert_alpha_1), n(const_expert_alpha_2), n(const_expert_v)
-    M, Z, C, Q = a.M, a.zero_expert_num, a.copy_expert_num, a.const_expert_num
+    M, Z, C = a.M, a.zero_expert_num, a.copy_expert_num
 
     returned: Dict[Tuple[int, int, int], Tensor] = {}
     for g in range(world):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-import pytest
 import torch
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st

@@ -22,12 +22,12 @@ a fake kernel: its fp32 ``_grouped_mm`` is not traceable by inductor, the op cal
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels.ffn import apply_activation, cast_round_, round_to
+from ..kernels.ffn import apply_activation, cast_round_, expert_segments, of_expert, round_to
 from ..kernels.ffn_grouped import ALIGN, _grouped_mm, _segment_ends
 from ..meta import LIBRARY
 from ..op_protos.ffn import GLU_ACTIVATIONS, expert_counts_of
@@ -100,22 +100,6 @@ def _ffn_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.save_for_backward(x, w1, args["weight2"], args["bias1"], args["bias2"])
 
 
-def _segments(counts: Optional[Sequence[int]], rows: int):
-    """``(expert or None, first row, end row)`` of every non-empty segment."""
-    if counts is None:
-        yield None, 0, rows
-        return
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            yield e, start, start + n
-        start += n
-
-
-def _pick(t: Optional[Tensor], e: Optional[int]) -> Optional[Tensor]:
-    return t if t is None or e is None else t[e]
-
-
 def _ffn_backward(ctx: Any, grad_y: Tensor) -> tuple:
     refuse_needed(ctx, FFN, _FFN_INPUTS, {name: "a quantization parameter" for name in _FFN_QUANT_ARGS})
     if ctx.mode != "float":
@@ -130,17 +114,17 @@ def _ffn_backward(ctx: Any, grad_y: Tensor) -> tuple:
     grads = {name: torch.zeros(t.shape, dtype=torch.float32, device=t.device)
              for name, t in (("x", x2d), ("weight1", w1), ("weight2", w2), ("bias1", b1), ("bias2", b2))
              if t is not None and needed(ctx, _FFN_INPUTS, name)}
-    for e, r0, r1 in _segments(ctx.counts, x2d.size(0)):
-        xe, gye, w1e = x2d[r0:r1], gy[r0:r1], _pick(w1f, e)
-        bias1 = _pick(b1f, e)
+    for e, r0, r1 in expert_segments(ctx.counts, x2d.size(0)):
+        xe, gye, w1e = x2d[r0:r1], gy[r0:r1], of_expert(w1f, e)
+        bias1 = of_expert(b1f, e)
         h = xe @ w1e if bias1 is None else torch.addmm(bias1, xe, w1e)
-        a, gh = activation_vjp(ctx.activation, h, gye @ _pick(w2f, e).t())
+        a, gh = activation_vjp(ctx.activation, h, gye @ of_expert(w2f, e).t())
         a = _round_like_forward(a, x.dtype, ctx.fp16_intermediate)
         for name, value in (("x", lambda: gh @ w1e.t()), ("weight1", lambda: xe.t() @ gh),
                             ("weight2", lambda: a.t() @ gye), ("bias1", lambda: gh.sum(0)),
                             ("bias2", lambda: gye.sum(0))):
             if name in grads:
-                target = grads[name][r0:r1] if name == "x" else _pick(grads[name], e)
+                target = grads[name][r0:r1] if name == "x" else of_expert(grads[name], e)
                 target.copy_(value())
     stored = {"x": x, "weight1": w1, "weight2": w2, "bias1": b1, "bias2": b2}
     return gradients(_FFN_INPUTS, **{name: g.reshape(stored[name].shape).to(stored[name].dtype)

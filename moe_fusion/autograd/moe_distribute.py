@@ -223,7 +223,7 @@ def _combine_grads(ctx: Any, op: str, names: tuple[str, ...], saved: dict[str, A
     if ctx.comm_quant_mode != 0:
         refuse_needed(ctx, op, names, {name: f"comm_quant_mode {ctx.comm_quant_mode}: the expert rows travel as int8"
                                        for name in ("expand_x", "expert_scales")})
-    expand_x, expert_ids, expert_scales = saved["expand_x"], saved["expert_ids"], saved["expert_scales"]
+    expert_ids, expert_scales = saved["expert_ids"], saved["expert_scales"]
     bs, k = expert_ids.shape
     ids = expert_ids.long()
     active = active_slots(saved["x_active_mask"], bs, k, g.device)
@@ -250,7 +250,7 @@ def _expert_side(route: _Route, saved: dict[str, Any], g: Tensor, moe_slot: Tens
     dot products."""
     expand_x, expert_ids = saved["expand_x"], saved["expert_ids"]
     mask, elastic_info = saved["x_active_mask"], saved["elastic_info"]
-    experts, (bs, k), h, dtype = route.experts, expert_ids.shape, g.size(1), expand_x.dtype
+    experts, bs, h, dtype = route.experts, expert_ids.size(0), g.size(1), expand_x.dtype
     ids = expert_ids.long()
     column = torch.where(moe_slot, ids, experts)   # column M: a dump for slots that are not sent
     dense = g.new_zeros((bs, experts + 1)).scatter_(1, column, saved["expert_scales"].float())[:, :experts]

@@ -131,7 +131,7 @@ def _dequantize_weight(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tenso
     return round_to(shifted.mul_(sc), dtype)
 
 
-def _segments(counts: Optional[tuple], rows: int):
+def expert_segments(counts: Optional[tuple], rows: int):
     """(expert index or None, first row, end row) of each non-empty segment."""
     if counts is None:
         yield None, 0, rows
@@ -143,7 +143,8 @@ def _segments(counts: Optional[tuple], rows: int):
         start += n
 
 
-def _pick(t: Optional[torch.Tensor], e: Optional[int]) -> Optional[torch.Tensor]:
+def of_expert(t: Optional[torch.Tensor], e: Optional[int]) -> Optional[torch.Tensor]:
+    """``t[e]``, or ``t`` itself without experts (``e`` None) or when ``t`` is None."""
     return t if t is None or e is None else t[e]
 
 
@@ -174,19 +175,19 @@ def _float(x2d, w1, w2, lay, b1, b2, fp16_intermediate: bool) -> torch.Tensor:
     b1 = None if b1 is None else b1.float()
     b2 = None if b2 is None else b2.float()
     y = torch.empty((x2d.size(0), lay.n2), dtype=torch.float32, device=x2d.device)
-    for e, r0, r1 in _segments(lay.expert_counts, x2d.size(0)):
-        bias1 = _pick(b1, e)
-        h = torch.mm(x32[r0:r1], _pick(w1, e)) if bias1 is None else torch.addmm(bias1, x32[r0:r1], _pick(w1, e))
+    for e, r0, r1 in expert_segments(lay.expert_counts, x2d.size(0)):
+        bias1 = of_expert(b1, e)
+        h = torch.mm(x32[r0:r1], of_expert(w1, e)) if bias1 is None else torch.addmm(bias1, x32[r0:r1], of_expert(w1, e))
         if fp16_intermediate:
             h = round_to(h, torch.float16)
         act = apply_activation(lay.activation, h)
         # fp16 arithmetic rounds to nearest even; the high-precision cast is CAST_ROUND (SPEC §5.4).
         act = round_to(act, store) if fp16_intermediate else cast_round_(act, store)
-        bias2 = _pick(b2, e)
+        bias2 = of_expert(b2, e)
         if bias2 is None:
-            torch.mm(act, _pick(w2, e), out=y[r0:r1])
+            torch.mm(act, of_expert(w2, e), out=y[r0:r1])
         else:
-            torch.addmm(bias2, act, _pick(w2, e), out=y[r0:r1])
+            torch.addmm(bias2, act, of_expert(w2, e), out=y[r0:r1])
     return y if store == torch.float32 else y.to(store)
 
 
@@ -217,18 +218,18 @@ def _quant(x2d, w1, w2, lay, b1, b2, scale, offset, deq1, deq2) -> torch.Tensor:
     per_channel = tuple(scale.shape) != ((1,) if lay.expert_counts is None else (len(lay.expert_counts),))
     scale16, offset16 = round_to(scale.float(), torch.float16), round_to(offset.float(), torch.float16)
     y = torch.zeros((x2d.size(0), lay.n2), dtype=out, device=x2d.device)
-    for e, r0, r1 in _segments(lay.expert_counts, x2d.size(0)):
-        h = x64[r0:r1] @ _pick(w1, e)
+    for e, r0, r1 in expert_segments(lay.expert_counts, x2d.size(0)):
+        h = x64[r0:r1] @ of_expert(w1, e)
         if b1 is not None:
-            h = h + _pick(b1, e).double()
-        h1 = round_to((h * _pick(deq1, e)).float(), mid)
+            h = h + of_expert(b1, e).double()
+        h1 = round_to((h * of_expert(deq1, e)).float(), mid)
         a = round_to(apply_activation(lay.activation, h1), torch.float16)
-        sc = _pick(scale16, e) if per_channel else scale16.reshape(-1)[0 if e is None else e]
+        sc = of_expert(scale16, e) if per_channel else scale16.reshape(-1)[0 if e is None else e]
         u = round_to(a.mul_(sc), torch.float16)
         u = round_to(u.add_(offset16.reshape(-1)[0 if e is None else e]), torch.float16)
         q = torch.round(u).clamp_(-128, 127)
-        h2 = q.double() @ _pick(w2, e)
+        h2 = q.double() @ of_expert(w2, e)
         if b2 is not None:
-            h2 = h2 + _pick(b2, e).double()
-        y[r0:r1] = (h2 * _pick(deq2, e)).float()
+            h2 = h2 + of_expert(b2, e).double()
+        y[r0:r1] = (h2 * of_expert(deq2, e)).float()
     return y

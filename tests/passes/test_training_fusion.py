@@ -53,12 +53,7 @@ class SegmentExperts(nn.Module):
 
 
 def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    x = x.clone().requires_grad_()
-    out = model(x)
-    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-    grads = [x.grad] + [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return out.detach(), grads
+    return _cast_step(model, model, x)
 
 
 @pytest.mark.parametrize("model_type", [DenseMLP, GluMLP, SegmentExperts])
@@ -155,6 +150,8 @@ def test_bf16_training_fuses_and_casts_stay_differentiable():
 
 def _cast_step(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
                x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One step of ``run`` (``model``, its compiled form, or a function of it): the output, then the
+    gradients of ``x`` and of every parameter of ``model`` (cleared after)."""
     x = x.clone().requires_grad_()
     out = run(x)
     (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
