@@ -177,3 +177,16 @@ def test_transposed_weight_views():
     assert not views[0].is_contiguous()
     torch.testing.assert_close(npu_ffn_grouped(x, *views, act, **kwargs), npu_ffn_grouped(*args, **kwargs),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_empty_input_with_numpy_strides():
+    """An empty ``(0, K)`` tensor from numpy has strides (0, 0); the op returns an empty ``(0, N2)``
+    output (and a zero gradient for the weights) instead of failing in the grouped matmul."""
+    import numpy as np
+
+    x = torch.from_numpy(np.zeros((0, 8), dtype=np.float32))
+    w1, w2 = torch.randn(2, 8, 12, requires_grad=True), torch.randn(2, 12, 8, requires_grad=True)
+    y = moe_fusion.npu_ffn_grouped(x, w1, w2, "relu", expert_tokens=torch.tensor([0, 0]))
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert not w1.grad.any() and not w2.grad.any()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.ffn import apply_activation, cast_round_, expert_segments, of_expert, round_to
-from ..kernels.ffn_grouped import ALIGN, _grouped_mm, _segment_ends
+from ..kernels.ffn_grouped import ALIGN, _grouped_mm, _segment_ends, row_major
 from ..meta import LIBRARY
 from ..op_protos.ffn import GLU_ACTIVATIONS, expert_counts_of
 from ._common import gradients, input_names, needed, not_differentiable, refuse_needed, register_formula
@@ -148,8 +148,8 @@ LIBRARY.define("_ffn_grouped_backward(Tensor grad_y, Tensor x, Tensor weight1, T
 def _grouped_outer(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     """``(E, K, N)``: ``a[s_e:s_{e+1}]^T @ b[s_e:s_{e+1}]`` per segment, fp32 (0 for empty ones)."""
     k, n = a.size(1), b.size(1)
-    a = F.pad(a.float(), (0, -k % ALIGN)).contiguous()
-    b = F.pad(b.float(), (0, -n % ALIGN)).contiguous()
+    a = row_major(F.pad(a.float(), (0, -k % ALIGN)))
+    b = row_major(F.pad(b.float(), (0, -n % ALIGN)))
     return torch._grouped_mm(a.t(), b, offs=ends)[:, :k, :n]
 
 

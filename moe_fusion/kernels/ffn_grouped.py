@@ -42,7 +42,13 @@ def _grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
         w = F.pad(w, (0, pad_n, 0, pad_k))
     if any(stride % ALIGN for stride in w.stride() if stride != 1):
         w = w.contiguous()
-    return torch._grouped_mm(a.contiguous(), w, offs=ends)[:, :n]
+    return torch._grouped_mm(row_major(a), w, offs=ends)[:, :n]
+
+
+def row_major(t: Tensor) -> Tensor:
+    """``t`` with row-major strides. An empty tensor counts as contiguous whatever its strides (numpy
+    gives (0, 0)), which ``_grouped_mm`` rejects: it gets fresh storage."""
+    return t.contiguous() if t.numel() else t.new_empty(t.shape)
 
 
 def _row_bias(bias: Optional[Tensor], expert_of_row: Tensor) -> Optional[Tensor]:
