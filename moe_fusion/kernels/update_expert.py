@@ -13,12 +13,17 @@ import torch
 from ..op_protos.moe_update_expert import UpdateExpertConfig, validate_values
 
 
-def _replica_columns(world_size: int, local_rank_id: int, replica_count: torch.Tensor) -> torch.Tensor:
-    """balance_mode 0: ``(N_log,)`` int64, the eplb_table column this rank uses for each row:
-    ``1 + local_rank_id // ceil(world_size / c)`` for the row's replica count ``c`` in ``[1, F-1]``
-    (``<= c`` since ``local_rank_id < world_size``). Computed per row in int64, so neither a wide table
-    nor a large ``world_size`` costs more than the rows."""
-    count = replica_count.to(torch.int64)
+@lru_cache(maxsize=16)
+def _column_of_count(world_size: int, local_rank_id: int, size: int, device: torch.device) -> torch.Tensor:
+    """balance_mode 0: ``(size,)`` int64, entry ``c`` the eplb_table column this rank uses for a row of
+    replica count ``c``: ``1 + local_rank_id // ceil(world_size / c)`` (``<= c`` since
+    ``local_rank_id < world_size``), computed in int64; entry 0 is never read.
+
+    ``size = min(F, world_size + 1)``: a count ``c >= world_size`` picks the column of
+    ``c = world_size`` (``ceil(world_size / c) = 1``), so the kernel clamps counts to ``world_size``
+    and the table never outgrows the world (at most ``2**16 + 1`` entries, validate's bound), however
+    wide eplb_table is. Cached: one table per (world, rank) replaces a per-row division chain."""
+    count = torch.arange(size, dtype=torch.int64, device=device).clamp_(min=1)
     span = torch.div(count + (world_size - 1), count, rounding_mode="floor")    # ceil(world_size / c)
     return torch.div(torch.full_like(count, local_rank_id), span, rounding_mode="floor").add_(1)
 
@@ -41,8 +46,11 @@ def moe_update_expert(config: UpdateExpertConfig, expert_ids: torch.Tensor, eplb
     flat_ids = expert_ids.reshape(-1)
     replica_count = validate_values(config, flat_ids, eplb_table.select(1, 0))
     if config.balance_mode == 0:
-        columns = _replica_columns(config.world_size, config.local_rank_id, replica_count)
-        positions = columns.add_(_row_starts(config.num_logical, width, device))
+        world = config.world_size
+        if width - 1 > world:
+            replica_count = replica_count.clamp(max=world)                  # same column as count == world
+        columns = _column_of_count(world, config.local_rank_id, min(width, world + 1), device)
+        positions = columns.index_select(0, replica_count).add_(_row_starts(config.num_logical, width, device))
         mapped = torch.take(eplb_table, positions)                          # (N_log,) this rank's instance
         if mapped.dtype != config.ids_dtype:
             mapped = mapped.to(config.ids_dtype)
