@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from ..errors import OpValidationError, fail
 from ..groups import GroupPeerError, registered_group
+from ..op_protos.moe_distribute_common import DistConfig
 from ._groups import resolve_group
 
 Tensor = torch.Tensor
@@ -181,6 +182,20 @@ class Field:
     name: str
     value: int
     scope: str = EVERYWHERE
+
+
+def dist_fields(cfg: DistConfig, tokens_arg: str, global_bs: int) -> list[Field]:
+    """The agreed values dispatch and the combines share: the ``DistConfig`` attributes that shape
+    the rows and their routing (``tokens_arg`` names the token tensor in messages)."""
+    return [
+        Field("ep_world_size", cfg.world), Field("ep_rank_id (the TP pair's EP rank)", cfg.rank, TP_ONLY),
+        Field("tp_world_size", cfg.tp_world), Field("tp_rank_id (the EP domain's TP rank)", cfg.tp_rank, EP_ONLY),
+        Field(f"{tokens_arg} (hidden size H)", cfg.hidden), Field(f"{tokens_arg} (dtype)", DTYPE_CODES[cfg.dtype]),
+        Field("expert_ids (K)", cfg.top_k), Field("moe_expert_num", cfg.moe_experts),
+        Field("shared_expert_rank_num", cfg.shared_ranks), Field("shared_expert_num", cfg.n_shared),
+        Field("global_bs", global_bs), Field("zero_expert_num", cfg.zero_experts),
+        Field("copy_expert_num", cfg.copy_experts), Field("const_expert_num", cfg.const_experts),
+    ]
 
 
 def _vector(op: str, status: int, fields: Sequence[Field], device: torch.device) -> Tensor:

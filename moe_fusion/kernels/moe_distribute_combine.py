@@ -30,8 +30,8 @@ from ..errors import OpValidationError, fail
 from ..op_protos import moe_distribute_combine_add_rms_norm as rms_proto
 from ..op_protos import moe_distribute_combine_v2 as combine_proto
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
-from ._moe_exchange import (DTYPE_CODES, EP_ONLY, PER_RANK, TP_ONLY, Field, RowLayout, exchange_counts,
-                            exchange_rows, open_exchange, peer_guard)
+from ._moe_exchange import (PER_RANK, Field, RowLayout, dist_fields, exchange_counts, exchange_rows, open_exchange,
+                            peer_guard)
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
@@ -104,16 +104,10 @@ def require_value(cond: bool, op: str, arg: str, rule: str, seen: Any) -> None:
 
 def _fields(cfg: DistConfig, comm_quant_mode: int, global_bs: int, own: int, peer: int) -> list[Field]:
     """What every rank must agree on before rows move; ``own``/``peer`` (this rank's and its TP
-    peer's row counts) are per rank, checked across the TP pair by ``_tp_counts_check``."""
-    return [
-        Field("ep_world_size", cfg.world), Field("ep_rank_id (the TP pair's EP rank)", cfg.rank, TP_ONLY),
-        Field("tp_world_size", cfg.tp_world), Field("tp_rank_id (the EP domain's TP rank)", cfg.tp_rank, EP_ONLY),
-        Field("expand_x (hidden size H)", cfg.hidden), Field("expand_x (dtype)", DTYPE_CODES[cfg.dtype]),
-        Field("expert_ids (K)", cfg.top_k), Field("moe_expert_num", cfg.moe_experts),
-        Field("shared_expert_rank_num", cfg.shared_ranks), Field("shared_expert_num", cfg.n_shared),
-        Field("global_bs", global_bs), Field("comm_quant_mode", comm_quant_mode),
-        Field("zero_expert_num", cfg.zero_experts), Field("copy_expert_num", cfg.copy_experts),
-        Field("const_expert_num", cfg.const_experts),
+    peer's row counts, last: ``_tp_counts_check`` reads them there) are per rank, checked across
+    the TP pair by ``_tp_counts_check``."""
+    return dist_fields(cfg, "expand_x", global_bs) + [
+        Field("comm_quant_mode", comm_quant_mode),
         Field("own rows", own, PER_RANK), Field("TP peer rows", peer, PER_RANK),
     ]
 

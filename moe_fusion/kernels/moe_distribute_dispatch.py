@@ -37,8 +37,8 @@ from ..errors import OpValidationError, fail
 from ..meta import allocate_outputs
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ..op_protos.moe_distribute_dispatch_v2 import NAME, PROTO, QUANT_DYNAMIC, DispatchConfig
-from ._moe_exchange import (DTYPE_CODES, EP_ONLY, TP_ONLY, Field, RowLayout, exchange_counts, exchange_rows,
-                            open_exchange, peer_guard)
+from ._moe_exchange import (Field, RowLayout, dist_fields, exchange_counts, exchange_rows, open_exchange,
+                            peer_guard)
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
@@ -99,15 +99,8 @@ def _local_error(cfg: DistConfig, expert_ids: Tensor, x_active_mask: Optional[Te
 def _fields(config: DispatchConfig, has_expert_scales: bool, global_bs: int) -> list[Field]:
     """What every rank must agree on before rows move (they shape the rows and their meaning)."""
     cfg = config.dist
-    return [
-        Field("ep_world_size", cfg.world), Field("ep_rank_id (the TP pair's EP rank)", cfg.rank, TP_ONLY),
-        Field("tp_world_size", cfg.tp_world), Field("tp_rank_id (the EP domain's TP rank)", cfg.tp_rank, EP_ONLY),
-        Field("x (hidden size H)", cfg.hidden), Field("x (dtype)", DTYPE_CODES[cfg.dtype]),
-        Field("expert_ids (K)", cfg.top_k), Field("moe_expert_num", cfg.moe_experts),
-        Field("shared_expert_rank_num", cfg.shared_ranks), Field("shared_expert_num", cfg.n_shared),
-        Field("global_bs", global_bs), Field("quant_mode", config.quant_mode),
-        Field("expert_scales (given or not)", int(has_expert_scales)), Field("zero_expert_num", cfg.zero_experts),
-        Field("copy_expert_num", cfg.copy_experts), Field("const_expert_num", cfg.const_experts),
+    return dist_fields(cfg, "x", global_bs) + [
+        Field("quant_mode", config.quant_mode), Field("expert_scales (given or not)", int(has_expert_scales)),
         # A = global_bs_real * ... sizes every rank's buffers from this rank's BS when global_bs is 0.
         Field("x rows (BS; ranks may differ only when global_bs > 0)", cfg.num_tokens if global_bs == 0 else 0),
     ]
