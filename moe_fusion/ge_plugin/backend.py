@@ -23,24 +23,27 @@ import torch.fx as fx
 
 from ..groups import registered_group
 from ..passes import FusionReport, MoeFusionGraphPass, run_fusion_passes
-from ..passes.pipeline import fuse_before_autograd, needs_autograd
+from ..passes.pipeline import AutogradRoute, fuse_before_autograd, needs_autograd
 from ..passes import torchair_collectives  # noqa: F401  (adds torchair's collective forms to the recognizers)
 from . import importable_torchair, register_converters
 
 GROUP_ARGUMENTS = ("group_ep", "group_tp")
 aten = torch.ops.aten
-# Allocations that read only the size, dtype and device of their tensor argument.
-LIKE_ALLOCATIONS = (aten.empty_like.default, aten.new_empty.default, aten.new_empty_strided.default)
+# Allocations that read only the size, dtype and device of their tensor argument, and the factory
+# (with its fill value, None for uninitialized) each becomes when that size is static.
+LIKE_ALLOCATIONS = {aten.empty_like.default: None, aten.new_empty.default: None,
+                    aten.new_empty_strided.default: None, aten.zeros_like.default: 0, aten.ones_like.default: 1}
 
 
 def detach_allocations(graph: fx.Graph) -> None:
-    """Replace ``empty_like(t)`` / ``t.new_empty(...)`` of a contiguous result by
-    ``empty(size, dtype, device)`` (what torchair converts: not ``empty_strided``).
+    """Replace ``empty_like(t)`` / ``t.new_empty(...)`` / ``zeros_like(t)`` / ``ones_like(t)`` of a
+    contiguous result by ``empty`` / ``full`` of its static size, dtype and device (what torchair
+    converts: not ``empty_strided``).
 
-    ``dist.all_to_all_single(torch.empty_like(x), x)`` allocates its out= buffer from ``x``:
-    inductor's decompositions make that allocation independent of ``x``, torchair's keep it a user
-    of ``x``, which the passes would count as a second use of a value they replace. Only static
-    sizes are rewritten.
+    ``dist.all_to_all_single(torch.empty_like(x), x)`` allocates its out= buffer from ``x``, and MoE
+    code sums expert outputs into ``torch.zeros_like(x)``: inductor's decompositions make those
+    allocations independent of ``x``, torchair's keep them users of ``x``, which the passes would
+    count as a second use of a value they replace. Only static sizes are rewritten.
 
     Before / after::
 
@@ -54,11 +57,15 @@ def detach_allocations(graph: fx.Graph) -> None:
         static = isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape)
         if not static or not value.is_contiguous():
             continue
+        fill = LIKE_ALLOCATIONS[node.target]
+        placement = {"dtype": value.dtype, "device": value.device}
         with graph.inserting_before(node):
-            empty = graph.call_function(aten.empty.memory_format, (list(value.shape),),
-                                        {"dtype": value.dtype, "device": value.device})
-        empty.meta.update(node.meta)
-        node.replace_all_uses_with(empty)
+            if fill is None:
+                factory = graph.call_function(aten.empty.memory_format, (list(value.shape),), placement)
+            else:
+                factory = graph.call_function(aten.full.default, (list(value.shape), fill), placement)
+        factory.meta.update(node.meta)
+        node.replace_all_uses_with(factory)
         graph.erase_node(node)
 
 
@@ -107,6 +114,23 @@ def fusion_pre_pass(target: str = "A3", passes: Optional[Sequence[str]] = None,
     return pre_pass
 
 
+# Backward ops of the fused ops' formulas that GE has no operator for.
+_BACKWARD_WITHOUT_GE = {
+    "moe_fusion::npu_ffn_grouped": "its backward runs moe_fusion::_ffn_grouped_backward, which has no GE operator",
+}
+
+
+def _untrainable_on_ge(op: Any) -> Optional[str]:
+    reason = _BACKWARD_WITHOUT_GE.get(op.name())
+    return None if reason is None else f"{op.name()}: {reason}"
+
+
+# Training graphs for GE: no decompositions beyond ATen's composites (inductor's would split ops GE
+# converts whole, _softmax into amax...; torchair's own turn collectives into npu_define ops, which
+# have no autograd formula, so its AOT applies them afterwards, to the fused graph).
+GE_AUTOGRAD_ROUTE = AutogradRoute(decompositions={}, prepare=detach_allocations, untrainable=_untrainable_on_ge)
+
+
 def torchair_backend(config: Any = None, target: str = "A3", *, passes: Optional[Sequence[str]] = None,
                      report: Optional[FusionReport] = None) -> Callable[..., Any]:
     """A ``torch.compile`` backend: ``torchair.get_npu_backend(compiler_config=config)`` with the
@@ -138,7 +162,7 @@ def torchair_backend(config: Any = None, target: str = "A3", *, passes: Optional
     def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Any:
         # A graph torchair's AOT will differentiate is fused first, as moe_fusion.backend() does.
         if needs_autograd(example_inputs):
-            gm = fuse_before_autograd(gm, example_inputs, graph_pass)
+            gm = fuse_before_autograd(gm, example_inputs, graph_pass, GE_AUTOGRAD_ROUTE)
         return npu_backend(gm, example_inputs)
 
     return compile_graph

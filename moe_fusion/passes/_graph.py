@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..errors import OpValidationError
 from ..targets import get_target
-from .context import Refusal
+from .context import Refusal, untrainable
 from .vocabulary import VIEW_OPS
 
 
@@ -101,14 +101,21 @@ def cast(graph: fx.Graph, before: fx.Node, node: fx.Node, dtype: torch.dtype) ->
 @contextlib.contextmanager
 def fused_ops_or_refusal(graph: fx.Graph, what: str) -> Iterator[None]:
     """Insert fused ops inside this block; when one of them rejects its inputs under the compile
-    target (its fake kernel raises ``OpValidationError``), erase every node inserted in the block
-    and raise ``Refusal`` with the op's message, leaving the graph as it was."""
+    target (its fake kernel raises ``OpValidationError``), or cannot be trained in the graph being
+    fused for training (``context.untrainable``), erase every node inserted in the block and raise
+    ``Refusal`` with the reason, leaving the graph as it was."""
     existing = set(graph.nodes)
     try:
         yield
     except OpValidationError as error:
         erase_unused([n for n in graph.nodes if n not in existing])
         raise Refusal(f"{what} would be invalid on target {get_target()}: {error}") from error
+    inserted = [n for n in graph.nodes if n not in existing]
+    reasons = sorted({reason for n in inserted if n.op == "call_function"
+                      for reason in [untrainable(n.target)] if reason})
+    if reasons:
+        erase_unused(inserted)
+        raise Refusal(f"{what} cannot be trained here: {'; '.join(reasons)}")
 
 
 def erase_unused(nodes: Iterable[fx.Node]) -> None:

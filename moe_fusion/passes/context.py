@@ -13,9 +13,11 @@ Refusals are logged on the ``moe_fusion.passes`` logger at DEBUG, one line each;
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, TypeVar
+from typing import Any, Callable, Iterator, Optional, Protocol, TypeVar
 
 import torch
 import torch.fx as fx
@@ -32,6 +34,29 @@ except ImportError:  # older torch: plain logging still works
 class Refusal(Exception):
     """A candidate that looks like a pattern but must not be rewritten; the message says why
     (it goes to the report)."""
+
+
+# Set while fusing a graph AOT autograd will differentiate (``pipeline.fuse_before_autograd``):
+# fused op -> why its backward cannot run under the compiling backend (None: it can).
+TrainingCheck = Callable[[Any], Optional[str]]
+_training_check: contextvars.ContextVar[Optional[TrainingCheck]] = contextvars.ContextVar(
+    "moe_fusion_training_check", default=None)
+
+
+@contextlib.contextmanager
+def training(check: TrainingCheck) -> Iterator[None]:
+    """Inside the block, a rewrite that inserts an op ``check`` objects to is refused with its reason."""
+    token = _training_check.set(check)
+    try:
+        yield
+    finally:
+        _training_check.reset(token)
+
+
+def untrainable(op: Any) -> Optional[str]:
+    """Why the graph being fused cannot be trained with ``op`` in it, or None (also outside training)."""
+    check = _training_check.get()
+    return None if check is None else check(op)
 
 
 class Match(Protocol):

@@ -8,8 +8,10 @@ them). So when the compiled graph will be differentiated (grad mode on, an input
 ``fuse_before_autograd`` first traces dynamo's graph into a functional ATen graph with inductor's
 decompositions (the forms the passes read), fuses it, and hands the fused graph to AOT autograd,
 which differentiates each fused op with its formula (``moe_fusion.autograd``) and partitions the
-joint graph as usual. The post-grad pass then still runs on the forward and backward graphs (the
-formulas' own chains, e.g. the BMM pair's, fuse there).
+joint graph as usual. A rewrite whose fused op has no formula, or whose backward the backend cannot
+compile (``AutogradRoute.untrainable``: GE has no operator for ``npu_ffn_grouped``'s backward), is
+refused there with the reason; the rest of the graph still fuses. The post-grad pass then still
+runs on the forward and backward graphs (the formulas' own chains, e.g. the BMM pair's, fuse there).
 
 Every pass is a ``find_<pattern>(graph, ctx) -> list[Match]`` of a pattern module (the protocol is
 in ``context.py``); ``PIPELINE`` lists them in the order they run, the widest patterns first, so a
@@ -39,7 +41,8 @@ from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from ..targets import get_target, target as target_scope
 from . import allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn, re_routing
-from .context import FusionEvent, FusionReport, Match, PassContext, Refusal, count_ops
+from .context import (FusionEvent, FusionReport, Match, PassContext, Refusal, TrainingCheck, count_ops,
+                      training)
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 
@@ -165,29 +168,58 @@ def needs_autograd(example_inputs: Sequence[Any]) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
-def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                         graph_pass: MoeFusionGraphPass) -> fx.GraphModule:
-    """Dynamo's graph ``gm`` as a functional ATen graph with inductor's decompositions, fused by
-    ``graph_pass``: what AOT autograd should differentiate (see the module docstring). Traced on
-    the fake values dynamo used for ``example_inputs``. Returns ``gm`` itself, and says why in the
-    report, when the graph cannot be traced this way (functionalization does not handle every
-    graph: custom autograd Functions, some in-place ops) or when a fused op has no autograd
-    formula: those graphs train unfused, never wrongly."""
+@dataclass(frozen=True)
+class AutogradRoute:
+    """How a backend has its training graphs fused before AOT autograd (``fuse_before_autograd``).
+
+    Attributes:
+        decompositions: applied while tracing dynamo's graph (None: inductor's, the forms the
+            inductor backend's graphs hold; torchair passes ATen's composites only, since GE
+            converts ``_softmax`` whole and has no ``amax``).
+        prepare: run on the traced graph before the passes, as the backend prepares its post-AOT
+            graphs (torchair: ``detach_allocations``).
+        untrainable: fused op -> why this backend cannot compile its backward (None: it can);
+            such a rewrite is refused, the rest of the graph still fuses.
+    """
+
+    decompositions: Optional[dict] = None
+    prepare: Optional[Callable[[fx.Graph], None]] = None
+    untrainable: Optional[TrainingCheck] = None
+
+
+INDUCTOR_ROUTE = AutogradRoute()
+
+
+def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], graph_pass: MoeFusionGraphPass,
+                         route: AutogradRoute = INDUCTOR_ROUTE) -> fx.GraphModule:
+    """Dynamo's graph ``gm`` as a functional ATen graph, fused by ``graph_pass``: what AOT autograd
+    should differentiate (see the module docstring). Traced on the fake values dynamo used for
+    ``example_inputs``, as ``route`` says. A rewrite inserting an op without an autograd formula,
+    or one whose backward the backend cannot compile, is refused with the reason. Returns ``gm``
+    itself, and says why in the report, when the graph cannot be traced this way
+    (functionalization does not handle every graph: custom autograd Functions, some in-place
+    ops): those graphs train unfused, never wrongly."""
     report = graph_pass.report
     trial = FusionReport()
+
+    def untrainable(op: Any) -> Optional[str]:
+        if not isinstance(op, torch._ops.OpOverload) or op.namespace != "moe_fusion":
+            return None
+        if not _differentiable(op):
+            return f"{op.name()} has no autograd formula"
+        return None if route.untrainable is None else route.untrainable(op)
+
     try:
-        traced = _functional_aten_graph(gm, example_inputs)
-        MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial)(traced.graph)
+        traced = _functional_aten_graph(
+            gm, example_inputs, select_decomp_table() if route.decompositions is None else route.decompositions)
+        if route.prepare is not None:
+            route.prepare(traced.graph)
+        with training(untrainable):
+            MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial)(traced.graph)
     except Exception as error:  # noqa: BLE001 - any failure to trace means: leave the graph to AOT as it is
         reason = " ".join(str(error).split())[:300]
         _record(report, f"fused nothing before autograd: the graph does not trace as a functional ATen graph "
                         f"({type(error).__name__}: {reason})")
-        return gm
-    without = sorted({str(n.target) for n in traced.graph.nodes if n.op == "call_function"
-                      and str(n.target).startswith("moe_fusion.") and not _differentiable(n.target)})
-    # An op without a formula would return outputs that do not require grad: silently wrong gradients.
-    if without:
-        _record(report, f"fused nothing before autograd: {', '.join(without)} has no autograd formula")
         return gm
     _restore_differentiable_casts(traced.graph)
     traced.recompile()
@@ -198,7 +230,7 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any],
     return traced
 
 
-def _functional_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+def _functional_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], decompositions: dict) -> fx.GraphModule:
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:   # called outside torch.compile: trace on fresh fakes
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -207,7 +239,7 @@ def _functional_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) ->
     fakes = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     with fake_mode, torch.no_grad():
         traced = make_fx(torch.func.functionalize(gm, remove="mutations"),
-                         decomposition_table=select_decomp_table())(*fakes)
+                         decomposition_table=decompositions)(*fakes)
     traced.graph.eliminate_dead_code()   # decompositions leave unused casts, which would read as other uses
     return traced
 

@@ -5,6 +5,9 @@
 * ``compile_ge_graph(torchair, fn, inputs, dump_dir)``: ``torch.compile`` with
   ``torchair.get_npu_backend()`` and a text graph dump, called on CPU tensors; the stub raises
   when torchair loads the finished graph, and the dump is parsed back into a ``GraphDef``.
+* ``compile_training_ge_graphs(...)``: the same for inputs that require grad, with AOT autograd
+  compiling the backward at once (``force_non_lazy_backward_lowering``): the forward and backward
+  GE graphs as torchair converted them, before its own GE-level optimizations.
 
 Readers: ``nodes`` (of one op type), ``wiring`` (GE input name → source ``"<node>:<index>"``, or
 ``""`` for an empty optional input), ``attrs`` (plain values), ``output_dtypes`` (``DT_*`` names).
@@ -54,6 +57,26 @@ def compile_ge_graph(torchair: ModuleType, fn: Callable[..., Any], inputs: Seque
     dumps = sorted(dump_dir.glob("dynamo_optimized_graph_*.txt"))
     assert len(dumps) == 1, f"expected one optimized GE graph dump, found {dumps}"
     return text_format.Parse(dumps[0].read_text(), GraphDef())
+
+
+def compile_training_ge_graphs(torchair: ModuleType, fn: Callable[..., Any], inputs: Sequence[torch.Tensor],
+                               dump_dir: Path, make_backend: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """``(forward, backward)`` GE ``GraphDef``s of ``torch.compile(fn, backend=make_backend(config))``
+    called on ``inputs`` (some requiring grad). The backward is compiled with the forward, so both
+    are dumped although the stub cannot run the forward."""
+    from moe_fusion.ge_plugin._torchair_stub import GeRuntimeUnavailable
+    from torchair._ge_concrete_graph.ge_ir_pb2 import GraphDef
+
+    config = torchair.CompilerConfig()
+    config.debug.graph_dump.type = "txt"
+    config.debug.graph_dump.path = str(dump_dir)
+    compiled = torch.compile(fn, backend=make_backend(config), fullgraph=True)
+    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), \
+            pytest.raises(GeRuntimeUnavailable, match="cannot load GE graph"):
+        compiled(*inputs)
+    dumps = sorted(dump_dir.glob("dynamo_original_graph_*.txt"), key=lambda p: int(p.name.split("_")[3]))
+    assert len(dumps) == 2, f"expected a forward and a backward GE graph dump, found {dumps}"
+    return tuple(text_format.Parse(d.read_text(), GraphDef()) for d in dumps)
 
 
 def nodes(graph: Any, op_type: str) -> list[Any]:

@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from ge_graphs import attrs, compile_ge_graph, data_shape, node, nodes, output_dtypes, wiring
+from ge_graphs import (attrs, compile_ge_graph, compile_training_ge_graphs, data_shape, node, nodes, output_dtypes,
+                       wiring)
 
 import moe_fusion
 from moe_fusion.demo.deepspeed_layer import DeepSpeedMoE
+from moe_fusion.demo.moe_layers import TrainableAllGatherEPMoE
 from moe_fusion.ge_plugin.ir import check_op_def
 from moe_fusion.passes import FusionReport
 
@@ -134,14 +136,51 @@ class TanhMLP(torch.nn.Module):
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
-def test_training_forward_graph_holds_the_fused_ffn(torchair, tmp_path):
-    """Parameters that require grad: the graph is fused before torchair's AOT autograd (its forward
-    GE graph holds the FFN node, no MatMul), instead of refused for its saved intermediates."""
+MATMULS = ("MatMul", "MatMulV2", "BatchMatMul", "BatchMatMulV2")
+
+
+def compile_training(torchair, model: torch.nn.Module, x: torch.Tensor, tmp_path, target: str) -> tuple:
+    """``(forward, backward, report)``: the GE graphs of a training step of ``model(x)`` compiled
+    with ``moe_fusion.torchair_backend``."""
     report = FusionReport()
-    x = torch.randn(TOKENS, H, requires_grad=True)
+
+    def make_backend(config):
+        config.post_grad_custom_pre_pass = drop_async_asserts
+        return moe_fusion.torchair_backend(config, target=target, report=report)
+
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-        graph = compile_ge_graph(torchair, TanhMLP(), (x,), tmp_path,
-                                 lambda config: moe_fusion.torchair_backend(config, target="portable", report=report))
+        forward, backward = compile_training_ge_graphs(torchair, model, (x,), tmp_path, make_backend)
+    return forward, backward, report
+
+
+def test_training_step_graphs_hold_the_fused_ffn_and_its_backward(torchair, tmp_path):
+    """Parameters that require grad: the graph is fused before torchair's AOT autograd, instead of
+    refused for its saved intermediates. The forward GE graph holds the FFN node and no matmul; the
+    backward graph holds the formula's matmuls and returns the five gradients."""
+    forward, backward, report = compile_training(torchair, TanhMLP(), torch.randn(TOKENS, H, requires_grad=True),
+                                                 tmp_path, "portable")
     assert [e.pattern for e in report.fused()] == ["ffn"], report.format()
-    assert len(nodes(graph, "FFN")) == 1
-    assert not [op.type for op in graph.op if op.type in ("MatMul", "MatMulV2", "BatchMatMul", "BatchMatMulV2")]
+    assert len(nodes(forward, "FFN")) == 1
+    assert not [op.type for op in forward.op if op.type in MATMULS]
+    assert not nodes(backward, "FFN")
+    # dx, dW1, dW2, the activation's gradient, and h recomputed: five matmuls.
+    assert len([op for op in backward.op if op.type in MATMULS]) == 5
+    assert len([i for i in node(backward, "NetOutput").input if not i.startswith("^")]) == 5   # x, W1, b1, W2, b2
+
+
+def test_training_step_refuses_a_block_whose_backward_ge_cannot_run(torchair, fake_world, tmp_path):
+    """The AllGather-EP block would need ``npu_ffn_grouped``'s backward, which has no GE operator: in
+    a training step the block is refused with that reason (in inference it fuses), its expert FFNs
+    still fuse, and both graphs convert, the collectives' adjoints in the backward."""
+    ep_group, _ = fake_world
+    layer = TrainableAllGatherEPMoE(1024, 64, 4, 2, ep_group=ep_group, shared_expert=True, dtype=torch.float16)
+    x = torch.randn(TOKENS, 1024, dtype=torch.float16, requires_grad=True)
+    forward, backward, report = compile_training(torchair, layer, x, tmp_path, "A3")
+
+    refused = [e for e in report.events if e.pattern == "moe_allgather_ep" and not e.fused]
+    assert refused and "npu_ffn_grouped" in refused[0].detail and "no GE operator" in refused[0].detail, report.format()
+    assert len(nodes(forward, "FFN")) == 3                       # two local experts and the shared one
+    assert {op.type for op in forward.op if op.type.startswith("Hcom")} == {"HcomAllGather", "HcomReduceScatter"}
+    assert not nodes(backward, "FFN")
+    # The all-gathers' adjoints are reduce-scatters and the reduce-scatter's an all-gather.
+    assert {op.type for op in backward.op if op.type.startswith("Hcom")} == {"HcomAllGather", "HcomReduceScatter"}

@@ -110,9 +110,9 @@ def test_explain_reports_the_training_graph():
     assert [e.pattern for e in report.fused()] == ["ffn"], report.format()
 
 
-def test_a_fused_op_without_formula_keeps_the_graph_unfused(monkeypatch):
-    """Never a silently wrong gradient: if a fused op could not be differentiated, the graph goes
-    to AOT autograd unfused, and the report says why."""
+def test_a_fused_op_without_formula_is_refused(monkeypatch):
+    """Never a silently wrong gradient: a rewrite to a fused op that could not be differentiated is
+    refused before AOT autograd, and the report says why."""
     monkeypatch.setattr(pipeline, "_differentiable", lambda op: op is not torch.ops.moe_fusion.npu_ffn.default)
     torch._dynamo.reset()
     model, report = DenseMLP(), FusionReport()
@@ -120,7 +120,7 @@ def test_a_fused_op_without_formula_keeps_the_graph_unfused(monkeypatch):
     want_out, want_grads = _step(model, x)
     got_out, got_grads = _step(torch.compile(model, backend=backend(report=report, compiler="eager")), x)
     assert not report.fused()
-    assert any(e.pattern == "training" and "moe_fusion.npu_ffn.default has no autograd formula" in e.detail
+    assert any(e.pattern == "ffn" and "cannot be trained here: moe_fusion::npu_ffn has no autograd formula" in e.detail
                for e in report.refused()), report.format()
     torch.testing.assert_close(got_out, want_out)
     for got, want in zip(got_grads, want_grads):
