@@ -209,6 +209,20 @@ def test_high_precision_cast_rounds_ties_away_from_zero(dtype, tie, away):
     assert y.item() == -away
 
 
+@pytest.mark.parametrize("dtype", [FP16, BF16])
+def test_npu_ffn_traces_with_fake_values(dtype):
+    """No read of the values on the host (the bf16 CAST_ROUND once branched on ``isnan(t).any()``):
+    the op and its backward trace on fake tensors, so a compiled training step keeps one graph."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(x, w1, w2):
+        return torch.autograd.grad(npu_ffn(x, w1, w2, "gelu", inner_precise=0).float().sum(), (x, w1, w2))
+
+    args = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape in ((4, 8), (8, 16), (16, 8))]
+    graph = make_fx(step, tracing_mode="fake")(*args)
+    assert "_local_scalar_dense" not in graph.code and "npu_ffn" in graph.code
+
+
 def test_high_performance_rounds_mm1_to_fp16_nearest_even():
     """inner_precise=1: the mm1 result is fp16 (round to nearest even): the tie 1 + 2**-11 becomes 1."""
     x = f16([[1, 1]])

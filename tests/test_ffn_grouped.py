@@ -108,8 +108,10 @@ def _call(case: GroupedCase = GroupedCase(), **changes) -> tuple[tuple, dict]:
 BF = GroupedCase(dtype=BF16)
 STRUCTURAL = [
     ("portable", _call(x=torch.randn(7)), "npu_ffn_grouped: x must be 2-D, got shape (7,)"),
-    ("portable", _call(x=torch.randn(7, 8, dtype=torch.float64)),
-     "npu_ffn_grouped: x dtype must be one of (float16, bfloat16, float32), got float64"),
+    ("portable", _call(x=torch.ones(7, 8, dtype=torch.int32)),
+     "npu_ffn_grouped: x dtype must be one of (float16, bfloat16, float32, float64), got int32"),
+    ("A3", _call(x=torch.randn(7, 8, dtype=torch.float64)),
+     "npu_ffn_grouped: x dtype must be one of (float16, bfloat16), got float64"),
     ("portable", _call(weight1=torch.randn(3, 8, 6, dtype=BF16)),
      "npu_ffn_grouped: weight1 dtype must equal x's (float32), got bfloat16"),
     ("portable", _call(weight2=torch.randn(3, 6)), "npu_ffn_grouped: weight2 must be 3-D, got shape (3, 6)"),

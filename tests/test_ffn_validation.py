@@ -82,9 +82,9 @@ RULES = [
     ("activation", lambda: named(F, activation="tanh"),
      f"npu_ffn: activation must be one of {ACTS} (case-insensitive), got 'tanh'"),
     ("x-dtype", lambda: named(F, x=t((4, 4), torch.int32)),
-     "npu_ffn: x dtype must be one of (float16, bfloat16, int8, float32), got int32"),
+     "npu_ffn: x dtype must be one of (float16, bfloat16, int8, float32, float64), got int32"),
     ("weight-dtype", lambda: named(F, weight1=t((4, 4), torch.int32), weight2=t((4, 4), torch.int32)),
-     "npu_ffn: weight1 dtype must be one of (float16, bfloat16, float32, int8, uint8), got int32"),
+     "npu_ffn: weight1 dtype must be one of (float16, bfloat16, int8, uint8, float32, float64), got int32"),
     ("weight2-dtype", lambda: named(F, weight2=t((4, 4), FP32)),
      "npu_ffn: weight2 dtype must equal weight1's (float16), got float32"),
     # -- experts

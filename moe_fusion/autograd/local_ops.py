@@ -8,13 +8,14 @@ FFN, per expert segment ``e`` (rows ``r0:r1``), with ``h = x W1[e] + b1[e]``, ``
     ga = gy W2[e]^T        gh = act'(h) * ga          gx = gh W1[e]^T
     gW2[e] = a^T gy        gW1[e] = x^T gh            gb2[e] = sum_rows gy     gb1[e] = sum_rows gh
 
-``act'`` is the derivative of the forward's own activation (tanh GELU, ``x * sigmoid(1.702 x)``
-for fastgelu, SiLU, ReLU with ``relu'(0) = 0``; GLU ``left * f(right)``: ``g_left = ga * f(right)``,
-``g_right = ga * left * f'(right)``). The backward recomputes ``h`` from the saved inputs instead of
-saving it (memory: the forward keeps nothing of size ``M x N1``); it computes in fp32 and uses the
-activation rounded to the storage dtype as the forward's second matmul does. Rows outside every
-segment (``npu_ffn_grouped``'s rows past the counts) get zero gradient. Quant and antiquant modes
-have no gradient (int8 operands, dequantization scales): a backward that needs one raises.
+``act'`` is the derivative of the forward's own activation (tanh GELU, ``x * sigmoid(1.702 x)`` for
+fastgelu, SiLU, ReLU with ``relu'(0) = 0``; GLU ``left * f(right)``: ``g_left = ga * f(right)``,
+``g_right = ga * left * f'(right)``). The backward recomputes ``h`` from the saved inputs instead
+of saving it (memory: the forward keeps nothing of size ``M x N1``); it computes in fp32 (fp64 for
+fp64 inputs) and uses the activation rounded to the storage dtype as the forward's second matmul
+does. Rows outside every segment (``npu_ffn_grouped``'s rows past the counts) get zero gradient.
+Quant and antiquant modes have no gradient (int8 operands, dequantization scales): a backward that
+needs one raises.
 
 ``npu_ffn_grouped`` keeps its counts on the device in the backward too: the per-expert matmuls are
 ``torch._grouped_mm`` calls inside the op ``moe_fusion::_ffn_grouped_backward`` (a custom op with
@@ -27,6 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ..kernels._precision import accumulator
 from ..kernels.ffn import apply_activation, cast_round_, expert_segments, of_expert, round_to
 from ..kernels.ffn_grouped import ALIGN, _grouped_mm, _segment_ends, row_major
 from ..meta import LIBRARY
@@ -108,10 +110,11 @@ def _ffn_backward(ctx: Any, grad_y: Tensor) -> tuple:
                 not_differentiable(FFN, name, f"{ctx.mode} mode: int8 operands and integer matmuls")
     x, w1, w2, b1, b2 = ctx.saved_tensors
     k1, n2 = w1.size(-2), w2.size(-1)
-    x2d, gy = x.reshape(-1, k1).float(), grad_y.reshape(-1, n2).float()
-    w1f, w2f = w1.float(), w2.float()
-    b1f = None if b1 is None else b1.float()
-    grads = {name: torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+    acc = accumulator(x.dtype)
+    x2d, gy = x.reshape(-1, k1).to(acc), grad_y.reshape(-1, n2).to(acc)
+    w1f, w2f = w1.to(acc), w2.to(acc)
+    b1f = None if b1 is None else b1.to(acc)
+    grads = {name: torch.zeros(t.shape, dtype=acc, device=t.device)
              for name, t in (("x", x2d), ("weight1", w1), ("weight2", w2), ("bias1", b1), ("bias2", b2))
              if t is not None and needed(ctx, _FFN_INPUTS, name)}
     for e, r0, r1 in expert_segments(ctx.counts, x2d.size(0)):
@@ -146,8 +149,14 @@ LIBRARY.define("_ffn_grouped_backward(Tensor grad_y, Tensor x, Tensor weight1, T
 
 
 def _grouped_outer(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
-    """``(E, K, N)``: ``a[s_e:s_{e+1}]^T @ b[s_e:s_{e+1}]`` per segment, fp32 (0 for empty ones)."""
+    """``(E, K, N)``: ``a[s_e:s_{e+1}]^T @ b[s_e:s_{e+1}]`` per segment, fp32 (0 for empty ones);
+    fp64 for fp64 ``a`` (by a dense einsum: ``_grouped_mm`` has no fp64)."""
     k, n = a.size(1), b.size(1)
+    if a.dtype == torch.float64:
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        rows = torch.arange(a.size(0), device=a.device, dtype=ends.dtype).unsqueeze(1)
+        mine = ((rows >= starts) & (rows < ends)).to(a.dtype)                          # (M, E)
+        return torch.einsum("me,mk,mn->ekn", mine, a, b.double())
     a = row_major(F.pad(a.float(), (0, -k % ALIGN)))
     b = row_major(F.pad(b.float(), (0, -n % ALIGN)))
     return torch._grouped_mm(a.t(), b, offs=ends)[:, :k, :n]
@@ -162,16 +171,18 @@ def _per_expert_sum(rows: Tensor, expert_of_row: Tensor, experts: int) -> Tensor
 def _ffn_grouped_backward_kernel(grad_y: Tensor, x: Tensor, weight1: Tensor, weight2: Tensor, activation: str,
                                  expert_tokens: Tensor, bias1: Optional[Tensor], tokens_index_flag: bool,
                                  fp16_intermediate: bool) -> tuple[Tensor, ...]:
-    """``(gx (M, K1), gW1 (E, K1, N1), gW2 (E, N1', N2), gb1 (E, N1), gb2 (E, N2))`` in fp32."""
+    """``(gx (M, K1), gW1 (E, K1, N1), gW2 (E, N1', N2), gb1 (E, N1), gb2 (E, N2))`` in fp32 (fp64
+    for fp64 x)."""
     experts = weight1.size(0)
     ends = _segment_ends(expert_tokens, tokens_index_flag)
     rows = torch.arange(x.size(0), device=x.device, dtype=torch.int32)
     expert_of_row = torch.searchsorted(ends, rows, right=True)
     counted = (expert_of_row < experts).unsqueeze(1)
-    gy = torch.where(counted, grad_y.float(), 0.0)         # rows past the counts are 0 in the forward
+    acc = accumulator(x.dtype)
+    gy = torch.where(counted, grad_y.to(acc), 0.0)         # rows past the counts are 0 in the forward
     h = _grouped_mm(x, weight1, ends)
     if bias1 is not None:
-        h = h + torch.cat([bias1.float(), bias1.new_zeros((1, bias1.size(1)), dtype=torch.float32)])[expert_of_row]
+        h = h + torch.cat([bias1.to(acc), bias1.new_zeros((1, bias1.size(1)), dtype=acc)])[expert_of_row]
     a, gh = activation_vjp(activation.lower(), h, _grouped_mm(gy, weight2.transpose(1, 2), ends))
     a = _round_like_forward(a, x.dtype, fp16_intermediate)
     gh = torch.where(counted, gh, 0.0)
@@ -189,7 +200,7 @@ def _ffn_grouped_backward_fake(grad_y: Tensor, x: Tensor, weight1: Tensor, weigh
                                fp16_intermediate: bool) -> tuple[Tensor, ...]:
     experts, k1, n1 = weight1.shape
     n_act, n2 = weight2.shape[1:]
-    f32 = torch.float32
+    f32 = accumulator(x.dtype)
     return (x.new_empty(x.shape, dtype=f32), x.new_empty((experts, k1, n1), dtype=f32),
             x.new_empty((experts, n_act, n2), dtype=f32), x.new_empty((experts, n1), dtype=f32),
             x.new_empty((experts, n2), dtype=f32))

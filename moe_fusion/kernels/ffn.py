@@ -1,11 +1,11 @@
 """Reference kernel of ``npu_ffn`` (SPEC §5.4).
 
-Matmuls run in fp32 on CPU whatever the storage dtype (the device accumulates in fp32 too, and
-fp16/bf16 matmuls are ~100x slower than fp32 on CPUs without bf16 units); quant matmuls run in
-fp64, which is exact for int8 x int8 products summed over K <= 65535. Values between the
-matmuls are fp32 tensors rounded to the dtype the device holds them in; an fp16 operation is an
-fp32 operation on fp16 values rounded to fp16, which equals the fp16 operation (fp32 has
-24 >= 2 * 11 + 2 mantissa bits, so that double rounding is innocuous).
+Matmuls run in fp32 on CPU whatever the storage dtype (fp64 for fp64 values, ``_precision``; the
+device accumulates in fp32 too, and fp16/bf16 matmuls are ~100x slower than fp32 on CPUs without
+bf16 units); quant matmuls run in fp64, which is exact for int8 x int8 products summed over K <=
+65535. Values between the matmuls are fp32 tensors rounded to the dtype the device holds them in;
+an fp16 operation is an fp32 operation on fp16 values rounded to fp16, which equals the fp16
+operation (fp32 has 24 >= 2 * 11 + 2 mantissa bits, so that double rounding is innocuous).
 
 Intermediate precision (SPEC §5.4; §10.2-10.4 leave it open). The quant and antiquant rules
 match op-plugin's golden (Ascend/op-plugin ``test/test_custom_ops/test_npu_ffn.py``, ``calc_ffn``)
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..int4 import INT4_CARRIER, unpack_int4
 from ..op_protos.ffn import GLU_ACTIVATIONS, FfnConfig
+from ._precision import accumulator
 
 
 def _gelu_tanh(z: torch.Tensor) -> torch.Tensor:
@@ -74,24 +75,28 @@ def apply_activation(name: str, h: torch.Tensor) -> torch.Tensor:
 
 
 def round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round fp32 values to ``dtype`` and back (a no-op for fp32)."""
-    return t if dtype == torch.float32 else t.to(dtype).float()
+    """Round fp32 (or fp64) values to ``dtype`` and back (a no-op when ``dtype`` is as wide)."""
+    if dtype in (torch.float32, torch.float64) and torch.finfo(dtype).bits >= torch.finfo(t.dtype).bits:
+        return t
+    return t.to(dtype).to(t.dtype)
 
 
 def cast_round_(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round fp32 ``t`` to ``dtype`` half away from zero (AscendC ``CAST_ROUND``), back as fp32;
-    may overwrite ``t`` (callers pass their own temporaries).
+    """Round fp32 ``t`` to ``dtype`` half away from zero (AscendC ``CAST_ROUND``), back as fp32
+    (fp64 ``t`` of an fp64 ``dtype`` is returned as it is); may overwrite ``t`` (callers pass their
+    own temporaries).
 
-    ``t.to(dtype)`` rounds half to even; the two differ on exact ties only.
+    ``t.to(dtype)`` rounds half to even; the two differ on exact ties only. Branch-free (no read
+    of the values on the host), so it traces.
     """
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         return t
-    if dtype == torch.bfloat16 and t.is_contiguous() and not bool(torch.isnan(t).any()):
+    if dtype == torch.bfloat16 and t.dtype == torch.float32:
         # bf16 is the top half of fp32: adding half a bf16 ulp to the magnitude bits and
         # truncating rounds ties away from zero (a carry moves into the exponent as it should).
-        # (A NaN's payload could carry into the sign bit: those take the general path.)
-        t.view(torch.int32).add_(0x8000).bitwise_and_(-0x10000)
-        return t
+        # A NaN's payload could carry into the sign bit: NaNs are kept as they are.
+        rounded = t.view(torch.int32).add(0x8000).bitwise_and_(-0x10000).view(torch.float32)
+        return torch.where(torch.isnan(t), t, rounded)
     nearest_even = t.to(dtype).float()
     # On a tie t lies halfway between nearest_even and other = 2t - nearest_even, both representable.
     other = 2 * t - nearest_even
@@ -171,10 +176,11 @@ def npu_ffn(config: FfnConfig, x: torch.Tensor, weight1: torch.Tensor, weight2: 
 
 def _float(x2d, w1, w2, lay, b1, b2, fp16_intermediate: bool) -> torch.Tensor:
     store = x2d.dtype
-    x32, w1, w2 = x2d.float(), w1.float(), w2.float()
-    b1 = None if b1 is None else b1.float()
-    b2 = None if b2 is None else b2.float()
-    y = torch.empty((x2d.size(0), lay.n2), dtype=torch.float32, device=x2d.device)
+    acc = accumulator(store)
+    x32, w1, w2 = x2d.to(acc), w1.to(acc), w2.to(acc)
+    b1 = None if b1 is None else b1.to(acc)
+    b2 = None if b2 is None else b2.to(acc)
+    y = torch.empty((x2d.size(0), lay.n2), dtype=acc, device=x2d.device)
     for e, r0, r1 in expert_segments(lay.expert_counts, x2d.size(0)):
         bias1 = of_expert(b1, e)
         h = torch.mm(x32[r0:r1], of_expert(w1, e)) if bias1 is None else torch.addmm(bias1, x32[r0:r1], of_expert(w1, e))
@@ -188,7 +194,7 @@ def _float(x2d, w1, w2, lay, b1, b2, fp16_intermediate: bool) -> torch.Tensor:
             torch.mm(act, of_expert(w2, e), out=y[r0:r1])
         else:
             torch.addmm(bias2, act, of_expert(w2, e), out=y[r0:r1])
-    return y if store == torch.float32 else y.to(store)
+    return y.to(store)
 
 
 def _quant(x2d, w1, w2, lay, b1, b2, scale, offset, deq1, deq2) -> torch.Tensor:

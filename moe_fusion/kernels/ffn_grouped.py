@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..op_protos.ffn_grouped import FfnGroupedConfig, validate_values
+from ._precision import accumulator, widen
 from .ffn import round_to, apply_activation, cast_round_
 
 Tensor = torch.Tensor
@@ -33,7 +34,10 @@ def _grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
     ``torch._grouped_mm`` needs 16-byte aligned strides: K and N are zero-padded to multiples of 4
     (a no-op for the usual sizes), which adds zero products and drops the padded columns. ``w`` may
     be a transposed view (stacked ``nn.Linear`` weights): it is read in place, not copied.
+    fp64 ``a`` (which ``_grouped_mm`` lacks) gives fp64 by ``_dense_grouped_mm``.
     """
+    if a.dtype == torch.float64:
+        return _dense_grouped_mm(a, w.double(), ends)
     k, n = w.shape[1:]
     pad_k, pad_n = -k % ALIGN, -n % ALIGN
     a, w = a.float(), w.float()
@@ -43,6 +47,15 @@ def _grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
     if any(stride % ALIGN for stride in w.stride() if stride != 1):
         w = w.contiguous()
     return torch._grouped_mm(row_major(a), w, offs=ends)[:, :n]
+
+
+def _dense_grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+    """``_grouped_mm`` in fp64: every expert's matmul over all rows, each row keeping its own
+    expert's (E times the work: fp64 is the gradient-check dtype, not a fast path)."""
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    rows = torch.arange(a.size(0), device=a.device, dtype=ends.dtype).unsqueeze(1)     # (M, 1)
+    mine = ((rows >= starts) & (rows < ends)).to(a.dtype)                              # (M, E)
+    return torch.einsum("me,mk,ekn->mn", mine, a, w)
 
 
 def row_major(t: Tensor) -> Tensor:
@@ -55,7 +68,7 @@ def _row_bias(bias: Optional[Tensor], expert_of_row: Tensor) -> Optional[Tensor]
     """``bias[expert_of_row]`` ``(M, N)`` fp32; rows of expert ``E`` (padding) get zeros."""
     if bias is None:
         return None
-    padded = torch.cat([bias.float(), bias.new_zeros((1, bias.size(1)), dtype=torch.float32)])
+    padded = torch.cat([widen(bias, bias.dtype), bias.new_zeros((1, bias.size(1)), dtype=accumulator(bias.dtype))])
     return padded.index_select(0, expert_of_row)
 
 
@@ -87,4 +100,4 @@ def npu_ffn_grouped(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight
     if b2 is not None:
         y = y + b2
     y = torch.where(counted, y, 0.0)
-    return y if store == torch.float32 else y.to(store)
+    return y.to(store)

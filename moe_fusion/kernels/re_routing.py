@@ -27,10 +27,10 @@ def moe_re_routing(config: ReRoutingConfig, tokens: torch.Tensor, expert_token_n
                    per_token_scales: Optional[torch.Tensor] = None,
                    **_: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``tokens`` ``(A, H)``, ``expert_token_num_per_rank`` ``(N, E)`` int32/int64 (its values are
-    checked here), ``per_token_scales`` ``(A,)`` fp32; the other attrs have their one valid value.
+    checked here), ``per_token_scales`` ``(A,)`` fp32 (or fp64); the other attrs have their one valid value.
 
     Returns ``permute_tokens`` ``(A, H)`` (tokens dtype), ``permute_per_token_scales`` ``(A,)``
-    fp32 (zeros when no scales are given; the device leaves it undefined), ``permute_token_idx``
+    in the scales' dtype (fp32 zeros when no scales are given; the device leaves it undefined), ``permute_token_idx``
     ``(A,)`` int32 (gather index), ``expert_token_num`` ``(E,)`` (counts dtype)."""
     validate_values(config, expert_token_num_per_rank)
     num_tokens = config.num_tokens
@@ -39,7 +39,7 @@ def moe_re_routing(config: ReRoutingConfig, tokens: torch.Tensor, expert_token_n
     permute_tokens = torch.empty_like(tokens, memory_format=torch.contiguous_format)
     torch.index_select(tokens, 0, index, out=permute_tokens)
     if per_token_scales is None:
-        permute_scales = torch.zeros(num_tokens, dtype=torch.float32, device=tokens.device)
+        permute_scales = torch.zeros(num_tokens, dtype=config.scales_dtype, device=tokens.device)
     else:
         permute_scales = per_token_scales.index_select(0, index)
     expert_token_num = expert_token_num_per_rank.sum(0, dtype=expert_token_num_per_rank.dtype)

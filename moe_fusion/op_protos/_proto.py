@@ -127,6 +127,16 @@ class OpProto(Generic[ConfigT]):
 # an index or a count inside int32 is written against it.
 INT32_MAX = 2**31 - 1
 
+# Float dtypes only the portable target accepts for an op's float tensors: fp32, and fp64 (what
+# gradient checks need; the kernels then compute in fp64).
+PORTABLE_FLOATS = (torch.float32, torch.float64)
+
+
+def float_bias_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The bias dtype of float-mode x: fp16 for fp16, fp64 for fp64 (portable), fp32 otherwise."""
+    return x_dtype if x_dtype in (torch.float16, torch.float64) else torch.float32
+
+
 _DTYPE_NAMES = {
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
     torch.int8: "int8", torch.uint8: "uint8", torch.int32: "int32", torch.int64: "int64",

@@ -15,8 +15,8 @@ import torch
 
 from ..int4 import INT4_CARRIER
 from ..targets import is_device_target
-from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, dtype_name, require, require_dim,
-                     require_dtype, require_in, require_shape, shape_of)
+from ._proto import (PORTABLE_FLOATS, GeAttr, GeInput, GeOutput, OpProto, OutSpec, dtype_name, float_bias_dtype,
+                     require, require_dim, require_dtype, require_in, require_shape, shape_of)
 
 NAME = "npu_ffn"
 SCHEMA = (
@@ -84,9 +84,9 @@ def validate(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, acti
     require(isinstance(activation, str) and activation.lower() in PLAIN_ACTIVATIONS + GLU_ACTIVATIONS, NAME,
             "activation", f"must be one of {PLAIN_ACTIVATIONS + GLU_ACTIVATIONS} (case-insensitive)", repr(activation))
     act = activation.lower()
-    x_dtypes = (torch.float16, torch.bfloat16, torch.int8) + (() if device else (torch.float32,))
+    x_dtypes = (torch.float16, torch.bfloat16, torch.int8) + (() if device else PORTABLE_FLOATS)
     require_dtype(NAME, "x", x, x_dtypes)
-    require_dtype(NAME, "weight1", weight1, (torch.float16, torch.bfloat16, torch.float32, torch.int8, INT4_CARRIER))
+    require_dtype(NAME, "weight1", weight1, (torch.float16, torch.bfloat16, torch.int8, INT4_CARRIER) + PORTABLE_FLOATS)
     require(weight1.dtype == weight2.dtype, NAME, "weight2", f"dtype must equal weight1's ({dtype_name(weight1.dtype)})",
             dtype_name(weight2.dtype))
 
@@ -158,7 +158,7 @@ def validate(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, acti
         extra = sorted(given)
         require(not extra, NAME, extra[0] if extra else "", "must not be given without int8 x (quant) or int8/int4 weights "
                 "(antiquant)", "a tensor")
-        bias_dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
+        bias_dtype = float_bias_dtype(x.dtype)
     for name, bias, n in (("bias1", bias1, n1), ("bias2", bias2, n2)):
         if bias is not None:
             require_dtype(NAME, name, bias, (bias_dtype,))

@@ -41,7 +41,8 @@ import torch
 
 from ..targets import is_device_target
 from . import ffn
-from ._proto import INT32_MAX, OpProto, OutSpec, dtype_name, require, require_dim, require_dtype, require_in, require_shape
+from ._proto import (INT32_MAX, PORTABLE_FLOATS, OpProto, OutSpec, dtype_name, float_bias_dtype, require, require_dim,
+                     require_dtype, require_in, require_shape)
 
 NAME = "npu_ffn_grouped"
 SCHEMA = (
@@ -80,7 +81,7 @@ def validate(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, acti
             f"must be one of {activations} (case-insensitive)", repr(activation))
     act = activation.lower()
     require_dim(NAME, "x", x, (2,))
-    require_dtype(NAME, "x", x, DEVICE_X_DTYPES if device else DEVICE_X_DTYPES + (torch.float32,))
+    require_dtype(NAME, "x", x, DEVICE_X_DTYPES if device else DEVICE_X_DTYPES + PORTABLE_FLOATS)
     require(x.size(0) <= MAX_ROWS, NAME, "x", f"must have M <= {MAX_ROWS} rows (int32 segment ends)",
             f"shape {tuple(x.shape)}")
     for name, w in (("weight1", weight1), ("weight2", weight2)):
@@ -101,7 +102,7 @@ def validate(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor, acti
                 f"(N1 = {n1})", f"shape {tuple(weight2.shape)}")
     else:
         require(k2 == n1, NAME, "weight2", f"must have K2 == N1 == {n1}", f"shape {tuple(weight2.shape)}")
-    bias_dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
+    bias_dtype = float_bias_dtype(x.dtype)
     for name, bias, n in (("bias1", bias1, n1), ("bias2", bias2, n2)):
         if bias is not None:
             require_dtype(NAME, name, bias, (bias_dtype,))

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import fail
 from ..targets import is_device_target
-from ._proto import (INT32_MAX, GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim,
+from ._proto import (INT32_MAX, PORTABLE_FLOATS, GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim,
                      require_dtype, require_shape, shape_of)
 
 NAME = "npu_moe_re_routing"
@@ -21,7 +21,7 @@ SCHEMA = (
     "(Tensor tokens, Tensor expert_token_num_per_rank, *, Tensor? per_token_scales=None, "
     "int expert_token_num_type=1, int idx_type=0, int? tokens_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)"
 )
-TOKEN_DTYPES = (torch.float16, torch.bfloat16, torch.int8, torch.float32)
+TOKEN_DTYPES = (torch.float16, torch.bfloat16, torch.int8) + PORTABLE_FLOATS
 DEVICE_TOKEN_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
 COUNT_DTYPES = (torch.int32, torch.int64)
 # [K] tiling errors only when H > 16384 (the API page says H < 16384; SPEC §9 #17).
@@ -42,6 +42,7 @@ class ReRoutingConfig:
     num_experts: Any            # E, local experts (columns of expert_token_num_per_rank)
     tokens_dtype: torch.dtype
     counts_dtype: torch.dtype
+    scales_dtype: torch.dtype   # per_token_scales' (fp32, or fp64 on the portable target); fp32 without them
 
 
 def validate(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
@@ -69,10 +70,12 @@ def validate(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
         require(0 < tokens.size(1) <= DEVICE_MAX_H, NAME, "tokens", f"hidden size H must be in [1, {DEVICE_MAX_H}]",
                 f"H={tokens.size(1)}")
     if per_token_scales is not None:
-        require_dtype(NAME, "per_token_scales", per_token_scales, (torch.float32,))
+        require_dtype(NAME, "per_token_scales", per_token_scales,
+                      (torch.float32,) if is_device_target() else PORTABLE_FLOATS)
         require_shape(NAME, "per_token_scales", per_token_scales, (tokens.size(0),))
     return ReRoutingConfig(num_tokens=tokens.size(0), hidden=tokens.size(1), num_experts=counts.size(1),
-                           tokens_dtype=tokens.dtype, counts_dtype=counts.dtype)
+                           tokens_dtype=tokens.dtype, counts_dtype=counts.dtype,
+                           scales_dtype=torch.float32 if per_token_scales is None else per_token_scales.dtype)
 
 
 def validate_values(config: ReRoutingConfig, expert_token_num_per_rank: torch.Tensor) -> None:
@@ -93,12 +96,12 @@ def validate_values(config: ReRoutingConfig, expert_token_num_per_rank: torch.Te
 
 
 def infer_shape(config: ReRoutingConfig) -> tuple[OutSpec, ...]:
-    """``permute_tokens`` ``(A, H)``, ``permute_per_token_scales`` ``(A,)`` fp32, ``permute_token_idx``
+    """``permute_tokens`` ``(A, H)``, ``permute_per_token_scales`` ``(A,)`` (scales dtype), ``permute_token_idx``
     ``(A,)`` int32, ``expert_token_num`` ``(E,)`` (counts dtype)."""
     a = config.num_tokens
     return (
         OutSpec((a, config.hidden), config.tokens_dtype),
-        OutSpec((a,), torch.float32),                 # per_token_scales, when given, are fp32 too
+        OutSpec((a,), config.scales_dtype),
         OutSpec((a,), torch.int32),
         OutSpec((config.num_experts,), config.counts_dtype),
     )
