@@ -10,7 +10,7 @@ const experts with ``(Q,)`` and ``(Q, H)`` alphas, 1-D and 2-D masks, uneven ``B
 ``global_bs`` (a rank with no tokens), routings where a rank sends nothing and an expert receives
 nothing, ``shared_expert_x`` of both shapes, and ``expert_scales`` passed to dispatch. The 2-rank
 spawn also runs the refusals (every rank raises, then the group keeps working) and a compiled
-training step. fp32 throughout (the portable target does not take fp64). In-process (a world of
+training step. fp32 throughout (fp64 gradient checks: ``test_gradcheck_comm``). In-process (a world of
 one rank needs no group): the gradient oracle by hand and against the forward oracle, the other
 refusals, and opcheck with gradients.
 
@@ -519,19 +519,20 @@ def test_combine_expand_scales_is_refused():
         out[0].sum().backward()
 
 
-def test_opcheck_with_gradients():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_with_gradients(dtype):
     """Schema, autograd registration, fake kernels, and AOT dispatch with dynamic shapes (whose
-    gradients torch compares with eager), on a world of one rank."""
+    gradients torch compares with eager), on a world of one rank; fp64 is the portable target's."""
     import moe_fusion
     x, ids, w = _one_rank_inputs(5)
-    x, w = x.requires_grad_(), w.requires_grad_()
+    x, w = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
     torch.library.opcheck(torch.ops.moe_fusion.npu_moe_distribute_dispatch_v2.default, (x, ids, "", 1, 0, 4))
     expand_x, _, assist, _, ep_counts, tp_counts, _ = moe_fusion.npu_moe_distribute_dispatch_v2(
         x.detach(), ids, "", 1, 0, 4)
-    rows = torch.randn(expand_x.shape, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    rows = torch.randn(expand_x.shape, generator=torch.Generator().manual_seed(6), dtype=dtype, requires_grad=True)
     head = (rows, ids, assist, ep_counts, w)
     torch.library.opcheck(torch.ops.moe_fusion.npu_moe_distribute_combine_v2.default, (*head, "", 1, 0, 4),
                           {"tp_send_counts": tp_counts})
-    residual, gamma = torch.randn(5, 1, 16, requires_grad=True), torch.rand(16, requires_grad=True)
+    residual, gamma = torch.randn(5, 1, 16, dtype=dtype, requires_grad=True), torch.rand(16, dtype=dtype, requires_grad=True)
     torch.library.opcheck(torch.ops.moe_fusion.npu_moe_distribute_combine_add_rms_norm.default,
                           (*head, residual, gamma, "", 1, 0, 4), {"tp_send_counts": tp_counts})

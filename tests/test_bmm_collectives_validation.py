@@ -37,7 +37,7 @@ RULES: list[tuple[str, str, Callable[[], Callable[[], Any]], str]] = [
     ("ag-x-rank", "portable", lambda: ag(t(4, 8), t(4, 8, 5)), f"{AG}: x must be 3-D, got shape (4, 8)"),
     ("ag-weight-rank", "portable", lambda: ag(t(4, 3, 8), t(8, 5)), f"{AG}: weight must be 3-D, got shape (8, 5)"),
     ("ag-x-dtype", "portable", lambda: ag(t(4, 3, 8, dtype=torch.int32), t(4, 8, 5, dtype=torch.int32)),
-     f"{AG}: x dtype must be one of (float16, bfloat16, float32), got int32"),
+     f"{AG}: x dtype must be one of (float16, bfloat16, float32, float64), got int32"),
     ("ag-x-fp32-on-A3", "A3", lambda: ag(t(4, 3, 4), t(2, 8, 5), 2, 2),
      f"{AG}: x dtype must be one of (float16, bfloat16), got float32"),
     ("ag-weight-dtype", "portable", lambda: ag(t(4, 3, 8), t(4, 8, 5, dtype=BF16)),

@@ -131,3 +131,19 @@ def test_opcheck_with_autograd(dtype, index):
     op, args, kwargs = _samples(dtype)[index]
     torch.library.opcheck(op, args, kwargs, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                                         "test_aot_dispatch_dynamic"))
+
+
+def test_onnx_export_rejects_float64(tmp_path):
+    """fp64 is the portable target's gradient-check dtype: the CANN ops (and so the ONNX custom
+    ops) have no fp64, and export says so instead of writing a model no runtime accepts."""
+    class Ffn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w2 = torch.nn.Parameter(torch.randn(8, 16, dtype=F64)), torch.nn.Parameter(
+                torch.randn(16, 8, dtype=F64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return moe_fusion.npu_ffn(x, self.w1, self.w2, "gelu")
+
+    with pytest.raises(OpValidationError, match=r"FFN: x element type must be one of .*got tensor\(double\)"):
+        moe_fusion.onnx.export(Ffn(), (torch.randn(4, 8, dtype=F64),), str(tmp_path / "ffn.onnx"))

@@ -58,7 +58,7 @@ def _combine_kw(rank: int, world: int, **over: Any) -> dict:
 # name -> (op, faulty rank (-1: the last), the faulty rank's overrides as a function of (rank, world),
 #          pattern every rank's message must match, pattern of the faulty rank's own message or None)
 JOINABLE: dict[str, tuple[str, int, Callable[[int, int], dict], str, str | None]] = {
-    "x-float64": (DISPATCH, -1, lambda r, w: dict(x=torch.zeros(3, 16, dtype=torch.float64)),
+    "x-int32": (DISPATCH, -1, lambda r, w: dict(x=torch.zeros(3, 16, dtype=torch.int32)),
                   r"ranks must all accept their inputs, got a rejection by rank {bad}", r"x dtype must be one of"),
     "expert-scales-shape": (COMBINE, -1, lambda r, w: dict(expert_scales=torch.ones(3, 5)),
                             r"rejection by rank {bad}", r"expert_scales must have shape \(3, 2\)"),

@@ -85,7 +85,7 @@ def _tp(call: dict) -> dict:
 DISPATCH_RULES = [
     r("x-2d", DISPATCH, r"x must be 2-D", x=torch.zeros(BS, H, 1, dtype=BF16)),
     r("x-dtype", DISPATCH, r"x dtype must be one of \(bfloat16, float16\), got float32", x=torch.zeros(BS, H)),
-    r("x-dtype-portable", DISPATCH, r"x dtype must be one of \(bfloat16, float16, float32\), got int8", "portable",
+    r("x-dtype-portable", DISPATCH, r"x dtype must be one of \(bfloat16, float16, float32, float64\), got int8", "portable",
       x=torch.zeros(BS, H, dtype=torch.int8)),
     r("ids-2d", DISPATCH, r"expert_ids must be 2-D", expert_ids=torch.zeros(BS, dtype=I32)),
     r("ids-dtype", DISPATCH, r"expert_ids dtype must be one of \(int32\), got int64", expert_ids=ids().long()),

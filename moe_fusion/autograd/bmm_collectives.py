@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..kernels._precision import accumulator
 from ..op_protos.alltoall_allgather_bmm import NAME as AG
 from ..op_protos.bmm_reducescatter_alltoall import NAME as RS
 from ._common import gradients, input_names, needed, register_formula
@@ -115,14 +116,15 @@ def _ag_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _pre_activation_grad(ctx: Any, grad_y1: Optional[Tensor], grad_y3: Optional[Tensor],
                          y3: Optional[Tensor]) -> Tensor:
-    """``gz = act'(y3) * g1 + g3``, fp32 ``(local, rows, M/tp)``; zeros when neither is used."""
+    """``gz = act'(y3) * g1 + g3``, fp32 (fp64 for fp64) ``(local, rows, M/tp)``; zeros when neither is used."""
+    acc = accumulator(ctx.dtype)
     if grad_y1 is None:
-        gz = torch.zeros(ctx.y1_shape, dtype=torch.float32, device=ctx.device)
+        gz = torch.zeros(ctx.y1_shape, dtype=acc, device=ctx.device)
     elif ctx.act_type == 0:
-        gz = grad_y1.float()
+        gz = grad_y1.to(acc)
     else:
-        gz = ACTIVATION_VJPS[ctx.act_type](grad_y1.float(), y3.float())
-    return gz + grad_y3.float() if _present(grad_y3) else gz
+        gz = ACTIVATION_VJPS[ctx.act_type](grad_y1.to(acc), y3.to(acc))
+    return gz + grad_y3.to(acc) if _present(grad_y3) else gz
 
 
 def _ag_backward(ctx: Any, grad_y1: Optional[Tensor], grad_y2: Optional[Tensor], grad_y3: Optional[Tensor],
@@ -139,7 +141,7 @@ def _ag_backward(ctx: Any, grad_y1: Optional[Tensor], grad_y2: Optional[Tensor],
         grads["x"] = torch.ops.moe_fusion.npu_bmm_reducescatter_alltoall(rs_x, rs_w, *ctx.groups,
                                                                           shard_type=ctx.shard_type)
     if needed(ctx, _AG_INPUTS, "weight"):
-        grads["weight"] = torch.bmm(y2.float().transpose(1, 2), gz).to(ctx.dtype)
+        grads["weight"] = torch.bmm(y2.to(gz.dtype).transpose(1, 2), gz).to(ctx.dtype)
     if needed(ctx, _AG_INPUTS, "bias"):
         grads["bias"] = _bias_grad(gz.sum(1), ctx)
     return gradients(_AG_INPUTS, **grads)
@@ -175,14 +177,14 @@ def _tp_one_hot(ctx: Any, device: torch.device) -> Tensor:
     eye = torch.eye(tp, dtype=ctx.dtype, device=device).unsqueeze(0)
     y = torch.ops.moe_fusion.npu_bmm_reducescatter_alltoall(rows.to(ctx.dtype).unsqueeze(0), eye, *ctx.groups,
                                                             shard_type=1)
-    return y[0, 0].float() / tp
+    return y[0, 0].to(accumulator(ctx.dtype)) / tp
 
 
 def _own_slice_sums(ctx: Any, gathered: Tensor) -> Tensor:
-    """Row sums of this rank's TP slice of ``gathered = G(gy)`` ``(local, rows, H)``: fp32
-    ``(local, H/tp)`` (shard_type 0: column block q) or ``(local, H)`` (1: rows of block q)."""
+    """Row sums of this rank's TP slice of ``gathered = G(gy)`` ``(local, rows, H)``: fp32 (fp64 for
+    fp64) ``(local, H/tp)`` (shard_type 0: column block q) or ``(local, H)`` (1: rows of block q)."""
     local, hidden, ep, tp = ctx.local, ctx.hidden, ctx.groups[1], ctx.groups[3]
-    g = gathered.float()
+    g = gathered.to(accumulator(ctx.dtype))
     if ctx.shard_type == 0:   # column q*H/tp + hh
         per_slice = g.sum(1).view(local, tp, hidden // tp)
     else:                     # row (p*tp + q)*c + cc
@@ -204,7 +206,8 @@ def _rs_backward(ctx: Any, grad_y: Tensor) -> tuple:
     if need_x:
         grads["x"] = gx
     if needed(ctx, _RS_INPUTS, "weight"):
-        grads["weight"] = torch.bmm(x.float().transpose(1, 2), gathered.float()).to(ctx.dtype)
+        acc = accumulator(ctx.dtype)
+        grads["weight"] = torch.bmm(x.to(acc).transpose(1, 2), gathered.to(acc)).to(ctx.dtype)
     if needed(ctx, _RS_INPUTS, "bias"):
         grads["bias"] = _bias_grad(_own_slice_sums(ctx, gathered), ctx)
     return gradients(_RS_INPUTS, **grads)

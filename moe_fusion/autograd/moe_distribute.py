@@ -73,6 +73,7 @@ from typing import Any, Optional
 import torch
 
 from ..kernels._moe_tokens import active_slots, valid_tokens
+from ..kernels._precision import accumulator
 from ._common import gradients, input_names, needed, not_differentiable, refuse_needed, register_formula
 
 Tensor = torch.Tensor
@@ -212,12 +213,12 @@ def _combine_backward(ctx: Any, grad_out: Tensor) -> tuple:
     """Gradients of every float input of combine_v2 from ``grad_out`` ``(BS, H)``."""
     saved = dict(zip(_TOKEN_SIDE, ctx.saved_tensors))
     processed = valid_tokens(saved["x_active_mask"], grad_out.size(0), grad_out.device).unsqueeze(1)
-    g = torch.where(processed, grad_out.float(), 0.0)
+    g = torch.where(processed, grad_out.to(accumulator(grad_out.dtype)), 0.0)
     return gradients(_COMBINE_INPUTS, **_combine_grads(ctx, COMBINE, _COMBINE_INPUTS, saved, g))
 
 
 def _combine_grads(ctx: Any, op: str, names: tuple[str, ...], saved: dict[str, Any], g: Tensor) -> dict[str, Tensor]:
-    """The gradients of combine's inputs given ``g`` ``(BS, H)`` fp32, the gradient of ``acc``
+    """The gradients of combine's inputs given ``g`` ``(BS, H)`` fp32 (fp64 for fp64 rows), the gradient of ``acc``
     (0 on unprocessed tokens)."""
     refuse_needed(ctx, op, names, {"expand_scales": _METADATA})
     if ctx.comm_quant_mode != 0:
@@ -253,28 +254,28 @@ def _expert_side(route: _Route, saved: dict[str, Any], g: Tensor, moe_slot: Tens
     experts, bs, h, dtype = route.experts, expert_ids.size(0), g.size(1), expand_x.dtype
     ids = expert_ids.long()
     column = torch.where(moe_slot, ids, experts)   # column M: a dump for slots that are not sent
-    dense = g.new_zeros((bs, experts + 1)).scatter_(1, column, saved["expert_scales"].float())[:, :experts]
+    dense = g.new_zeros((bs, experts + 1)).scatter_(1, column, saved["expert_scales"].to(g.dtype))[:, :experts]
     rows, _, assist, token_nums, ep_counts, tp_counts, _ = route.dispatch(
         torch.cat([g, dense], dim=1).to(dtype), expert_ids, mask, elastic_info)
     n_rows = rows.size(0)
     row_expert = route.row_experts(token_nums, n_rows)
     is_moe = row_expert < experts
-    picked = rows[:, h:].float().gather(1, row_expert.clamp(max=experts - 1).unsqueeze(1)).squeeze(1)
+    picked = rows[:, h:].to(g.dtype).gather(1, row_expert.clamp(max=experts - 1).unsqueeze(1)).squeeze(1)
     shared_rank = route.head[2] < route.shared["shared_expert_rank_num"]
     weight = torch.where(is_moe, picked, 1.0 if shared_rank else 0.0)   # shared rows: unweighted
-    token_grad = rows[:, :h].float()
+    token_grad = rows[:, :h].to(g.dtype)
     # expand_x may have more or fewer rows than the dispatch allocates: only the dispatched ones count.
     n = min(n_rows, expand_x.size(0))
     grad_rows = torch.zeros_like(expand_x)
     grad_rows[:n] = (token_grad[:n] * weight[:n].unsqueeze(1)).to(dtype)
     if not need_weights:
         return grad_rows, None
-    y = torch.zeros((n_rows, h), dtype=torch.float32, device=g.device)
-    y[:n] = expand_x[:n].float()
+    y = torch.zeros((n_rows, h), dtype=g.dtype, device=g.device)
+    y[:n] = expand_x[:n].to(g.dtype)
     dots = torch.where(is_moe, (token_grad * y).sum(dim=1), 0.0)
     onehot = dots.new_zeros((n_rows, experts + 1)).scatter_(1, row_expert.unsqueeze(1), dots.unsqueeze(1))
     back = route.combine(onehot[:, :experts].to(dtype), expert_ids, assist, ep_counts, tp_counts, mask, elastic_info)
-    picked_back = back.float().gather(1, ids.clamp(max=experts - 1))
+    picked_back = back.to(g.dtype).gather(1, ids.clamp(max=experts - 1))
     return grad_rows, torch.where(moe_slot, picked_back, 0.0)
 
 
@@ -290,8 +291,8 @@ def _special_experts(ctx: Any, names: tuple[str, ...], saved: dict[str, Any], g:
         return weight_grads, {}
     zero_end = route.experts + route.zero
     copy_end, const_end = zero_end + route.copy, zero_end + route.copy + route.const
-    w = saved["expert_scales"].float()
-    orif = ori.float()
+    w = saved["expert_scales"].to(g.dtype)
+    orif = ori.to(g.dtype)
     is_copy = active & (ids >= zero_end) & (ids < copy_end)
     weight_grads = torch.where(is_copy, (g * orif).sum(dim=1, keepdim=True), 0.0)
     grad_ori = (w * is_copy).sum(dim=1, keepdim=True) * g
@@ -302,10 +303,10 @@ def _special_experts(ctx: Any, names: tuple[str, ...], saved: dict[str, Any], g:
         c = (ids - copy_end).clamp(0, route.const - 1)
 
         def per_slot(alpha: Tensor) -> Tensor:   # (BS, K, H) or (BS, K, 1): (Q, H) rows or (Q,) scalars
-            picked = alpha.float()[c]
+            picked = alpha.to(g.dtype)[c]
             return picked if alpha.dim() == 2 else picked.unsqueeze(2)
 
-        alpha1, alpha2, vc = per_slot(a1), per_slot(a2), v.float()[c]
+        alpha1, alpha2, vc = per_slot(a1), per_slot(a2), v.to(g.dtype)[c]
         term = orif.unsqueeze(1) * alpha1 + vc * alpha2
         weight_grads = weight_grads + torch.where(is_const, (g.unsqueeze(1) * term).sum(dim=2), 0.0)
         coef = (w * is_const).unsqueeze(2) * g.unsqueeze(1)          # d acc / d term, (BS, K, H)
@@ -315,7 +316,7 @@ def _special_experts(ctx: Any, names: tuple[str, ...], saved: dict[str, Any], g:
         def to_experts(per_slot_grad: Tensor, like: Tensor) -> Tensor:
             """Sum (BS, K, H) slot terms into ``like``'s shape: (Q, H), or (Q,) summing over H."""
             values = per_slot_grad if like.dim() == 2 else per_slot_grad.sum(dim=2, keepdim=True)
-            out = torch.zeros((route.const, values.size(2)), dtype=torch.float32, device=g.device)
+            out = torch.zeros((route.const, values.size(2)), dtype=g.dtype, device=g.device)
             out.index_add_(0, flat, values.reshape(bs * k, -1))
             return out.reshape(like.shape).to(like.dtype)
 
@@ -345,10 +346,11 @@ def _rms_backward(ctx: Any, grad_y: Tensor, grad_rstd: Tensor, grad_x: Tensor) -
     saved = dict(zip(_TOKEN_SIDE, token_side))
     bs, _, h = x_out.shape
     processed = valid_tokens(saved["x_active_mask"], bs, x_out.device).view(bs, 1)
-    xs, r = x_out.reshape(bs, h).float(), rstd.reshape(bs, 1)
-    gy, gx = grad_y.reshape(bs, h).float(), grad_x.reshape(bs, h).float()
-    gn = gy * gamma.float()
-    g = r * gn - (r ** 3 / h) * xs * ((gn * xs).sum(dim=1, keepdim=True) + grad_rstd.reshape(bs, 1).float()) + gx
+    acc = accumulator(x_out.dtype)
+    xs, r = x_out.reshape(bs, h).to(acc), rstd.reshape(bs, 1).to(acc)
+    gy, gx = grad_y.reshape(bs, h).to(acc), grad_x.reshape(bs, h).to(acc)
+    gn = gy * gamma.to(acc)
+    g = r * gn - (r ** 3 / h) * xs * ((gn * xs).sum(dim=1, keepdim=True) + grad_rstd.reshape(bs, 1).to(acc)) + gx
     g = torch.where(processed, g, 0.0)   # unprocessed tokens: every output is a constant zero
     grads = _combine_grads(ctx, COMBINE_RMS, _RMS_INPUTS, saved, g)
     if needed(ctx, _RMS_INPUTS, "residual_x"):

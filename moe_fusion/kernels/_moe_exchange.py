@@ -35,7 +35,7 @@ from ..op_protos.moe_distribute_common import DistConfig
 from ._groups import resolve_group
 
 Tensor = torch.Tensor
-DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 OP_CODES = {"npu_moe_distribute_dispatch_v2": 1, "npu_moe_distribute_combine_v2": 2,
             "npu_moe_distribute_combine_add_rms_norm": 3}
 AGREEMENT_LEN = 32                 # int64 entries: [op code, status, field values..., zero padding]

@@ -24,6 +24,7 @@ from ..op_protos.alltoall_allgather_bmm import AllGatherBmmConfig
 from ..op_protos.bmm_reducescatter_alltoall import NAME as RS_NAME
 from ..op_protos.bmm_reducescatter_alltoall import ReduceScatterBmmConfig
 from ._groups import resolve_group
+from ._precision import accumulator, widen
 
 Tensor = torch.Tensor
 
@@ -72,15 +73,16 @@ def _reduce_scatter(t: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
 
 
 def _fp32_bmm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``bmm`` in fp32 (fp16/bf16 matmuls are ~100x slower on CPU), rounded to ``dtype``."""
-    return torch.bmm(a.float(), b.float()).to(dtype)
+    """``bmm`` in fp32 (fp16/bf16 matmuls are ~100x slower on CPU; fp64 for fp64), rounded to ``dtype``."""
+    return torch.bmm(widen(a, dtype), widen(b, dtype)).to(dtype)
 
 
 def _add_bias(t: Tensor, bias: Tensor) -> Tensor:
-    """``t + bias`` in fp32, rounded to t's dtype; in place on ``t`` (a temporary) when t is fp32."""
-    if t.dtype == torch.float32:
-        return t.add_(bias.float())
-    return (t.float() + bias.float()).to(t.dtype)
+    """``t + bias`` in fp32 (fp64 for fp64), rounded to t's dtype; in place on ``t`` (a temporary)
+    when t is already in that dtype."""
+    if t.dtype == accumulator(t.dtype):
+        return t.add_(widen(bias, t.dtype))
+    return (widen(t, t.dtype) + widen(bias, t.dtype)).to(t.dtype)
 
 
 def npu_alltoall_allgather_bmm(config: AllGatherBmmConfig, x: Tensor, weight: Tensor, group_ep: str,
@@ -109,10 +111,10 @@ def npu_alltoall_allgather_bmm(config: AllGatherBmmConfig, x: Tensor, weight: Te
         y3 = _add_bias(y3, bias.view(local, 1, -1))
     if act_type == 0:
         y1 = y3
-    elif x.dtype == torch.float32 and not config.need_activation_feature:   # y3 is a temporary nobody sees
+    elif x.dtype == accumulator(x.dtype) and not config.need_activation_feature:   # y3: a temporary nobody sees
         y1 = ACTIVATIONS_INPLACE[act_type](y3)
     else:
-        y1 = ACTIVATIONS[act_type](y3.float()).to(x.dtype)
+        y1 = ACTIVATIONS[act_type](widen(y3, x.dtype)).to(x.dtype)
     return (y1,
             y2 if config.need_allgather_out else x.new_empty((0, 0, 0)),
             y3 if config.need_activation_feature else x.new_empty((0, 0, 0)))

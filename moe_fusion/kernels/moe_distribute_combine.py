@@ -30,6 +30,7 @@ from ..errors import OpValidationError, fail
 from ..op_protos import moe_distribute_combine_add_rms_norm as rms_proto
 from ..op_protos import moe_distribute_combine_v2 as combine_proto
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
+from ._precision import accumulator
 from ._moe_exchange import (PER_RANK, Field, RowLayout, dist_fields, exchange_counts, exchange_rows, open_exchange,
                             peer_guard)
 from ._moe_tokens import active_slots, valid_tokens
@@ -127,12 +128,13 @@ def _tp_counts_check(op: str, t: int, own: int, peer: int,
 
 def _tp_reduce(op: str, group: dist.ProcessGroup, cfg: DistConfig, expand_x: Tensor, own: int, peer: int) -> Tensor:
     """Own rows ``(own, H)`` plus the peer's copy of them, rounded to expand_x's dtype (SPEC §4.3
-    step 1): one fp32 reduce-scatter over the pair, whose counts the agreement checked."""
+    step 1): one fp32 (fp64 for fp64) reduce-scatter over the pair, whose counts the agreement checked."""
     t = cfg.tp_rank
     rows = max(own, peer)
-    send = expand_x.new_zeros((2, rows, expand_x.size(1)), dtype=torch.float32)
-    send[t, :own] = expand_x[:own].float()
-    send[1 - t, :peer] = expand_x[own:own + peer].float()
+    acc = accumulator(expand_x.dtype)
+    send = expand_x.new_zeros((2, rows, expand_x.size(1)), dtype=acc)
+    send[t, :own] = expand_x[:own].to(acc)
+    send[1 - t, :peer] = expand_x[own:own + peer].to(acc)
     summed = send.new_empty((rows, expand_x.size(1)))
     with peer_guard(op, "group_tp", group, "TP reduce-scatter"):
         dist.reduce_scatter_tensor(summed, send.view(2 * rows, expand_x.size(1)), group=group)
@@ -210,30 +212,32 @@ def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tenso
     by_slot = rows.new_zeros((bs * slots, h))
     by_slot.index_copy_(0, token * slots + slot, rows)
     by_slot = by_slot.view(bs, slots, h)
-    ori = inputs["ori_x"].float() if inputs["ori_x"] is not None else None
-    acc = torch.zeros((bs, h), dtype=torch.float32, device=dev)
+    wide = accumulator(inputs["expand_x"].dtype)
+    ori = inputs["ori_x"].to(wide) if inputs["ori_x"] is not None else None
+    acc = torch.zeros((bs, h), dtype=wide, device=dev)
     for j in range(k):                           # fixed slot order 0..K-1, as the kernel sums
         e = ids[:, j]
-        w = expert_scales[:, j:j + 1].float()
-        acc += by_slot[:, j].float() * w         # zero rows where slot j did not go to a MoE expert
+        w = expert_scales[:, j:j + 1].to(wide)
+        acc += by_slot[:, j].to(wide) * w        # zero rows where slot j did not go to a MoE expert
         if copy_end > zero_end:
             acc += torch.where((active[:, j] & (e >= zero_end) & (e < copy_end)).unsqueeze(1), ori * w, 0.0)
         if const_end > copy_end:
             is_const = active[:, j] & (e >= copy_end) & (e < const_end)
             acc += torch.where(is_const.unsqueeze(1), _const_expert(inputs, ori, e - copy_end) * w, 0.0)
     for q in range(cfg.n_shared):                # shared experts: unweighted (SPEC §9 #3)
-        acc += by_slot[:, k + q].float()
+        acc += by_slot[:, k + q].to(wide)
     if inputs["shared_expert_x"] is not None:
-        acc = acc + inputs["shared_expert_x"].reshape(bs, h).float()
+        acc = acc + inputs["shared_expert_x"].reshape(bs, h).to(wide)
     return acc, processed
 
 
 def _const_expert(inputs: dict[str, Any], ori: Tensor, c: Tensor) -> Tensor:
-    """``ori_x * alpha_1[c] + v[c] * alpha_2[c]`` in fp32; alphas ``(Q,)`` scalars or ``(Q, H)`` rows."""
+    """``ori_x * alpha_1[c] + v[c] * alpha_2[c]`` in ori's (the accumulator) dtype; alphas ``(Q,)``
+    scalars or ``(Q, H)`` rows."""
     c = c.clamp(0, inputs["const_expert_v"].size(0) - 1)
-    a1, a2 = (inputs[name].float()[c] for name in ("const_expert_alpha_1", "const_expert_alpha_2"))
+    a1, a2 = (inputs[name].to(ori.dtype)[c] for name in ("const_expert_alpha_1", "const_expert_alpha_2"))
     a1, a2 = (a if a.dim() == 2 else a.unsqueeze(1) for a in (a1, a2))
-    return ori * a1 + inputs["const_expert_v"].float()[c] * a2
+    return ori * a1 + inputs["const_expert_v"].to(ori.dtype)[c] * a2
 
 
 def _inputs(expand_x, expert_ids, assist, assist_arg, ep_send_counts, expert_scales, group_ep, kwargs) -> dict:
@@ -265,16 +269,16 @@ def moe_distribute_combine_add_rms_norm(config: DistConfig, expand_x: Tensor, ex
                                         residual_x: Tensor, gamma: Tensor, group_ep: str, ep_world_size: int,
                                         ep_rank_id: int, moe_expert_num: int, *, norm_eps: float = 1e-6,
                                         **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y (BS,1,H), rstd (BS,1,1) fp32, x (BS,1,H))`` with SPEC §4.3's rounding steps:
+    """``(y (BS,1,H), rstd (BS,1,1) fp32 (fp64 for fp64), x (BS,1,H))`` with SPEC §4.3's rounding steps:
     ``xs = acc + residual`` (acc unrounded), ``rstd = 1 / sqrt(sum(xs*xs * (1/H)) + eps)``,
     ``y = round(round(xs * rstd) * gamma)``, ``x = round(xs)``. ``config`` as for combine_v2."""
     inputs = _inputs(expand_x, expert_ids, expand_idx, "expand_idx", ep_send_counts, expert_scales, group_ep, kwargs)
     acc, processed = combine_sum(rms_proto.NAME, config, inputs)
     dtype, h = config.dtype, config.hidden
-    xs = acc + residual_x.reshape(acc.shape).float()
-    mean_sq = (xs * xs * torch.tensor(1.0 / h, dtype=torch.float32)).sum(dim=1, keepdim=True)
+    xs = acc + residual_x.reshape(acc.shape).to(acc.dtype)
+    mean_sq = (xs * xs * torch.tensor(1.0 / h, dtype=acc.dtype)).sum(dim=1, keepdim=True)
     rstd = mean_sq.new_tensor(1.0) / torch.sqrt(mean_sq + norm_eps)     # IEEE division, not a reciprocal
-    y = ((xs * rstd).to(dtype).float() * gamma.float()).to(dtype)
+    y = ((xs * rstd).to(dtype).to(acc.dtype) * gamma.to(acc.dtype)).to(dtype)
     keep = processed.unsqueeze(1)
     zero = torch.zeros((), dtype=dtype, device=acc.device)
     return (torch.where(keep, y, zero).unsqueeze(1), torch.where(keep, rstd, 0.0).unsqueeze(1),

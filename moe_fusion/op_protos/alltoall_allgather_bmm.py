@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..targets import get_target, is_device_target
-from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, dtype_name, require, require_dim,
+from ._proto import (PORTABLE_FLOATS, float_bias_dtype, GeAttr, GeInput, GeOutput, OpProto, OutSpec, dtype_name, require, require_dim,
                      require_dtype, require_in, shape_of)
 
 NAME = "npu_alltoall_allgather_bmm"
@@ -87,7 +87,7 @@ def validate_common(op: str, x: torch.Tensor, weight: torch.Tensor, group_ep: st
     device = is_device_target()
     require_dim(op, "x", x, (3,))
     require_dim(op, "weight", weight, (3,))
-    require_dtype(op, "x", x, (torch.float16, torch.bfloat16) + (() if device else (torch.float32,)))
+    require_dtype(op, "x", x, (torch.float16, torch.bfloat16) + (() if device else PORTABLE_FLOATS))
     require(weight.dtype == x.dtype, op, "weight", f"dtype must equal x's ({dtype_name(x.dtype)})", dtype_name(weight.dtype))
     for arg, name in (("group_ep", group_ep), ("group_tp", group_tp)):
         require(isinstance(name, str) and 1 <= len(name) <= MAX_GROUP_NAME, op, arg,
@@ -121,11 +121,12 @@ def validate_dim_limit(op: str, arg: str, what: str, value: Any) -> None:
 
 
 def validate_bias(op: str, bias: Optional[torch.Tensor], x: torch.Tensor, local_experts: Any, cols: Any) -> None:
-    """``bias`` ``(E/ep, 1, cols)`` or ``(E/ep, cols)``; fp16 for fp16 x, fp32 for bf16 (and fp32) x."""
+    """``bias`` ``(E/ep, 1, cols)`` or ``(E/ep, cols)``; fp16 for fp16 x, fp32 for bf16 (and fp32) x,
+    fp64 for fp64 x (portable)."""
     if bias is None:
         return
     require_dim(op, "bias", bias, (2, 3))
-    want = torch.float16 if x.dtype == torch.float16 else torch.float32
+    want = float_bias_dtype(x.dtype)
     require(bias.dtype == want, op, "bias", f"dtype must be {dtype_name(want)} for {dtype_name(x.dtype)} x",
             dtype_name(bias.dtype))
     shape = (local_experts, 1, cols) if bias.dim() == 3 else (local_experts, cols)

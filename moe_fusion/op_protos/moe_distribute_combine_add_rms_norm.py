@@ -56,9 +56,11 @@ def validate(expand_x: torch.Tensor, expert_ids: torch.Tensor, expand_idx: torch
 
 
 def infer_shape(config: DistConfig) -> tuple[OutSpec, ...]:
-    """``y`` ``(BS, 1, H)``, ``rstd`` ``(BS, 1, 1)`` fp32, ``x`` ``(BS, 1, H)``; y and x in the expand_x dtype."""
+    """``y`` ``(BS, 1, H)``, ``rstd`` ``(BS, 1, 1)`` fp32 (fp64 for fp64 expand_x, portable), ``x``
+    ``(BS, 1, H)``; y and x in the expand_x dtype."""
     bs, h, dtype = config.num_tokens, config.hidden, config.dtype
-    return (OutSpec((bs, 1, h), dtype), OutSpec((bs, 1, 1), torch.float32), OutSpec((bs, 1, h), dtype))
+    rstd_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return (OutSpec((bs, 1, h), dtype), OutSpec((bs, 1, 1), rstd_dtype), OutSpec((bs, 1, h), dtype))
 
 
 _BF16 = ("DT_BF16",)

@@ -16,7 +16,8 @@ import torch
 from ..targets import get_target, is_device_target
 from ._proto import (GeAttr, GeInput, GeOutput, OpProto, OutSpec, require, require_dim, require_dtype, require_in,
                      require_same_dtype, require_shape, shape_of)
-from .moe_distribute_common import ASSIST_ROW_STRIDE, DEVICE_X_DTYPES, X_DTYPES, DistConfig, check_dist_attrs
+from .moe_distribute_common import (ASSIST_ROW_STRIDE, DEVICE_X_DTYPES, PORTABLE_SCALE_DTYPES, SCALE_DTYPES, X_DTYPES,
+                                    DistConfig, check_dist_attrs)
 
 NAME = "npu_moe_distribute_combine_v2"
 SCHEMA = (
@@ -58,7 +59,7 @@ def validate_combine(op: str, expand_x: torch.Tensor, expert_ids: torch.Tensor, 
     require_dtype(op, "ep_send_counts", ep_send_counts, (torch.int32,))
     bs, k = expert_ids.shape
     h = expand_x.size(1)
-    require_dtype(op, "expert_scales", expert_scales, (torch.float32,))
+    require_dtype(op, "expert_scales", expert_scales, SCALE_DTYPES if is_device_target() else PORTABLE_SCALE_DTYPES)
     require_shape(op, "expert_scales", expert_scales, (bs, k))
     cfg = check_dist_attrs(
         op, bs=bs, k=k, h=h, dtype=expand_x.dtype, group_ep=group_ep, world=ep_world_size, rank=ep_rank_id,

@@ -22,10 +22,12 @@ import torch
 
 from ..errors import fail
 from ..targets import get_target
-from ._proto import INT32_MAX, require, require_dim, require_dtype, require_in, require_range, require_shape, shape_of
+from ._proto import INT32_MAX, PORTABLE_FLOATS, require, require_dim, require_dtype, require_in, require_range, require_shape, shape_of
 
 DEVICE_X_DTYPES = (torch.bfloat16, torch.float16)   # tokens (x, expand_x) on A2/A3
-X_DTYPES = DEVICE_X_DTYPES + (torch.float32,)       # the portable target adds fp32
+X_DTYPES = DEVICE_X_DTYPES + PORTABLE_FLOATS        # the portable target adds fp32 and fp64
+# expert_scales: fp32 on A2/A3, also fp64 on the portable target (gradient checks).
+SCALE_DTYPES, PORTABLE_SCALE_DTYPES = (torch.float32,), PORTABLE_FLOATS
 ASSIST_ROW_STRIDE = 128                             # Meta allocates A * 128 assist_info entries
 
 MAX_GROUP_NAME = 127          # group names are 1..127 characters (torch_npu hcomm names)
