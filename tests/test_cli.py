@@ -286,8 +286,12 @@ def test_demo_train_checks_output_and_gradients(capsys):
     assert "== allgather-ep EP=2 x TP=1: OK (1 fusions, max error" in out
 
 
-def test_demo_train_refuses_a_layer_without_autograd(capsys):
-    assert moe_fusion_main(["demo", "--train"]) == 2
-    assert _one_error_line(capsys.readouterr().err, "demo") == (
-        "--train needs one of the layers allgather-ep, capacity-a2a: the deepspeed-bmm demo layer's in-place "
-        "collectives have no autograd")
+def test_demo_trains_the_deepspeed_style_layer(capsys):
+    """``--train`` on the DeepSpeed-style layer: its trainable form fuses into the BMM pair and the
+    compiled step's output and gradients match eager."""
+    status = moe_fusion_main(["demo", "--train", "--layer", "deepspeed-bmm", "--layout", "2x2", "--tokens", "8",
+                              "--hidden", "16", "--ffn-hidden", "24", "--experts", "4", "--steps", "2",
+                              "--compiler", "eager"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "== deepspeed-bmm EP=2 x TP=2: OK (2 fusions, max error" in out

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
@@ -34,8 +35,8 @@ ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
 
 def _frozen(t: Tensor) -> torch.nn.Parameter:
-    """An inference weight: the fused ops have no autograd, and gloo's in-place collectives
-    reject outputs that require grad."""
+    """An inference weight: ``torch.distributed``'s in-place collectives have no autograd (gloo
+    rejects outputs that require grad); ``TrainableDeepSpeedMoE`` trains."""
     return torch.nn.Parameter(t, requires_grad=False)
 
 
@@ -160,17 +161,11 @@ class DeepSpeedMoE(torch.nn.Module):
         _, c, h = dispatched.shape
 
         # Send each expert's slots to the EP rank owning it: dim 0 becomes (source EP rank, local expert).
-        received = dispatched
-        if self.ep_group is not None:
-            received = torch.empty_like(dispatched)
-            dist.all_to_all_single(received, dispatched, group=self.ep_group)
+        received = dispatched if self.ep_group is None else self.all_to_all(dispatched, self.ep_group)
         received = received.view(ep, local, c, h).permute(1, 0, 2, 3).contiguous()   # (local, ep, c, h)
 
         # Collect the TP ranks' shards: (tp, local, ep, c, h) -> (local, ep*C, H).
-        gathered = received
-        if self.tp_group is not None:
-            gathered = received.new_empty((tp * local, ep, c, h))
-            dist.all_gather_into_tensor(gathered, received, group=self.tp_group)
+        gathered = received if self.tp_group is None else self.all_gather(received, self.tp_group)
         gathered = gathered.view(tp, local, ep, c, h)
         if self.shard == "capacity":   # rows (source EP rank, TP rank, slot): every slot of C
             tokens = gathered.permute(1, 2, 0, 3, 4).reshape(local, ep * tp * c, h)
@@ -185,27 +180,67 @@ class DeepSpeedMoE(torch.nn.Module):
         else:
             send = partial.view(local, ep, c, tp, h).permute(3, 0, 1, 2, 4)     # (tp, local, ep, C, h)
         send = send.contiguous()
-        if self.tp_group is not None:
-            reduced = send.new_empty(send.shape[1:])
-            dist.reduce_scatter_tensor(reduced, send.flatten(0, 1), group=self.tp_group)
-        else:
-            reduced = send[0]
+        reduced = send[0] if self.tp_group is None else self.reduce_scatter(send, self.tp_group)
         if self.b2 is not None:
             reduced = reduced + self.b2.view(local, 1, 1, h)
 
         # Return every expert output to the EP rank its tokens came from.
         outgoing = reduced.permute(1, 0, 2, 3).contiguous()                    # (ep, local, c, h)
-        returned = outgoing
-        if self.ep_group is not None:
-            returned = torch.empty_like(outgoing)
-            dist.all_to_all_single(returned, outgoing, group=self.ep_group)
+        returned = outgoing if self.ep_group is None else self.all_to_all(outgoing, self.ep_group)
         expert_out = returned.view(ep * local, c, h)                           # (E, c, h), by global expert
 
         out = torch.einsum("sec,ecm->sm", combine[:, :, cap_slice].to(x.dtype), expert_out)   # (S, h)
         if self.tp_group is not None and self.shard == "capacity":     # each TP rank combined its own slots
-            dist.all_reduce(out, group=self.tp_group)
+            out = self.all_reduce(out, self.tp_group)
         elif self.tp_group is not None:                                # each TP rank combined its own columns
-            columns = out.new_empty((tp * out.size(0), h))
-            dist.all_gather_into_tensor(columns, out.contiguous(), group=self.tp_group)
+            columns = self.all_gather(out.contiguous(), self.tp_group)
             out = columns.view(tp, -1, h).permute(1, 0, 2).reshape(-1, tp * h)
         return out
+
+    # The collectives: ``torch.distributed``'s in-place calls, as DeepSpeed writes them (no autograd).
+
+    def all_to_all(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        """Equal chunks of dim 0 exchanged over ``group``."""
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t, group=group)
+        return out
+
+    def all_gather(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        """``(size * t.size(0), ...)``: every rank's ``t`` in rank order."""
+        out = t.new_empty((dist.get_world_size(group) * t.size(0),) + tuple(t.shape[1:]))
+        dist.all_gather_into_tensor(out, t, group=group)
+        return out
+
+    def reduce_scatter(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        """``t`` ``(size, ...)`` summed over ``group``; this rank's ``t[rank]`` slot."""
+        out = t.new_empty(t.shape[1:])
+        dist.reduce_scatter_tensor(out, t.flatten(0, 1), group=group)
+        return out
+
+    def all_reduce(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        dist.all_reduce(t, group=group)
+        return t
+
+
+class TrainableDeepSpeedMoE(DeepSpeedMoE):
+    """``DeepSpeedMoE`` whose parameters train: the same math, with the differentiable functional
+    collectives (``*_autograd``), whose graphs the same passes read. The TP all-reduce of the
+    capacity shard is an all-gather and a sum (funcol has no differentiable all-reduce; the
+    all-gather's adjoint, a reduce-scatter, is the all-reduce's)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.requires_grad_(True)
+
+    def all_to_all(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        return funcol.all_to_all_single_autograd(t, None, None, group)
+
+    def all_gather(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        return funcol.all_gather_tensor_autograd(t, 0, group)
+
+    def reduce_scatter(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        return funcol.reduce_scatter_tensor_autograd(t.flatten(0, 1), "sum", 0, group).view(t.shape[1:])
+
+    def all_reduce(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        size = dist.get_world_size(group)
+        return funcol.all_gather_tensor_autograd(t, 0, group).view(size, *t.shape).sum(0)

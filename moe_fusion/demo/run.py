@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..factory import UsageError
 from ..launch import run_ranks
 from ..passes import FusionReport, backend
 from .timing import Comparison, compare, spread, synced_seconds
@@ -62,11 +61,13 @@ def ep_tp_groups(rank: int, ep: int, tp: int) -> tuple[dist.ProcessGroup, dist.P
 
 
 def _build_deepspeed(cfg: DemoConfig, rank: int) -> torch.nn.Module:
-    from .deepspeed_layer import DeepSpeedMoE
+    """The DeepSpeed-style layer; its ``Trainable`` form (differentiable collectives) for ``--train``."""
+    from .deepspeed_layer import DeepSpeedMoE, TrainableDeepSpeedMoE
 
     ep_group, tp_group = ep_tp_groups(rank, cfg.ep, cfg.tp)
-    return DeepSpeedMoE(cfg.hidden, cfg.ffn_hidden, cfg.experts, ep_group=ep_group, tp_group=tp_group,
-                        dtype=DTYPES[cfg.dtype])
+    layer_type = TrainableDeepSpeedMoE if cfg.train else DeepSpeedMoE
+    return layer_type(cfg.hidden, cfg.ffn_hidden, cfg.experts, ep_group=ep_group, tp_group=tp_group,
+                      dtype=DTYPES[cfg.dtype])
 
 
 def _build_top_k(class_name: str) -> Callable[[DemoConfig, int], torch.nn.Module]:
@@ -85,8 +86,6 @@ def _build_top_k(class_name: str) -> Callable[[DemoConfig, int], torch.nn.Module
 # --layer name -> builder(cfg, rank) of the unfused layer.
 LAYERS: dict[str, Callable[[DemoConfig, int], torch.nn.Module]] = {"deepspeed-bmm": _build_deepspeed}
 LAYERS.update({"allgather-ep": _build_top_k("AllGatherEPMoE"), "capacity-a2a": _build_top_k("CapacityAllToAllMoE")})
-# Layers with a training form (the DeepSpeed-style layer's in-place collectives have no autograd).
-TRAINABLE = ("allgather-ep", "capacity-a2a")
 
 
 def _train_step(layer: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
@@ -175,15 +174,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compiler", choices=["inductor", "eager"], default="inductor",
                         help="inductor code generation, or the fused ATen graph run as is")
     parser.add_argument("--train", action="store_true",
-                        help="time and check training steps (forward + backward) instead of inference "
-                             "(the top-k layers)")
+                        help="time and check training steps (forward + backward) instead of inference")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run every configuration of ``args``; 0 when each fused and matched eager, else 1."""
-    if args.train and args.layer not in TRAINABLE:
-        raise UsageError(f"--train needs one of the layers {', '.join(TRAINABLE)}: the {args.layer} demo layer's "
-                         "in-place collectives have no autograd")
     failures = 0
     for cfg in configs(args):
         print(f"== {cfg.label}: spawning {cfg.world} ranks", flush=True)

@@ -1,8 +1,10 @@
 """Compiled training steps of the expert-parallel layers fuse on real gloo ranks: the AllGather-EP and
-the capacity all-to-all layers (dispatch -> grouped FFN -> combine, EP=2), written with the
-differentiable functional collectives (``*_autograd``; ``dist.*``'s in-place collectives have no
-autograd, so their eager step is no reference). The compiled step's output, input gradient and
-every parameter gradient equal the unfused eager step's (``pipeline.fuse_before_autograd``)."""
+the capacity all-to-all layers (dispatch -> grouped FFN -> combine, EP=2), and the DeepSpeed-style
+layer (the AG-BMM / BMM-RS pair, EP=2 x TP=2, both shards), written with the differentiable
+functional collectives (``*_autograd``; ``dist.*``'s in-place collectives have no autograd, so their
+eager step is no reference). The compiled step's output, input gradient and every parameter
+gradient equal the unfused eager step's (``pipeline.fuse_before_autograd``), and the backward
+graph runs the fused ops too (the pair's formulas are each other)."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,9 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moe_fusion.demo.deepspeed_layer import TrainableDeepSpeedMoE
 from moe_fusion.demo.moe_layers import TrainableAllGatherEPMoE, TrainableCapacityAllToAllMoE
+from moe_fusion.demo.run import ep_tp_groups
 from moe_fusion.launch import run_ranks
-from moe_fusion.passes import FusionReport, backend
+from moe_fusion.passes import FusionReport, MoeFusionGraphPass, backend
+from moe_fusion.passes.context import count_ops
 
 from moe_dispatch_combine_variants import tokens
 
@@ -65,5 +70,56 @@ def test_training_step_fuses_and_equals_eager(ranks, name):
         assert pattern in case["fused"], (rank, case["fused"], case["refused"])
         assert set(case["eager"]) == set(case["compiled"])
         assert len(case["eager"]) > 3     # output, x and the layer's parameters
+        for key, want in case["eager"].items():
+            torch.testing.assert_close(case["compiled"][key], want, rtol=2e-5, atol=2e-5, msg=f"rank {rank} {key}")
+
+
+BMM_PAIR = ("moe_fusion.npu_alltoall_allgather_bmm.default", "moe_fusion.npu_bmm_reducescatter_alltoall.default")
+DEEPSPEED = {  # name -> (shard, compiler)
+    "capacity": ("capacity", "eager"),
+    "hidden": ("hidden", "eager"),
+    "capacity-inductor": ("capacity", "inductor"),
+}
+
+
+def _run_deepspeed(rank: int, world: int) -> dict[str, Any]:
+    ep_group, tp_group = ep_tp_groups(rank, 2, 2)
+    graphs: list = []
+    call = MoeFusionGraphPass.__call__
+
+    def recording(self, graph):          # every graph the passes see: the trial, the forward, the backward
+        call(self, graph)
+        graphs.append(count_ops(graph))
+
+    MoeFusionGraphPass.__call__ = recording
+    results = {}
+    for name, (shard, compiler) in DEEPSPEED.items():
+        layer = TrainableDeepSpeedMoE(HIDDEN, FFN_HIDDEN, 4, ep_group=ep_group, tp_group=tp_group, shard=shard, seed=3)
+        x = tokens(rank // 2, TOKENS, HIDDEN, torch.float32, "balanced")     # the TP ranks of a group share x
+        eager = _step(layer, layer, x)
+        report = FusionReport()
+        torch._dynamo.reset()
+        graphs.clear()
+        compiled = _step(layer, torch.compile(layer, backend=backend(report=report, compiler=compiler),
+                                              fullgraph=True, dynamic=False), x)
+        results[name] = {"eager": eager, "compiled": compiled, "fused": sorted({e.pattern for e in report.fused()}),
+                         "refused": [(e.pattern, e.detail) for e in report.refused()],
+                         "backward": {op: graphs[-1][op] for op in BMM_PAIR}}
+    return results
+
+
+@pytest.fixture(scope="module")
+def deepspeed_ranks() -> list[dict[str, Any]]:
+    return run_ranks(4, _run_deepspeed, timeout=400)
+
+
+@pytest.mark.parametrize("name", list(DEEPSPEED))
+def test_deepspeed_style_training_step_fuses_the_bmm_pair(deepspeed_ranks, name):
+    for rank, result in enumerate(deepspeed_ranks):
+        case = result[name]
+        assert case["fused"] == ["alltoall_allgather_bmm", "bmm_reducescatter_alltoall"], (rank, case["refused"])
+        # The backward of AG-BMM is a BMM-RS and vice versa: both run in the backward graph.
+        assert all(count >= 1 for count in case["backward"].values()), (rank, case["backward"])
+        assert len(case["eager"]) == 7    # output, x, wg, w1, w2, b1, b2
         for key, want in case["eager"].items():
             torch.testing.assert_close(case["compiled"][key], want, rtol=2e-5, atol=2e-5, msg=f"rank {rank} {key}")
