@@ -80,11 +80,21 @@ class RowLayout:
         return [buf[:, off:off + width * dtype.itemsize].view(dtype)
                 for (dtype, width), off in zip(self.fields, self.offsets)]
 
+    @property
+    def gaps(self) -> tuple[tuple[int, int], ...]:
+        """``(start, end)`` byte ranges of a row that no field covers (alignment padding)."""
+        ends = [off + width * dtype.itemsize for (dtype, width), off in zip(self.fields, self.offsets)]
+        starts = list(self.offsets[1:]) + [self.row_bytes]
+        return tuple((end, start) for end, start in zip(ends, starts) if start > end)
+
     def pack(self, parts: Sequence[Tensor]) -> Tensor:
         """``(N, row_bytes)`` uint8 holding ``parts`` (``(N, width_i)`` tensors of the layout's
-        dtypes, any strides); alignment padding bytes are zero."""
+        dtypes, any strides); alignment padding bytes are zero (only they are zero-filled: the
+        fields are written once)."""
         n = parts[0].size(0)
-        buf = torch.zeros((n, self.row_bytes), dtype=torch.uint8, device=parts[0].device)
+        buf = torch.empty((n, self.row_bytes), dtype=torch.uint8, device=parts[0].device)
+        for start, end in self.gaps:
+            buf[:, start:end].zero_()
         for view, part in zip(self._views(buf), parts):
             view.copy_(part)
         return buf
