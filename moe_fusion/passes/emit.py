@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.fx as fx
 
+from ..op_protos._proto import float_bias_dtype
 from ._graph import cast, insert_call, is_op, val
 
 if TYPE_CHECKING:
@@ -16,9 +17,10 @@ aten = torch.ops.aten
 
 
 def bias_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """The fused ops' bias dtype for ``x_dtype``: fp16 for fp16, fp32 for bf16 and fp32 (npu_ffn,
-    npu_ffn_grouped and the BMM pair alike). The cast from a bf16 bias is exact."""
-    return torch.float16 if x_dtype == torch.float16 else torch.float32
+    """The fused ops' bias dtype for ``x_dtype`` (npu_ffn, npu_ffn_grouped and the BMM pair alike,
+    ``op_protos._proto.float_bias_dtype``): fp16 for fp16, fp64 for fp64, fp32 for bf16 and fp32.
+    The cast from a bf16 bias is exact."""
+    return float_bias_dtype(x_dtype)
 
 
 def _transposed(node: fx.Node) -> fx.Node | None:

@@ -6,6 +6,10 @@ FFNs with it. Forms read (``x`` ``(M, K1)``; 3-D inputs appear as views around t
 * plain: ``act(x @ W1 + b1) @ W2 + b2`` with ``act`` in relu, tanh-GELU, silu, fastgelu
   (``x * sigmoid(1.702 x)``); each linear as ``mm``, ``addmm`` or ``mm`` + 1-D bias ``add`` (a
   second bias added after a view back to 3-D stays a separate ``add``).
+* grouped: both linears grouped matmuls over the same row segments (``torch._grouped_mm`` or HF
+  transformers' ``grouped_mm_fallback`` with one ``offs``, the segments' int32 cumulative ends),
+  weights ``(E, K, N)``, no bias (HF adds a per-row bias gathered by expert: it stays unfused) =>
+  ``npu_ffn_grouped`` with ``expert_tokens=offs`` and ``tokens_index_flag=True``.
 * GLU: ``left * f(right)`` where ``left`` and ``right`` are column blocks of matmuls of the same
   ``x``: halves of one matmul (``a, b = h.chunk(2, -1)``) or two matmuls (separate gate/up
   projections). ``f`` in relu/tanh-GELU/silu gives reglu/geglu/swiglu. npu_ffn computes
@@ -41,11 +45,11 @@ from typing import Optional, Sequence
 import torch
 import torch.fx as fx
 
-from ._graph import erase_unused, fused_ops_or_refusal, insert_call, is_op, same_size, val
+from ._graph import cast, erase_unused, fused_ops_or_refusal, insert_call, is_op, same_size, val
 from .activations import ActivationMatch, match_activation
 from .context import PassContext, Refusal, attempt
 from .emit import ffn_operands
-from .vocabulary import VIEW_OPS
+from .vocabulary import GROUPED_MM_NAMES, VIEW_OPS
 
 aten, prims = torch.ops.aten, torch.ops.prims
 F32 = torch.float32
@@ -96,21 +100,40 @@ def _strip_up(node: fx.Node, casts: frozenset = frozenset()) -> tuple[fx.Node, t
 class Linear:
     """``out = x @ weight (+ bias)``: ``x`` ``(M, K)``, ``weight`` ``(K, N)``, ``bias`` ``(N,)`` or
     None. ``out`` is ``(M, N)``, or a view of it when the bias add follows a view (3-D ``x@w+b``).
-    ``nodes`` run from the mm to ``out``."""
+    ``nodes`` run from the mm to ``out``. A grouped matmul has ``offs`` (int32 segment ends
+    ``(E,)``) and ``weight`` ``(E, K, N)``, row segment ``e`` times ``weight[e]``."""
 
     x: fx.Node
     weight: fx.Node
     bias: Optional[fx.Node]
     out: fx.Node
     nodes: tuple[fx.Node, ...]
+    offs: Optional[fx.Node] = None
 
     @property
     def n(self):
         return val(self.weight).size(-1)
 
 
+def _grouped_mm(node: fx.Node) -> Optional[Linear]:
+    """A grouped matmul of 2-D ``x`` and 3-D weights with segment ends and nothing else (no bias,
+    no output dtype)."""
+    if node.op != "call_function" or str(node.target) not in GROUPED_MM_NAMES:
+        return None
+    names = [a.name for a in node.target._schema.arguments]
+    args = dict(zip(names, node.args)) | node.kwargs
+    x, w, offs = (args.get(n) for n in names[:3])
+    extra = [n for n in names[3:] if args.get(n) is not None]
+    if extra or not isinstance(offs, fx.Node) or len(val(x).shape) != 2 or len(val(w).shape) != 3:
+        return None
+    return Linear(x, w, None, node, (node,), offs)
+
+
 def _mm(node: fx.Node) -> Optional[Linear]:
-    """``mm(x, w)`` or ``addmm(b, x, w)`` with a 1-D bias and unit alpha/beta."""
+    """``mm(x, w)`` or ``addmm(b, x, w)`` with a 1-D bias and unit alpha/beta, or a grouped matmul."""
+    grouped = _grouped_mm(node)
+    if grouped is not None:
+        return grouped
     if is_op(node, aten.mm):
         return Linear(node.args[0], node.args[1], None, node, (node,))
     if is_op(node, aten.addmm) and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
@@ -141,7 +164,7 @@ def _second_linear(mm: fx.Node) -> Optional[Linear]:
     """The FFN's second linear starting at ``mm``: its bias add is absorbed only when it follows
     the mm directly, so the result is 2-D like npu_ffn's (a bias after a view stays in the graph)."""
     base = _mm(mm)
-    if base is None or base.bias is not None or len(mm.users) != 1:
+    if base is None or base.bias is not None or base.offs is not None or len(mm.users) != 1:
         return base
     with_bias = _linear_ending_at(next(iter(mm.users)), through_views=False)
     return with_bias if with_bias is not None and with_bias.nodes[0] is mm else base
@@ -237,6 +260,11 @@ class FfnMatch:
     def has_bias1(self) -> bool:
         return self.first[0].linear.bias is not None
 
+    @property
+    def offs(self) -> Optional[fx.Node]:
+        """The grouped form's segment ends (``read_ffn`` checked both linears share them), else None."""
+        return self.second.offs
+
     def weight1(self, graph: fx.Graph, before: fx.Node) -> fx.Node:
         """W1 ``(K1, N1)``: the blocks' weight columns, concatenated unless they already are W1."""
         return self._concat(graph, before, "weight")
@@ -277,11 +305,22 @@ class FfnMatch:
         etc.); a chunk whose *first* half is activated inserts ``cat([W[:, H:], W[:, :H]], -1)``.
         Refused (graph unchanged) when the compile target's npu_ffn rejects the call (e.g. fp32 or
         ``N2 != K1`` on A2/A3).
+
+        The grouped form (HF transformers' grouped experts) becomes ``npu_ffn_grouped(x, W1, W2, act,
+        expert_tokens=offs as int64, tokens_index_flag=True)``, the weights ``(E, K, N)`` built the
+        same way (GLU halves swapped along the last dim when the first half is activated).
         """
-        with fused_ops_or_refusal(graph, "npu_ffn"):
+        op = "npu_ffn" if self.offs is None else "npu_ffn_grouped"
+        with fused_ops_or_refusal(graph, op):
             w1, w2, kwargs = ffn_operands(graph, self.out, [self], stacked=False)
-            fused = insert_call(graph, self.out, torch.ops.moe_fusion.npu_ffn.default,
-                                (self.x, w1, w2, self.activation), kwargs)
+            if self.offs is None:
+                fused = insert_call(graph, self.out, torch.ops.moe_fusion.npu_ffn.default,
+                                    (self.x, w1, w2, self.activation), kwargs)
+            else:
+                ends = cast(graph, self.out, self.offs, torch.int64)
+                fused = insert_call(graph, self.out, torch.ops.moe_fusion.npu_ffn_grouped.default,
+                                    (self.x, w1, w2, self.activation),
+                                    {"expert_tokens": ends, "tokens_index_flag": True, **kwargs})
         self.out.replace_all_uses_with(fused)
         return fused
 
@@ -290,7 +329,8 @@ class FfnMatch:
 
     def describe(self) -> str:
         form = "GLU" if self.is_glu else "plain"
-        return f"npu_ffn({self.activation}, {form}, {'with' if self.has_bias1 else 'no'} bias1, {self.dtype})"
+        op = "npu_ffn" if self.offs is None else "npu_ffn_grouped"
+        return f"{op}({self.activation}, {form}, {'with' if self.has_bias1 else 'no'} bias1, {self.dtype})"
 
 
 def _private(nodes: frozenset[fx.Node], out: fx.Node) -> None:
@@ -376,16 +416,29 @@ def read_ffn(mm: fx.Node) -> Optional[FfnMatch]:
     # npu_ffn computes in one dtype: x, W1 and W2 (mm forces x and W to agree).
     if found.dtype != dtype:
         raise Refusal(f"the two matmuls run in different dtypes ({found.dtype}, {dtype})")
+    _check_segments(found)
     _private(found.nodes, found.out)
     return found
 
+
+
+def _check_segments(found: FfnMatch) -> None:
+    """Both linears of a grouped FFN are grouped over the same segments (one ``offs`` node); a
+    grouped matmul never pairs with a plain one."""
+    offs = {block.linear.offs for block in found.first} | {found.second.offs}
+    if len(offs) == 1:
+        return
+    if None in offs:
+        raise Refusal("one matmul of the FFN is grouped (per-expert row segments) and the other is not")
+    raise Refusal("the two grouped matmuls use different segment offsets ("
+                  + ", ".join(sorted(o.name for o in offs)) + "); npu_ffn_grouped has one expert_tokens")
 
 
 def find_ffn_forms(graph: fx.Graph, ctx: Optional[PassContext] = None, pattern: str = "ffn") -> list[FfnMatch]:
     """Every plain/GLU FFN of the graph, one per second matmul; refusals go to ``ctx`` under ``pattern``."""
     found = []
     for node in graph.nodes:
-        if is_op(node, aten.mm, aten.addmm):
+        if is_op(node, aten.mm, aten.addmm) or _grouped_mm(node) is not None:
             match = attempt(ctx, pattern, node, lambda: read_ffn(node))
             if match is not None:
                 found.append(match)

@@ -31,3 +31,7 @@ CONSTANT_OPS = (prims.iota, aten.arange, aten.repeat, aten.expand, aten.clone, a
                 aten.floor_divide, aten.unsqueeze, aten.permute, aten.mul, aten.add, aten.sub, aten.neg,
                 prims.convert_element_type, aten._to_copy, aten.full, aten.select, aten.slice,
                 aten.view, aten.reshape, aten._unsafe_view)
+
+# Grouped matmuls ``(S, K) x (E, K, N) -> (S, N)`` over row segments ending at ``offs`` (int32
+# cumulative ends): torch's, and HF transformers' fallback op (named: the library may be absent).
+GROUPED_MM_NAMES = frozenset({"aten._grouped_mm.default", "transformers.grouped_mm_fallback.default"})
