@@ -183,11 +183,26 @@ class Columns:
     def width(self) -> int:
         return self.stop - self.start
 
-    def build(self, graph: fx.Graph, before: fx.Node, tensor: fx.Node) -> fx.Node:
-        """These columns of ``tensor`` (the linear's weight or bias; columns are its last dim)."""
+    def build(self, graph: fx.Graph, before: fx.Node, tensor: fx.Node, dim: int = -1) -> fx.Node:
+        """These columns of ``tensor`` (the linear's weight or bias; columns are its last dim, or
+        ``dim`` of an untransposed weight)."""
         if self.start == 0 and same_size(self.stop, self.linear.n):
             return tensor
-        return insert_call(graph, before, aten.slice.Tensor, (tensor, -1, self.start, self.stop))
+        return insert_call(graph, before, aten.slice.Tensor, (tensor, dim, self.start, self.stop))
+
+
+def _untransposed(node: Optional[fx.Node]) -> Optional[fx.Node]:
+    """``w`` when ``node`` is ``w`` with its last two dims swapped (a view), else None."""
+    if not isinstance(node, fx.Node) or len(val(node).shape) < 2:
+        return None
+    rank = len(val(node).shape)
+    if is_op(node, aten.permute.default):
+        order = [d % rank for d in node.args[1]]
+        if order == list(range(rank - 2)) + [rank - 1, rank - 2]:
+            return node.args[0]
+    if is_op(node, aten.transpose.int) and {d % rank for d in node.args[1:3]} == {rank - 2, rank - 1}:
+        return node.args[0]
+    return None
 
 
 def _split_piece(node: fx.Node) -> Optional[tuple[fx.Node, int, int]]:
@@ -278,6 +293,15 @@ class FfnMatch:
         if (all(b.linear == whole for b in blocks) and blocks[0].start == 0 and same_size(blocks[-1].stop, whole.n)
                 and all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))):
             return getattr(whole, field)            # the blocks are W1's columns in order already
+        bases = [_untransposed(getattr(b.linear, field)) for b in blocks]
+        if all(base is not None for base in bases):
+            # Weights stored (..., N, K) (nn.Linear, HF experts): reorder their rows, a plain block
+            # copy, and transpose the result as a view, instead of gathering strided columns.
+            rows = [b.build(graph, before, base, dim=-2) for b, base in zip(blocks, bases)]
+            stacked = insert_call(graph, before, aten.cat.default, (rows, -2))
+            rank = len(val(stacked).shape)      # a permute: post-grad graphs hold no aten.transpose
+            return insert_call(graph, before, aten.permute.default,
+                               (stacked, list(range(rank - 2)) + [rank - 1, rank - 2]))
         parts = [b.build(graph, before, getattr(b.linear, field)) for b in blocks]
         return insert_call(graph, before, aten.cat.default, (parts, -1))
 

@@ -38,15 +38,18 @@ def _resolve(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def make_block(name: str, implementation: str) -> torch.nn.Module:
+def make_block(name: str, implementation: str, hidden: int = HIDDEN, inner: int = INNER) -> torch.nn.Module:
+    """The library's block ``name`` with ``implementation`` experts, random weights (std 0.2 at the
+    test sizes, ``1/sqrt(fan-in)``-like at larger ones)."""
     config_path, block_path, options = BLOCKS[name]
-    config = _resolve(config_path)(hidden_size=HIDDEN, intermediate_size=INNER, **options)
+    options = {k: (inner if v == INNER else v) for k, v in options.items()}
+    config = _resolve(config_path)(hidden_size=hidden, intermediate_size=inner, **options)
     config._experts_implementation = implementation
     block = _resolve(block_path)(config)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            p.copy_(torch.randn(p.shape, generator=gen) * min(0.2, hidden ** -0.5))
     return block
 
 

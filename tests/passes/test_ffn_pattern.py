@@ -159,10 +159,13 @@ def test_separate_gate_up_glu_fuses(gate_first):
         return F.linear(gate * up if gate_first else up * gate, wd)
     args = (randn(2, 3, K), randn(N, K), randn(N), randn(N, K), randn(N), randn(K, N))
     gm, node = assert_fused(fn, args, "swiglu")
-    cat = node.args[1]
-    assert cat.target is aten.cat.default
-    # The non-activated (up) projection is the left half of W1.
-    assert cat.args[0][0].args[0].name == "wu_1" and cat.args[0][1].args[0].name == "wg_1"
+    # W1 = cat([Wu, Wg]) of the stored (N, K) weights, transposed as a view: the non-activated (up)
+    # projection is the left half of W1, and the copy is of whole rows.
+    w1 = node.args[1]
+    assert w1.target is aten.permute.default and list(w1.args[1]) == [1, 0]
+    cat = w1.args[0]
+    assert cat.target is aten.cat.default and cat.args[1] == -2
+    assert [part.name for part in cat.args[0]] == ["wu_1", "wg_1"]
     assert node.kwargs["bias1"].target is aten.cat.default
 
 
