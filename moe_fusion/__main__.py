@@ -18,7 +18,7 @@ from .targets import TARGETS
 
 PROG = "python -m moe_fusion"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-BENCH_SCRIPTS = ("local_ops", "comm_ops", "fusion", "pass_compile")
+BENCH_SCRIPTS = ("local_ops", "comm_ops", "fusion", "pass_compile", "models")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
