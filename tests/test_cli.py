@@ -275,23 +275,15 @@ def test_benchmark_table_marks_each_target(monkeypatch, capsys):
     assert "98.4% at 7 repeats" in lines[-1]
 
 
-def test_demo_train_checks_output_and_gradients(capsys):
-    """``demo --train``: training steps of the AllGather-EP layer fused on 2 ranks, checked against
-    the eager step's output and gradients."""
-    status = moe_fusion_main(["demo", "--train", "--layer", "allgather-ep", "--layout", "2x1", "--tokens", "8",
+@pytest.mark.parametrize("layer,layout,fusions", [("allgather-ep", "2x1", 1), ("deepspeed-bmm", "2x2", 2)])
+def test_demo_train_checks_output_and_gradients(capsys, layer, layout, fusions):
+    """``demo --train``: training steps of a demo layer's trainable form fused on real ranks (the
+    AllGather-EP block; the DeepSpeed-style layer's BMM pair), checked against the eager step's
+    output and gradients."""
+    status = moe_fusion_main(["demo", "--train", "--layer", layer, "--layout", layout, "--tokens", "8",
                               "--hidden", "16", "--ffn-hidden", "24", "--experts", "4", "--steps", "2",
                               "--compiler", "eager"])
     out = capsys.readouterr().out
     assert status == 0, out
-    assert "== allgather-ep EP=2 x TP=1: OK (1 fusions, max error" in out
-
-
-def test_demo_trains_the_deepspeed_style_layer(capsys):
-    """``--train`` on the DeepSpeed-style layer: its trainable form fuses into the BMM pair and the
-    compiled step's output and gradients match eager."""
-    status = moe_fusion_main(["demo", "--train", "--layer", "deepspeed-bmm", "--layout", "2x2", "--tokens", "8",
-                              "--hidden", "16", "--ffn-hidden", "24", "--experts", "4", "--steps", "2",
-                              "--compiler", "eager"])
-    out = capsys.readouterr().out
-    assert status == 0, out
-    assert "== deepspeed-bmm EP=2 x TP=2: OK (2 fusions, max error" in out
+    ep, tp = layout.split("x")
+    assert f"== {layer} EP={ep} x TP={tp}: OK ({fusions} fusions, max error" in out
