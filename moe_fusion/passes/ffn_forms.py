@@ -458,11 +458,25 @@ def _check_segments(found: FfnMatch) -> None:
                   + ", ".join(sorted(o.name for o in offs)) + "); npu_ffn_grouped has one expert_tokens")
 
 
+def _gathered_expert_weights(node: fx.Node) -> None:
+    """Refuses a ``bmm`` with per-row expert weights ``W[ids]`` ``(S, N, K)`` gathered from a 3-D
+    stack (HF transformers' ``batched_mm`` experts): npu_ffn_grouped needs the rows sorted by
+    expert, which that code never does."""
+    for operand in node.args[:2]:
+        if is_op(operand, aten.index.Tensor) and len(val(operand.args[0]).shape) == 3:
+            indices = operand.args[1]
+            if len(indices) == 1 and isinstance(indices[0], fx.Node) and len(val(indices[0]).shape) == 1:
+                raise Refusal("the expert weights are gathered per token (W[expert_ids], HF batched_mm experts); "
+                              "npu_ffn_grouped needs the tokens sorted by expert (HF grouped_mm experts fuse)")
+
+
 def find_ffn_forms(graph: fx.Graph, ctx: Optional[PassContext] = None, pattern: str = "ffn") -> list[FfnMatch]:
     """Every plain/GLU FFN of the graph, one per second matmul; refusals go to ``ctx`` under ``pattern``."""
     found = []
     for node in graph.nodes:
-        if is_op(node, aten.mm, aten.addmm) or _grouped_mm(node) is not None:
+        if is_op(node, aten.bmm):
+            attempt(ctx, pattern, node, lambda: _gathered_expert_weights(node))
+        elif is_op(node, aten.mm, aten.addmm) or _grouped_mm(node) is not None:
             match = attempt(ctx, pattern, node, lambda: read_ffn(node))
             if match is not None:
                 found.append(match)
