@@ -171,3 +171,36 @@ def test_opcheck_with_gradients():
                           {"expert_tokens": torch.tensor([2, 4]), "bias1": b1, "bias2": b2})
     tokens = torch.randn(6, 4, requires_grad=True)
     torch.library.opcheck(torch.ops.moe_fusion.npu_moe_re_routing.default, (tokens, torch.tensor([[1, 2], [2, 1]])))
+
+
+def test_antiquant_bias_is_not_differentiable():
+    """Antiquant mode (int8 weights): every FFN operand, a float bias included, is refused by name."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 32, generator=gen).half()
+    w = torch.randint(-8, 8, (32, 32), dtype=torch.int8, generator=gen)
+    scale, offset = torch.rand(32, generator=gen).half(), torch.zeros(32).half()
+    bias1 = torch.randn(32, generator=gen).half().requires_grad_()
+    y = moe_fusion.npu_ffn(x, w, w, "relu", bias1=bias1, antiquant_scale1=scale, antiquant_scale2=scale,
+                           antiquant_offset1=offset, antiquant_offset2=offset)
+    with pytest.raises(NotDifferentiableError, match="npu_ffn: bias1 is not differentiable \\(antiquant mode"):
+        y.float().sum().backward()
+
+
+def test_re_routing_int8_tokens_still_give_the_scales_gradient():
+    """int8 tokens cannot require a gradient; their float32 per_token_scales can, and get the
+    output gradient scattered back by expanded_row_idx (the integer outputs carry none)."""
+    counts = torch.tensor([[1, 2], [2, 1]])
+    tokens = torch.randint(-100, 100, (6, 4), dtype=torch.int8)
+    scales = torch.rand(6, requires_grad=True)
+    _, out_scales, idx, num = moe_fusion.npu_moe_re_routing(tokens, counts, per_token_scales=scales)
+    assert not idx.requires_grad and not num.requires_grad
+    g = torch.arange(6, dtype=torch.float32)
+    (grad,) = torch.autograd.grad((out_scales * g).sum(), scales)
+    # Rank-major input blocks r0e0 = row 0, r0e1 = rows 1-2, r1e0 = rows 3-4, r1e1 = row 5;
+    # the output is expert-major (SPEC §7.3).
+    order = [0, 3, 4, 1, 2, 5]
+    want = torch.zeros(6)
+    for out_row, src in enumerate(order):
+        want[src] += g[out_row]
+    assert idx.tolist() == order
+    torch.testing.assert_close(grad, want)

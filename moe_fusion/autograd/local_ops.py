@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..kernels._precision import accumulator
 from ..kernels.ffn import apply_activation, cast_round_, expert_segments, of_expert, round_to
-from ..kernels.ffn_grouped import ALIGN, _grouped_mm, _segment_ends, row_major
+from ..kernels.ffn_grouped import ALIGN, _grouped_mm, _segment_ends, row_major, segment_mask
 from ..meta import LIBRARY
 from ..op_protos.ffn import GLU_ACTIVATIONS, expert_counts_of
 from ._common import gradients, input_names, needed, not_differentiable, refuse_needed, register_formula
@@ -153,10 +153,7 @@ def _grouped_outer(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     fp64 for fp64 ``a`` (by a dense einsum: ``_grouped_mm`` has no fp64)."""
     k, n = a.size(1), b.size(1)
     if a.dtype == torch.float64:
-        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-        rows = torch.arange(a.size(0), device=a.device, dtype=ends.dtype).unsqueeze(1)
-        mine = ((rows >= starts) & (rows < ends)).to(a.dtype)                          # (M, E)
-        return torch.einsum("me,mk,mn->ekn", mine, a, b.double())
+        return torch.einsum("me,mk,mn->ekn", segment_mask(a, ends), a, b.double())
     a = row_major(F.pad(a.float(), (0, -k % ALIGN)))
     b = row_major(F.pad(b.float(), (0, -n % ALIGN)))
     return torch._grouped_mm(a.t(), b, offs=ends)[:, :k, :n]
@@ -200,10 +197,10 @@ def _ffn_grouped_backward_fake(grad_y: Tensor, x: Tensor, weight1: Tensor, weigh
                                fp16_intermediate: bool) -> tuple[Tensor, ...]:
     experts, k1, n1 = weight1.shape
     n_act, n2 = weight2.shape[1:]
-    f32 = accumulator(x.dtype)
-    return (x.new_empty(x.shape, dtype=f32), x.new_empty((experts, k1, n1), dtype=f32),
-            x.new_empty((experts, n_act, n2), dtype=f32), x.new_empty((experts, n1), dtype=f32),
-            x.new_empty((experts, n2), dtype=f32))
+    acc = accumulator(x.dtype)
+    return (x.new_empty(x.shape, dtype=acc), x.new_empty((experts, k1, n1), dtype=acc),
+            x.new_empty((experts, n_act, n2), dtype=acc), x.new_empty((experts, n1), dtype=acc),
+            x.new_empty((experts, n2), dtype=acc))
 
 
 def _grouped_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:

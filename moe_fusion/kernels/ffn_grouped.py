@@ -49,13 +49,18 @@ def _grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
     return torch._grouped_mm(row_major(a), w, offs=ends)[:, :n]
 
 
+def segment_mask(a: Tensor, ends: Tensor) -> Tensor:
+    """``(M, E)`` in ``a``'s dtype: 1 where row ``m`` of ``a`` lies in expert ``e``'s segment
+    (``ends`` ``(E,)`` cumulative), else 0; rows past ``ends[-1]`` are all 0."""
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    rows = torch.arange(a.size(0), device=a.device, dtype=ends.dtype).unsqueeze(1)     # (M, 1)
+    return ((rows >= starts) & (rows < ends)).to(a.dtype)
+
+
 def _dense_grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
     """``_grouped_mm`` in fp64: every expert's matmul over all rows, each row keeping its own
     expert's (E times the work: fp64 is the gradient-check dtype, not a fast path)."""
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    rows = torch.arange(a.size(0), device=a.device, dtype=ends.dtype).unsqueeze(1)     # (M, 1)
-    mine = ((rows >= starts) & (rows < ends)).to(a.dtype)                              # (M, E)
-    return torch.einsum("me,mk,ekn->mn", mine, a, w)
+    return torch.einsum("me,mk,ekn->mn", segment_mask(a, ends), a, w)
 
 
 def row_major(t: Tensor) -> Tensor:
