@@ -13,14 +13,14 @@ collectives the same number of times, and each asserts that gradcheck passed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
+from test_moe_distribute_ranks import FP32, Case, _case, _groups, make_inputs, op_kwargs
 
 from moe_fusion.launch import run_ranks
-from test_moe_distribute_ranks import FP32, Case, _case, _groups, make_inputs, op_kwargs
 
 F64 = torch.float64
 TIMEOUT = 420   # a 4-rank spawn of every case; each gradcheck is a few hundred small collective calls
@@ -63,7 +63,7 @@ class _Gathered(torch.autograd.Function):
         return grad[ctx.start:ctx.start + ctx.shape.numel()].view(ctx.shape)
 
 
-def check_global(rank: int, fn: Callable[..., tuple], inputs: dict[str, list[Optional[torch.Tensor]]]) -> bool:
+def check_global(rank: int, fn: Callable[..., tuple], inputs: dict[str, list[torch.Tensor | None]]) -> bool:
     """gradcheck of ``fn(**own_inputs) -> outputs`` as a function of every rank's ``inputs``
     (name -> per-rank tensors; None entries are absent inputs)."""
     names = [n for n, parts in inputs.items() if parts[0] is not None]
@@ -99,42 +99,49 @@ DIST_CASES = {
 
 
 def _dist_rank(rank: int, world: int) -> dict[str, bool]:
-    import moe_fusion
     results = {}
     for case in DIST_CASES[world]:
-        a = case.attrs
-        groups = _groups(world, a.tp == 2)
-        group_ep, ep_rank, kw = op_kwargs(case, rank, groups)
-        inp = make_inputs(case)
-        ids, mask = inp["ids"][rank], inp["mask"][rank]
+        results |= _dist_checks(rank, world, case)
+    return results
 
-        def dispatch(x):
-            return (moe_fusion.npu_moe_distribute_dispatch_v2(x, ids, group_ep, a.W, ep_rank, a.M, x_active_mask=mask,
-                                                              **kw)[0],)
 
-        results[f"{case.name}/dispatch"] = check_global(rank, dispatch, {"x": inp["x"]})
+def _dist_checks(rank: int, world: int, case: Case) -> dict[str, bool]:
+    """gradcheck of dispatch, combine (and combine_add_rms_norm if ``case.rms``) for one case."""
+    import moe_fusion
+    results = {}
+    a = case.attrs
+    groups = _groups(world, a.tp == 2)
+    group_ep, ep_rank, kw = op_kwargs(case, rank, groups)
+    inp = make_inputs(case)
+    ids, mask = inp["ids"][rank], inp["mask"][rank]
 
-        # combine's rows: what a dispatch of the same routing delivers (padding rows included).
-        meta = moe_fusion.npu_moe_distribute_dispatch_v2(inp["x"][rank], ids, group_ep, a.W, ep_rank, a.M,
-                                                         x_active_mask=mask, **kw)
-        row_counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(row_counts, torch.tensor([meta[0].size(0)]))
-        rows = [torch.randn(int(n), case.h, generator=torch.Generator().manual_seed(50 + g))
-                for g, n in enumerate(row_counts)]
+    def dispatch(x):
+        return (moe_fusion.npu_moe_distribute_dispatch_v2(x, ids, group_ep, a.W, ep_rank, a.M, x_active_mask=mask,
+                                                          **kw)[0],)
 
-        def combine(op, expand_x, expert_scales, shared_expert_x=None, residual_x=None, gamma=None):
-            extra = () if residual_x is None else (residual_x, gamma)
-            out = op(expand_x, ids, meta[2], meta[4], expert_scales, *extra, group_ep, a.W, ep_rank, a.M,
-                     tp_send_counts=meta[5], x_active_mask=mask, shared_expert_x=shared_expert_x, **kw)
-            return out if isinstance(out, tuple) else (out,)
+    results[f"{case.name}/dispatch"] = check_global(rank, dispatch, {"x": inp["x"]})
 
-        combined = {"expand_x": rows, "expert_scales": inp["w"], "shared_expert_x": inp["shared_x"]}
-        results[f"{case.name}/combine"] = check_global(
-            rank, lambda **t: combine(moe_fusion.npu_moe_distribute_combine_v2, **t), combined)
-        if case.rms:
-            results[f"{case.name}/combine_add_rms_norm"] = check_global(
-                rank, lambda **t: combine(moe_fusion.npu_moe_distribute_combine_add_rms_norm, **t),
-                combined | {"residual_x": inp["residual"], "gamma": inp["gamma"]})
+    # combine's rows: what a dispatch of the same routing delivers (padding rows included).
+    meta = moe_fusion.npu_moe_distribute_dispatch_v2(inp["x"][rank], ids, group_ep, a.W, ep_rank, a.M,
+                                                     x_active_mask=mask, **kw)
+    row_counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(row_counts, torch.tensor([meta[0].size(0)]))
+    rows = [torch.randn(int(n), case.h, generator=torch.Generator().manual_seed(50 + g))
+            for g, n in enumerate(row_counts)]
+
+    def combine(op, expand_x, expert_scales, shared_expert_x=None, residual_x=None, gamma=None):
+        extra = () if residual_x is None else (residual_x, gamma)
+        out = op(expand_x, ids, meta[2], meta[4], expert_scales, *extra, group_ep, a.W, ep_rank, a.M,
+                 tp_send_counts=meta[5], x_active_mask=mask, shared_expert_x=shared_expert_x, **kw)
+        return out if isinstance(out, tuple) else (out,)
+
+    combined = {"expand_x": rows, "expert_scales": inp["w"], "shared_expert_x": inp["shared_x"]}
+    results[f"{case.name}/combine"] = check_global(
+        rank, lambda **t: combine(moe_fusion.npu_moe_distribute_combine_v2, **t), combined)
+    if case.rms:
+        results[f"{case.name}/combine_add_rms_norm"] = check_global(
+            rank, lambda **t: combine(moe_fusion.npu_moe_distribute_combine_add_rms_norm, **t),
+            combined | {"residual_x": inp["residual"], "gamma": inp["gamma"]})
     return results
 
 
@@ -170,42 +177,50 @@ def _bmm_groups(rank: int, ep: int, tp: int) -> tuple[str, str]:
 
 
 def _bmm_rank(rank: int, world: int) -> dict[str, bool]:
-    import moe_fusion
     results = {}
     for i, case in enumerate(BMM_CASES[world]):
-        ep, tp = case.ep, case.tp
-        group_ep, group_tp = _bmm_groups(rank, ep, tp)
-        local = E // ep
-        gen = torch.Generator().manual_seed(70 + i)
-        # AG-BMM x (E, C, H/tp) for shard 0 or (E, C/tp, H) for shard 1; BMM-RS x (E/ep, rows, M/tp).
-        x_shape = (E, C, H // tp) if case.shard_type == 0 else (E, C // tp, H)
-        rows = ep * C
-        per_rank = {"x": [torch.randn(x_shape, generator=gen) for _ in range(world)],
-                    "weight": [torch.randn(local, H, M // tp, generator=gen) * 0.5 for _ in range(world)],
-                    "bias": [torch.randn(local, M // tp, generator=gen) * 0.3 if case.bias else None
-                             for _ in range(world)]}
-        groups = (group_ep, ep, group_tp, tp)
+        results |= _bmm_checks(rank, case, seed=70 + i)
+    return results
 
-        def ag_bmm(x, weight, bias=None):
-            y1, y2, y3 = moe_fusion.npu_alltoall_allgather_bmm(
-                x, weight, *groups, bias=bias, shard_type=case.shard_type, act_type=case.act_type,
-                need_allgather_out=True, need_activation_feature=case.act_type != 0)
-            return (y1, y2) + ((y3,) if case.act_type else ())
 
-        name = f"ep{ep}_tp{tp}_shard{case.shard_type}_act{case.act_type}_bias{int(case.bias)}"
-        results[f"{name}/alltoall_allgather_bmm"] = check_global(rank, ag_bmm, per_rank)
+def _bmm_checks(rank: int, case: BmmCase, seed: int) -> dict[str, bool]:
+    """gradcheck of npu_alltoall_allgather_bmm and npu_bmm_reducescatter_alltoall for one case."""
+    import moe_fusion
+    results = {}
+    world = dist.get_world_size()
+    ep, tp = case.ep, case.tp
+    group_ep, group_tp = _bmm_groups(rank, ep, tp)
+    local = E // ep
+    gen = torch.Generator().manual_seed(seed)
+    # AG-BMM x (E, C, H/tp) for shard 0 or (E, C/tp, H) for shard 1; BMM-RS x (E/ep, rows, M/tp).
+    x_shape = (E, C, H // tp) if case.shard_type == 0 else (E, C // tp, H)
+    rows = ep * C
+    per_rank = {"x": [torch.randn(x_shape, generator=gen) for _ in range(world)],
+                "weight": [torch.randn(local, H, M // tp, generator=gen) * 0.5 for _ in range(world)],
+                "bias": [torch.randn(local, M // tp, generator=gen) * 0.3 if case.bias else None
+                         for _ in range(world)]}
+    groups = (group_ep, ep, group_tp, tp)
 
-        h_out = H // tp if case.shard_type == 0 else H
-        rs_inputs = {"x": [torch.randn(local, rows, M // tp, generator=gen) for _ in range(world)],
-                     "weight": [torch.randn(local, M // tp, H, generator=gen) * 0.5 for _ in range(world)],
-                     "bias": [torch.randn(local, h_out, generator=gen) * 0.3 if case.bias else None
-                              for _ in range(world)]}
+    def ag_bmm(x, weight, bias=None):
+        y1, y2, y3 = moe_fusion.npu_alltoall_allgather_bmm(
+            x, weight, *groups, bias=bias, shard_type=case.shard_type, act_type=case.act_type,
+            need_allgather_out=True, need_activation_feature=case.act_type != 0)
+        return (y1, y2) + ((y3,) if case.act_type else ())
 
-        def bmm_rs(x, weight, bias=None):
-            return (moe_fusion.npu_bmm_reducescatter_alltoall(x, weight, *groups, bias=bias,
-                                                              shard_type=case.shard_type),)
+    name = f"ep{ep}_tp{tp}_shard{case.shard_type}_act{case.act_type}_bias{int(case.bias)}"
+    results[f"{name}/alltoall_allgather_bmm"] = check_global(rank, ag_bmm, per_rank)
 
-        results[f"{name}/bmm_reducescatter_alltoall"] = check_global(rank, bmm_rs, rs_inputs)
+    h_out = H // tp if case.shard_type == 0 else H
+    rs_inputs = {"x": [torch.randn(local, rows, M // tp, generator=gen) for _ in range(world)],
+                 "weight": [torch.randn(local, M // tp, H, generator=gen) * 0.5 for _ in range(world)],
+                 "bias": [torch.randn(local, h_out, generator=gen) * 0.3 if case.bias else None
+                          for _ in range(world)]}
+
+    def bmm_rs(x, weight, bias=None):
+        return (moe_fusion.npu_bmm_reducescatter_alltoall(x, weight, *groups, bias=bias,
+                                                          shard_type=case.shard_type),)
+
+    results[f"{name}/bmm_reducescatter_alltoall"] = check_global(rank, bmm_rs, rs_inputs)
     return results
 
 
@@ -217,3 +232,68 @@ def test_gradcheck_float64_on_ranks(world, ops):
     for rank, results in enumerate(per_rank):
         assert results and all(results.values()), f"rank {rank}: {results}"
     assert len({tuple(sorted(r)) for r in per_rank}) == 1
+
+
+# -- opcheck on real ranks ------------------------------------------------------------------------
+
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _opcheck_rank(rank: int, world: int) -> list[str]:
+    """``torch.library.opcheck`` with its autograd checks of every comm op, in fp64 on this rank's
+    inputs; every rank runs the same sequence, so each collective call has its peers. Returns the
+    names of the ops checked (opcheck raises on any failure)."""
+    import moe_fusion
+    ops = torch.ops.moe_fusion
+    checked = []
+    case = DIST_CASES[2][0]                     # EP over 2 ranks, shared_expert_x, add_rms_norm
+    a = case.attrs
+    group_ep, ep_rank, kw = op_kwargs(case, rank, _groups(world, False))
+    inp = make_inputs(case)
+    ids = inp["ids"][rank]
+    x = inp["x"][rank].to(F64).requires_grad_()
+    torch.library.opcheck(ops.npu_moe_distribute_dispatch_v2.default, (x, ids, group_ep, a.W, ep_rank, a.M), kw,
+                          test_utils=OPCHECK_UTILS)
+    checked.append("dispatch_v2")
+    meta = moe_fusion.npu_moe_distribute_dispatch_v2(x.detach(), ids, group_ep, a.W, ep_rank, a.M, **kw)
+    gen = torch.Generator().manual_seed(90 + rank)
+    rows = torch.randn(meta[0].shape, generator=gen, dtype=F64, requires_grad=True)
+    w = inp["w"][rank].to(F64).requires_grad_()
+    head = (rows, ids, meta[2], meta[4], w)
+    tail = (group_ep, a.W, ep_rank, a.M)
+    ckw = kw | {"tp_send_counts": meta[5], "shared_expert_x": inp["shared_x"][rank].to(F64).requires_grad_()}
+    torch.library.opcheck(ops.npu_moe_distribute_combine_v2.default, (*head, *tail), ckw, test_utils=OPCHECK_UTILS)
+    checked.append("combine_v2")
+    residual = inp["residual"][rank].to(F64).requires_grad_()
+    gamma = inp["gamma"][rank].to(F64).requires_grad_()
+    torch.library.opcheck(ops.npu_moe_distribute_combine_add_rms_norm.default, (*head, residual, gamma, *tail), ckw,
+                          test_utils=OPCHECK_UTILS)
+    checked.append("combine_add_rms_norm")
+
+    group_ep, group_tp = _bmm_groups(rank, 2, 1)
+    gen = torch.Generator().manual_seed(95 + rank)
+    groups = (group_ep, 2, group_tp, 1)
+    local = E // 2
+    x = torch.randn(E, C, H, generator=gen, dtype=F64, requires_grad=True)
+    weight = torch.randn(local, H, M, generator=gen, dtype=F64, requires_grad=True)
+    bias = torch.randn(local, M, generator=gen, dtype=F64, requires_grad=True)
+    torch.library.opcheck(ops.npu_alltoall_allgather_bmm.default, (x, weight, *groups),
+                          {"bias": bias, "act_type": 2, "need_allgather_out": True, "need_activation_feature": True},
+                          test_utils=OPCHECK_UTILS)
+    checked.append("alltoall_allgather_bmm")
+    x = torch.randn(local, 2 * C, M, generator=gen, dtype=F64, requires_grad=True)
+    weight = torch.randn(local, M, H, generator=gen, dtype=F64, requires_grad=True)
+    bias = torch.randn(local, H, generator=gen, dtype=F64, requires_grad=True)
+    torch.library.opcheck(ops.npu_bmm_reducescatter_alltoall.default, (x, weight, *groups), {"bias": bias},
+                          test_utils=OPCHECK_UTILS)
+    checked.append("bmm_reducescatter_alltoall")
+    return checked
+
+
+def test_opcheck_float64_on_two_ranks():
+    """Schema, autograd registration, fake kernels and AOT dispatch with dynamic shapes (whose
+    gradients torch compares with eager) of every comm op, fp64, with real peers."""
+    per_rank = run_ranks(2, _opcheck_rank, timeout=TIMEOUT)
+    expected = ["dispatch_v2", "combine_v2", "combine_add_rms_norm", "alltoall_allgather_bmm",
+                "bmm_reducescatter_alltoall"]
+    assert per_rank == [expected, expected]
