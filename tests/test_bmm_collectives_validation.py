@@ -59,6 +59,8 @@ RULES: list[tuple[str, str, Callable[[], Callable[[], Any]], str]] = [
     ("ag-zero-dim", "portable", lambda: ag(t(4, 0, 8), t(4, 8, 5)), f"{AG}: x must have no zero-size dim, got shape (4, 0, 8)"),
     ("ag-zero-dim-weight", "portable", lambda: ag(t(4, 3, 8), t(4, 8, 0)),
      f"{AG}: weight must have no zero-size dim, got shape (4, 8, 0)"),
+    ("ag-float64-A3", "A3", lambda: ag(t(4, 3, 8, dtype=torch.float64), t(2, 16, 5, dtype=torch.float64), 2, 2),
+     f"{AG}: x dtype must be one of (float16, bfloat16), got float64"),
     ("ag-A2", "A2", lambda: ag(t(4, 3, 4, dtype=BF16), t(2, 8, 5, dtype=BF16), 2, 2),
      f"{AG}: target must be one of ('A3', 'portable') (the op does not exist on A2), got A2"),
     # -- forward-only rules --

@@ -233,6 +233,8 @@ A2_RULES = [
     r("a2-comm-alg", DISPATCH, r"comm_alg must be one of \('', '0', 'fullmesh', 'hierarchy'\)", "A2", **A2,
       comm_alg="fullmesh_v1"),
     r("a2-x-dtype", DISPATCH, r"x dtype must be one of \(bfloat16, float16\)", "A2", **A2, x=torch.zeros(BS, H)),
+    r("a2-x-float64", DISPATCH, r"x dtype must be one of \(bfloat16, float16\), got float64", "A2", **A2,
+      x=torch.zeros(BS, H, dtype=torch.float64)),
     r("a2-global-bs-mask", DISPATCH, r"x_active_mask must be None when global_bs > BS \* ep_world_size", "A2", **A2,
       global_bs=256, x_active_mask=torch.ones(BS, dtype=torch.bool)),
     r("a2-combine-quant", COMBINE, r"comm_quant_mode must be 0 on A2 unless comm_alg is 'hierarchy'", "A2",
