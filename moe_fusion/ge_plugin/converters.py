@@ -17,6 +17,7 @@ from torchair.core import _torchair  # pylint: disable=no-name-in-module
 from torchair.ge._ge_graph import ge_type_to_torch_type
 
 from ..op_protos import PROTOS, OpProto
+from ..op_protos._proto import require
 from ..op_protos.ge_mapping import GE_MAPPINGS, to_ge
 from .ir import VT_TAGS
 
@@ -56,8 +57,15 @@ def _dtype_of(tensor: ge.Tensor) -> torch.dtype:
 
 
 def convert(proto: OpProto, args: tuple, kwargs: dict) -> Any:
-    """The GE node of one call of ``proto``'s op, as ``GE_MAPPINGS`` describes it."""
-    inputs, attrs = to_ge(proto, proto.bind(args, kwargs), _dtype_of)
+    """The GE node of one call of ``proto``'s op, as ``GE_MAPPINGS`` describes it. Raises
+    ``OpValidationError`` for a float64 tensor: CANN's ops have no ``DT_DOUBLE`` (float64 is the
+    portable target's gradient-check dtype)."""
+    bound = proto.bind(args, kwargs)
+    for name, value in bound.items():
+        if isinstance(value, ge.Tensor):
+            require(_dtype_of(value) != torch.float64, proto.name, name,
+                    "must not be float64 on GE (CANN's ops have no float64)", "float64")
+    inputs, attrs = to_ge(proto, bound, _dtype_of)
     for name in GE_MAPPINGS[proto.name].int_list_inputs:
         if inputs[name] is not None:   # ints, or a ge.Tensor torchair packed from SymInts
             inputs[name] = dtype_promote(inputs[name], target_dtype=torch.int64)

@@ -315,3 +315,14 @@ def test_check_op_def_catches_wrong_nodes(ge_inputs):
         corrupt(bad)
         with pytest.raises(ValueError, match=error):
             check_op_def(bad)
+
+
+def test_float64_is_refused_on_ge(torchair):
+    """float64 passes the portable target (gradient checks) but CANN's ops have no DT_DOUBLE: the
+    converter says so instead of building a graph no device runs."""
+    from moe_fusion.errors import OpValidationError
+
+    x, w1, w2 = (torch.randn(shape, dtype=torch.float64) for shape in ((4, 8), (8, 16), (16, 8)))
+    with pytest.raises(OpValidationError, match=r"npu_ffn: x must not be float64 on GE \(CANN's ops have no "
+                                                r"float64\), got float64"):
+        trace_ge_graph(torchair, lambda *t: torch.ops.moe_fusion.npu_ffn(*t, "gelu"), (x, w1, w2))
