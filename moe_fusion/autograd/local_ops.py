@@ -18,19 +18,18 @@ Quant and antiquant modes have no gradient (int8 operands, dequantization scales
 needs one raises.
 
 ``npu_ffn_grouped`` keeps its counts on the device in the backward too: the per-expert matmuls are
-``torch._grouped_mm`` calls inside the op ``moe_fusion::_ffn_grouped_backward`` (a custom op with
-a fake kernel: its fp32 ``_grouped_mm`` is not traceable by inductor, the op call is).
+the kernel's grouped matmul ops (``kernels.ffn_grouped.segment_mm`` / ``segment_outer``) inside the
+op ``moe_fusion::_ffn_grouped_backward``, which inductor lowers into its kernel (``passes.lowering``).
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels._precision import accumulator
 from ..kernels.ffn import apply_activation, cast_round_, expert_segments, of_expert, round_to
-from ..kernels.ffn_grouped import ALIGN, _grouped_mm, _segment_ends, row_major, segment_mask
+from ..kernels.ffn_grouped import _segment_ends, segment_mm, segment_outer
 from ..meta import LIBRARY
 from ..op_protos.ffn import GLU_ACTIVATIONS, expert_counts_of
 from ._common import gradients, input_names, needed, not_differentiable, refuse_needed, register_formula
@@ -62,12 +61,12 @@ def _derivative(kind: str, z: Tensor) -> Tensor:
 def activation_vjp(activation: str, h: Tensor, ga: Tensor) -> tuple[Tensor, Tensor]:
     """``(a, gh)``: the activation of fp32 ``h`` ``(rows, N1)`` and the gradient of ``h`` given the
     gradient ``ga`` of ``a`` (``(rows, N1)``, or ``(rows, N1/2)`` for GLU forms)."""
-    a = apply_activation(activation, h.clone())       # apply_activation may overwrite its input
+    a = apply_activation(activation, h)
     if activation in GLU_ACTIVATIONS:
         half = h.size(-1) // 2
         left, right = h[:, :half], h[:, half:]
         base = _GLU_BASE[activation]
-        f_right = apply_activation(base, right.clone())
+        f_right = apply_activation(base, right)
         return a, torch.cat([ga * f_right, ga * left * _derivative(base, right)], dim=-1)
     return a, ga * _derivative(activation, h)
 
@@ -114,24 +113,53 @@ def _ffn_backward(ctx: Any, grad_y: Tensor) -> tuple:
     x2d, gy = x.reshape(-1, k1).to(acc), grad_y.reshape(-1, n2).to(acc)
     w1f, w2f = w1.to(acc), w2.to(acc)
     b1f = None if b1 is None else b1.to(acc)
-    grads = {name: torch.zeros(t.shape, dtype=acc, device=t.device)
-             for name, t in (("x", x2d), ("weight1", w1), ("weight2", w2), ("bias1", b1), ("bias2", b2))
-             if t is not None and needed(ctx, _FFN_INPUTS, name)}
+    stored = {"x": x, "weight1": w1, "weight2": w2, "bias1": b1, "bias2": b2}
+    wanted = [name for name, t in stored.items() if t is not None and needed(ctx, _FFN_INPUTS, name)]
+    # Functional: each segment's gradients are new tensors, assembled at the end (the formula is
+    # traced into training graphs, where writes into preallocated gradients cost copies).
+    parts: dict[str, dict[Any, Tensor]] = {name: {} for name in wanted}
     for e, r0, r1 in expert_segments(ctx.counts, x2d.size(0)):
         xe, gye, w1e = x2d[r0:r1], gy[r0:r1], of_expert(w1f, e)
         bias1 = of_expert(b1f, e)
         h = xe @ w1e if bias1 is None else torch.addmm(bias1, xe, w1e)
         a, gh = activation_vjp(ctx.activation, h, gye @ of_expert(w2f, e).t())
         a = _round_like_forward(a, x.dtype, ctx.fp16_intermediate)
-        for name, value in (("x", lambda: gh @ w1e.t()), ("weight1", lambda: xe.t() @ gh),
-                            ("weight2", lambda: a.t() @ gye), ("bias1", lambda: gh.sum(0)),
+        for name, value in (("x", lambda: gh @ w1e.t()), ("weight1", lambda: _outer(xe, gh, w1)),
+                            ("weight2", lambda: _outer(a, gye, w2)), ("bias1", lambda: gh.sum(0)),
                             ("bias2", lambda: gye.sum(0))):
-            if name in grads:
-                target = grads[name][r0:r1] if name == "x" else of_expert(grads[name], e)
-                target.copy_(value())
-    stored = {"x": x, "weight1": w1, "weight2": w2, "bias1": b1, "bias2": b2}
+            if name in parts:
+                parts[name][r0 if name == "x" else e] = value()
+    grads = {name: _assemble(name, parts[name], stored[name], acc) for name in wanted}
     return gradients(_FFN_INPUTS, **{name: g.reshape(stored[name].shape).to(stored[name].dtype)
                                      for name, g in grads.items()})
+
+
+def _column_major(weight: Tensor) -> bool:
+    """``weight`` ``(..., K, N)`` is stored transposed (``nn.Linear``-style ``(..., N, K)`` weights
+    viewed as ``(..., K, N)``)."""
+    return weight.stride(-2) < weight.stride(-1)
+
+
+def _outer(a: Tensor, b: Tensor, weight: Tensor) -> Tensor:
+    """``a^T b`` ``(K, N)`` laid out as ``weight`` is: a transposed weight gets a transposed
+    gradient, so the parameter's gradient needs no reordering copy (autograd copies a gradient
+    whose strides differ from its parameter's)."""
+    return (b.t() @ a).t() if _column_major(weight) else a.t() @ b
+
+
+def _assemble(name: str, parts: dict, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """One input's gradient from its segments' parts: ``x``'s rows in order (keyed by first row);
+    a weight's or bias's per expert (keyed by expert, None without experts; zeros for an expert
+    with no rows), stacked in ``like``'s layout."""
+    if name == "x":
+        rows = [parts[r0] for r0 in sorted(parts)]
+        return torch.cat(rows) if rows else like.new_zeros(like.reshape(-1, like.size(-1)).shape, dtype=dtype)
+    if None in parts:
+        return parts[None]
+    per_expert = [parts[e] if e in parts else like.new_zeros(like.shape[1:], dtype=dtype) for e in range(like.size(0))]
+    if like.dim() == 3 and _column_major(like):
+        return torch.stack([g.t() for g in per_expert]).transpose(1, 2)
+    return torch.stack(per_expert)
 
 
 register_formula(FFN, _ffn_setup, _ffn_backward)
@@ -148,21 +176,10 @@ LIBRARY.define("_ffn_grouped_backward(Tensor grad_y, Tensor x, Tensor weight1, T
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-def _grouped_outer(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
-    """``(E, K, N)``: ``a[s_e:s_{e+1}]^T @ b[s_e:s_{e+1}]`` per segment, fp32 (0 for empty ones);
-    fp64 for fp64 ``a`` (by a dense einsum: ``_grouped_mm`` has no fp64)."""
-    k, n = a.size(1), b.size(1)
-    if a.dtype == torch.float64:
-        return torch.einsum("me,mk,mn->ekn", segment_mask(a, ends), a, b.double())
-    a = row_major(F.pad(a.float(), (0, -k % ALIGN)))
-    b = row_major(F.pad(b.float(), (0, -n % ALIGN)))
-    return torch._grouped_mm(a.t(), b, offs=ends)[:, :k, :n]
-
-
 def _per_expert_sum(rows: Tensor, expert_of_row: Tensor, experts: int) -> Tensor:
     """``(E, N)``: the rows of each expert summed (padding rows, expert ``E``, dropped)."""
     out = rows.new_zeros((experts + 1, rows.size(1)))
-    return out.index_add_(0, expert_of_row, rows)[:experts]
+    return out.index_add(0, expert_of_row, rows)[:experts]   # functional: it is traced by the lowering
 
 
 def _ffn_grouped_backward_kernel(grad_y: Tensor, x: Tensor, weight1: Tensor, weight2: Tensor, activation: str,
@@ -177,15 +194,30 @@ def _ffn_grouped_backward_kernel(grad_y: Tensor, x: Tensor, weight1: Tensor, wei
     counted = (expert_of_row < experts).unsqueeze(1)
     acc = accumulator(x.dtype)
     gy = torch.where(counted, grad_y.to(acc), 0.0)         # rows past the counts are 0 in the forward
-    h = _grouped_mm(x, weight1, ends)
+    h = segment_mm(x, weight1, ends)
     if bias1 is not None:
         h = h + torch.cat([bias1.to(acc), bias1.new_zeros((1, bias1.size(1)), dtype=acc)])[expert_of_row]
-    a, gh = activation_vjp(activation.lower(), h, _grouped_mm(gy, weight2.transpose(1, 2), ends))
+    a, gh = activation_vjp(activation.lower(), h, segment_mm(gy, weight2.transpose(1, 2), ends))
     a = _round_like_forward(a, x.dtype, fp16_intermediate)
     gh = torch.where(counted, gh, 0.0)
-    gx = torch.where(counted, _grouped_mm(gh, weight1.transpose(1, 2), ends), 0.0)
-    return (gx, _grouped_outer(x, gh, ends), _grouped_outer(a, gy, ends),
+    gx = torch.where(counted, segment_mm(gh, weight1.transpose(1, 2), ends), 0.0)
+    return (gx, _weight_gradient(x, gh, ends, weight1), _weight_gradient(a, gy, ends, weight2),
             _per_expert_sum(gh, expert_of_row, experts), _per_expert_sum(gy, expert_of_row, experts))
+
+
+def _weight_gradient(a: Tensor, b: Tensor, ends: Tensor, weight: Tensor) -> Tensor:
+    """``(E, K, N)`` per-segment ``a^T b`` laid out as ``weight`` is: a transposed weight gets a
+    transposed gradient, so the parameter's gradient needs no reordering copy (autograd copies a
+    gradient whose strides differ from its parameter's)."""
+    return segment_outer(b, a, ends).transpose(1, 2) if _column_major(weight) else segment_outer(a, b, ends)
+
+
+def _empty_like_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``_weight_gradient``'s result as a fake kernel makes it: ``weight``'s shape and layout."""
+    experts, k, n = weight.shape
+    if _column_major(weight):
+        return weight.new_empty((experts, n, k), dtype=dtype).transpose(1, 2)
+    return weight.new_empty((experts, k, n), dtype=dtype)
 
 
 LIBRARY.impl("_ffn_grouped_backward", _ffn_grouped_backward_kernel, "CompositeExplicitAutograd")
@@ -195,12 +227,11 @@ LIBRARY.impl("_ffn_grouped_backward", _ffn_grouped_backward_kernel, "CompositeEx
 def _ffn_grouped_backward_fake(grad_y: Tensor, x: Tensor, weight1: Tensor, weight2: Tensor, activation: str,
                                expert_tokens: Tensor, bias1: Optional[Tensor], tokens_index_flag: bool,
                                fp16_intermediate: bool) -> tuple[Tensor, ...]:
-    experts, k1, n1 = weight1.shape
-    n_act, n2 = weight2.shape[1:]
+    experts, _, n1 = weight1.shape
+    n2 = weight2.size(2)
     acc = accumulator(x.dtype)
-    return (x.new_empty(x.shape, dtype=acc), x.new_empty((experts, k1, n1), dtype=acc),
-            x.new_empty((experts, n_act, n2), dtype=acc), x.new_empty((experts, n1), dtype=acc),
-            x.new_empty((experts, n2), dtype=acc))
+    return (x.new_empty(x.shape, dtype=acc), _empty_like_weight(weight1, acc), _empty_like_weight(weight2, acc),
+            x.new_empty((experts, n1), dtype=acc), x.new_empty((experts, n2), dtype=acc))
 
 
 def _grouped_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:

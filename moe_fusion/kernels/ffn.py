@@ -49,24 +49,16 @@ def _fastgelu(z: torch.Tensor) -> torch.Tensor:
     return z * torch.sigmoid(1.702 * z)
 
 
-def _relu(z: torch.Tensor) -> torch.Tensor:
-    return torch.relu_(z)
-
-
-def _silu(z: torch.Tensor) -> torch.Tensor:
-    return F.silu(z, inplace=True)
-
-
-# name -> f; GLU forms compute left * f(right) with the same f.
+# name -> f; GLU forms compute left * f(right) with the same f. Out of place: an in-place
+# activation on a slice of the matmul traces to a slice_scatter copy in inductor's lowering.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": _relu, "silu": _silu, "gelu": _gelu_tanh, "fastgelu": _fastgelu,
-    "reglu": _relu, "swiglu": _silu, "geglu": _gelu_tanh,
+    "relu": torch.relu, "silu": F.silu, "gelu": _gelu_tanh, "fastgelu": _fastgelu,
+    "reglu": torch.relu, "swiglu": F.silu, "geglu": _gelu_tanh,
 }
 
 
 def apply_activation(name: str, h: torch.Tensor) -> torch.Tensor:
-    """Activation of SPEC §5.4 on fp32 ``h`` ``(rows, N1)``; GLU forms return ``(rows, N1 // 2)``.
-    May overwrite ``h``."""
+    """Activation of SPEC §5.4 on fp32 ``h`` ``(rows, N1)``; GLU forms return ``(rows, N1 // 2)``."""
     f = ACTIVATIONS[name]
     if name in GLU_ACTIVATIONS:
         half = h.size(-1) // 2
@@ -83,8 +75,7 @@ def round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def cast_round_(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round fp32 ``t`` to ``dtype`` half away from zero (AscendC ``CAST_ROUND``), back as fp32
-    (fp64 ``t`` of an fp64 ``dtype`` is returned as it is); may overwrite ``t`` (callers pass their
-    own temporaries).
+    (fp64 ``t`` of an fp64 ``dtype`` is returned as it is).
 
     ``t.to(dtype)`` rounds half to even; the two differ on exact ties only. Branch-free (no read
     of the values on the host), so it traces.
@@ -95,7 +86,7 @@ def cast_round_(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # bf16 is the top half of fp32: adding half a bf16 ulp to the magnitude bits and
         # truncating rounds ties away from zero (a carry moves into the exponent as it should).
         # A NaN's payload could carry into the sign bit: NaNs are kept as they are.
-        rounded = t.view(torch.int32).add(0x8000).bitwise_and_(-0x10000).view(torch.float32)
+        rounded = t.view(torch.int32).add(0x8000).bitwise_and(-0x10000).view(torch.float32)
         return torch.where(torch.isnan(t), t, rounded)
     nearest_even = t.to(dtype).float()
     # On a tie t lies halfway between nearest_even and other = 2t - nearest_even, both representable.
@@ -180,7 +171,9 @@ def _float(x2d, w1, w2, lay, b1, b2, fp16_intermediate: bool) -> torch.Tensor:
     x32, w1, w2 = x2d.to(acc), w1.to(acc), w2.to(acc)
     b1 = None if b1 is None else b1.to(acc)
     b2 = None if b2 is None else b2.to(acc)
-    y = torch.empty((x2d.size(0), lay.n2), dtype=acc, device=x2d.device)
+    # One functional result per segment (no writes into a preallocated output): the kernel is also
+    # inductor's lowering of the op (``passes.lowering``), where writes into slices cost copies.
+    parts = []
     for e, r0, r1 in expert_segments(lay.expert_counts, x2d.size(0)):
         bias1 = of_expert(b1, e)
         h = torch.mm(x32[r0:r1], of_expert(w1, e)) if bias1 is None else torch.addmm(bias1, x32[r0:r1], of_expert(w1, e))
@@ -190,11 +183,10 @@ def _float(x2d, w1, w2, lay, b1, b2, fp16_intermediate: bool) -> torch.Tensor:
         # fp16 arithmetic rounds to nearest even; the high-precision cast is CAST_ROUND (SPEC §5.4).
         act = round_to(act, store) if fp16_intermediate else cast_round_(act, store)
         bias2 = of_expert(b2, e)
-        if bias2 is None:
-            torch.mm(act, of_expert(w2, e), out=y[r0:r1])
-        else:
-            torch.addmm(bias2, act, of_expert(w2, e), out=y[r0:r1])
-    return y.to(store)
+        parts.append(torch.mm(act, of_expert(w2, e)) if bias2 is None else torch.addmm(bias2, act, of_expert(w2, e)))
+    if not parts:       # no rows (every segment empty)
+        return x2d.new_empty((0, lay.n2))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(store)
 
 
 def _quant(x2d, w1, w2, lay, b1, b2, scale, offset, deq1, deq2) -> torch.Tensor:

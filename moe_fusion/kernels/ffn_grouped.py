@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..meta import LIBRARY
 from ..op_protos.ffn_grouped import FfnGroupedConfig, validate_values
 from ._precision import accumulator, widen
 from .ffn import round_to, apply_activation, cast_round_
@@ -28,14 +29,8 @@ def _segment_ends(expert_tokens: Tensor, tokens_index_flag: bool) -> Tensor:
     return ends.to(torch.int32)
 
 
-def _grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
-    """fp32 ``a[s_e:s_{e+1}] @ w[e]`` per segment ``(M, N)``; rows past ``ends[-1]`` are unspecified.
-
-    ``torch._grouped_mm`` needs 16-byte aligned strides: K and N are zero-padded to multiples of 4
-    (a no-op for the usual sizes), which adds zero products and drops the padded columns. ``w`` may
-    be a transposed view (stacked ``nn.Linear`` weights): it is read in place, not copied.
-    fp64 ``a`` (which ``_grouped_mm`` lacks) gives fp64 by ``_dense_grouped_mm``.
-    """
+def _grouped_mm_kernel(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+    """``moe_fusion::_segment_mm``: see ``segment_mm``."""
     if a.dtype == torch.float64:
         return _dense_grouped_mm(a, w.double(), ends)
     k, n = w.shape[1:]
@@ -46,7 +41,58 @@ def _grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
         w = F.pad(w, (0, pad_n, 0, pad_k))
     if any(stride % ALIGN for stride in w.stride() if stride != 1):
         w = w.contiguous()
-    return torch._grouped_mm(row_major(a), w, offs=ends)[:, :n]
+    y = torch._grouped_mm(row_major(a), w, offs=ends)
+    return y[:, :n].contiguous() if pad_n else y     # row-major, as the fake kernel says
+
+
+def _grouped_outer_kernel(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    """``moe_fusion::_segment_outer``: see ``segment_outer``."""
+    k, n = a.size(1), b.size(1)
+    if a.dtype == torch.float64:
+        return torch.einsum("me,mk,mn->ekn", segment_mask(a, ends), a, b.double())
+    pad_k, pad_n = -k % ALIGN, -n % ALIGN
+    a = row_major(F.pad(a.float(), (0, pad_k)) if pad_k else a.float())
+    b = row_major(F.pad(b.float(), (0, pad_n)) if pad_n else b.float())
+    y = torch._grouped_mm(a.t(), b, offs=ends)
+    return y[:, :k, :n].contiguous() if pad_k or pad_n else y     # row-major, as the fake kernel says
+
+
+# ``torch._grouped_mm``'s fake kernel accepts bf16 only, so its fp32 calls cannot be traced: the two
+# grouped matmuls are ops of their own, with fake kernels, which inductor calls as extern kernels
+# around the pointwise code it generates (``passes.lowering``).
+LIBRARY.define("_segment_mm(Tensor a, Tensor w, Tensor ends) -> Tensor")
+LIBRARY.impl("_segment_mm", _grouped_mm_kernel, "CompositeExplicitAutograd")
+LIBRARY.define("_segment_outer(Tensor a, Tensor b, Tensor ends) -> Tensor")
+LIBRARY.impl("_segment_outer", _grouped_outer_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("moe_fusion::_segment_mm", lib=LIBRARY)
+def _segment_mm_fake(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+    return a.new_empty((a.size(0), w.size(2)), dtype=accumulator(a.dtype))
+
+
+@torch.library.register_fake("moe_fusion::_segment_outer", lib=LIBRARY)
+def _segment_outer_fake(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    return a.new_empty((ends.size(0), a.size(1), b.size(1)), dtype=accumulator(a.dtype))
+
+
+def segment_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+    """fp32 ``a[s_e:s_{e+1}] @ w[e]`` per segment ``(M, N)`` for ``a`` ``(M, K)``, ``w`` ``(E, K, N)``
+    and int32 cumulative ``ends`` ``(E,)``; rows past ``ends[-1]`` are unspecified.
+
+    ``torch._grouped_mm`` needs 16-byte aligned strides: K and N are zero-padded to multiples of 4
+    (a no-op for the usual sizes), which adds zero products and drops the padded columns. ``w`` may
+    be a transposed view (stacked ``nn.Linear`` weights): it is read in place, not copied.
+    fp64 ``a`` (which ``_grouped_mm`` lacks) gives fp64 by ``_dense_grouped_mm``.
+    """
+    return torch.ops.moe_fusion._segment_mm(a, w, ends)
+
+
+def segment_outer(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    """``(E, K, N)``: ``a[s_e:s_{e+1}]^T @ b[s_e:s_{e+1}]`` per segment of ``a`` ``(M, K)`` and ``b``
+    ``(M, N)``, fp32 (0 for empty ones); fp64 for fp64 ``a`` (by a dense einsum: ``_grouped_mm`` has
+    no fp64)."""
+    return torch.ops.moe_fusion._segment_outer(a, b, ends)
 
 
 def segment_mask(a: Tensor, ends: Tensor) -> Tensor:
@@ -84,13 +130,20 @@ def npu_ffn_grouped(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight
     ``expert_tokens`` ``(E,)`` int64 (its values are checked here); activation, inner_precise and
     tokens_index_flag come from the validated ``config``."""
     validate_values(config, expert_tokens)
+    return grouped_ffn(config, x, weight1, weight2, expert_tokens, bias1, bias2)
+
+
+def grouped_ffn(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight2: Tensor, expert_tokens: Tensor,
+                bias1: Optional[Tensor], bias2: Optional[Tensor]) -> Tensor:
+    """The computation of ``npu_ffn_grouped`` on counts already checked: no read of any value on
+    the host, so it traces (inductor's lowering of the op, ``passes.lowering``)."""
     store = x.dtype
     act = config.activation
     ends = _segment_ends(expert_tokens, config.tokens_index_flag)
     rows = torch.arange(x.size(0), device=x.device, dtype=torch.int32)
     expert_of_row = torch.searchsorted(ends, rows, right=True)          # (M,) in [0, E]; E = padding row
     counted = (expert_of_row < ends.numel()).unsqueeze(1)
-    h = _grouped_mm(x, weight1, ends)
+    h = segment_mm(x, weight1, ends)
     b1 = _row_bias(bias1, expert_of_row)
     if b1 is not None:
         h = h + b1
@@ -100,7 +153,7 @@ def npu_ffn_grouped(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight
         h = round_to(h, torch.float16)
     else:
         h = cast_round_(apply_activation(act, h), store)
-    y = _grouped_mm(h, weight2, ends)
+    y = segment_mm(h, weight2, ends)
     b2 = _row_bias(bias2, expert_of_row)
     if b2 is not None:
         y = y + b2

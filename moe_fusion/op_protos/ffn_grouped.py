@@ -140,6 +140,21 @@ def validate_values(config: FfnGroupedConfig, expert_tokens: torch.Tensor) -> No
     require(total <= m, NAME, "expert_tokens", f"must cover at most the M={m} rows of x", tokens)
 
 
+def device_value_checks(config: FfnGroupedConfig, expert_tokens: torch.Tensor) -> None:
+    """``validate_values``'s rules as device asserts, for compiled code that must not read the
+    counts on the host (inductor's lowering, ``passes.lowering``): a failing call raises with the
+    op, the argument and the rule (the values are not in the message: reading them is the sync
+    being avoided)."""
+    ends = expert_tokens if config.tokens_index_flag else torch.cumsum(expert_tokens, 0)
+    if config.tokens_index_flag:
+        rule = "must be non-negative, non-decreasing cumulative ends (tokens_index_flag=True)"
+        ordered = (expert_tokens[1:] >= expert_tokens[:-1]).all()
+    else:
+        rule, ordered = "entries must be >= 0", expert_tokens.new_ones((), dtype=torch.bool)
+    torch._assert_async((expert_tokens >= 0).all() & ordered, f"{NAME}: expert_tokens {rule}")
+    torch._assert_async(ends[-1] <= config.rows, f"{NAME}: expert_tokens must cover at most the M rows of x")
+
+
 def infer_shape(config: FfnGroupedConfig) -> tuple[OutSpec, ...]:
     """``y`` ``(M, N2)`` in x's dtype."""
     return (OutSpec((config.rows, config.n2), config.dtype),)

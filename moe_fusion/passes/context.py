@@ -84,8 +84,22 @@ class Match(Protocol):
 Found = TypeVar("Found")
 
 
+# Node meta key set on every node the lowering inserted (``lowering``): a fused op's own ATen code.
+LOWERED = "moe_fusion_lowered"
+
+
+def lowered(node: fx.Node) -> bool:
+    """``node`` is part of a fused op's lowering, not of the user's code: passes leave it alone (the
+    post-grad pass runs again on the forward and backward graphs of a training step lowered on its
+    joint graph, where re-matching that code would only refuse it)."""
+    return bool(node.meta.get(LOWERED))
+
+
 def attempt(ctx: Optional["PassContext"], pattern: str, anchor: fx.Node, match: Callable[[], Found]) -> Optional[Found]:
-    """``match()``, or None when it raises ``Refusal`` (recorded in ``ctx`` when there is one)."""
+    """``match()``, or None when it raises ``Refusal`` (recorded in ``ctx`` when there is one) or
+    when ``anchor`` is lowered code."""
+    if lowered(anchor):
+        return None
     try:
         return match()
     except Refusal as refusal:

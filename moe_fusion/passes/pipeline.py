@@ -41,8 +41,9 @@ from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from ..targets import get_target, target as target_scope
 from . import allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn, re_routing
+from .lowering import lower_local_ops
 from .context import (FusionEvent, FusionReport, Match, PassContext, Refusal, TrainingCheck, count_ops,
-                      training)
+                      lowered, training)
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 
@@ -74,6 +75,8 @@ def apply_pass(graph: fx.Graph, ctx: PassContext, fusion_pass: FusionPass) -> in
     consumed: set[fx.Node] = set()
     fused = 0
     for match in fusion_pass.find(graph, ctx):
+        if any(lowered(node) for node in match.nodes):
+            continue        # a fused op's own lowering (context.lowered)
         if match.nodes <= consumed:
             continue        # part of a larger match fused already (an expert of a fused group)
         if match.nodes & consumed:
@@ -133,9 +136,10 @@ def compile_context() -> tuple:
 
 
 def source_hash() -> str:
-    """Hash of every module a fusion decision depends on: the passes, the op protos (their
-    limits decide refusals) and the targets."""
+    """Hash of every module a fused graph depends on: the passes, the op protos (their limits
+    decide refusals), the targets, and the kernels and formulas the lowering inlines."""
     files = sorted(str(p) for p in (*PACKAGE.glob("passes/*.py"), *PACKAGE.glob("op_protos/*.py"),
+                                    *PACKAGE.glob("kernels/*.py"), *PACKAGE.glob("autograd/*.py"),
                                     PACKAGE / "targets.py"))
     return get_hash_for_files(tuple(files)).hex()
 
@@ -144,23 +148,42 @@ class MoeFusionGraphPass(CustomGraphPass):
     """The pipeline as an inductor ``post_grad_custom_pre_pass``::
 
         torch._inductor.config.post_grad_custom_pre_pass = MoeFusionGraphPass(target="A3")
+
+    With ``lower`` (the default) the fused local ops off an NPU are then expanded into their
+    kernels' ATen ops for inductor to compile (``lowering``); the report still counts them fused.
     """
 
     def __init__(self, target: Optional[str] = None, passes: Optional[Sequence[str]] = None,
-                 report: Optional[FusionReport] = None) -> None:
+                 report: Optional[FusionReport] = None, lower: bool = True) -> None:
         self.target = target or get_target()
         self.passes = None if passes is None else tuple(passes)
         self.report = report
+        self.lower = lower
 
     def __call__(self, graph: fx.Graph) -> None:
         run_fusion_passes(graph, target=self.target, passes=self.passes, report=self.report)
+        if self.lower:
+            lower_local_ops(graph)
 
     def uuid(self) -> Optional[Any]:
-        """The FX graph cache key: sources, target, passes and this process's groups and ranks."""
+        """The FX graph cache key: sources, target, passes, this process's groups and ranks, lowering."""
         # A report must see every graph, so a run that collects one bypasses the FX graph cache.
         if self.report is not None:
             return None
-        return source_hash(), self.target, self.passes, compile_context()
+        return source_hash(), self.target, self.passes, compile_context(), self.lower
+
+
+class LowerLocalOps(CustomGraphPass):
+    """``lowering.lower_local_ops`` as inductor's ``joint_custom_pre_pass``: a training graph's fused
+    local ops and their formulas' backward ops become their kernels' ATen ops on the joint graph,
+    before the partitioner's CSE merges the backward's recomputation of the hidden activations with
+    the forward's."""
+
+    def __call__(self, graph: fx.Graph) -> None:
+        lower_local_ops(graph)
+
+    def uuid(self) -> Optional[Any]:
+        return source_hash()
 
 
 def needs_autograd(example_inputs: Sequence[Any]) -> bool:
@@ -215,7 +238,7 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
         if route.prepare is not None:
             route.prepare(traced.graph)
         with training(untrainable):
-            MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial)(traced.graph)
+            MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial, lower=False)(traced.graph)
     except Exception as error:  # noqa: BLE001 - any failure to trace means: leave the graph to AOT as it is
         reason = " ".join(str(error).split())[:300]
         _record(report, f"fused nothing before autograd: the graph does not trace as a functional ATen graph "
@@ -279,7 +302,9 @@ def backend(target: Optional[str] = None, passes: Optional[Sequence[str]] = None
         from torch._inductor.compile_fx import compile_fx
 
         def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Any:
-            return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": graph_pass})
+            # A training graph's fused local ops (and their backward ops) are lowered on the joint graph.
+            return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": graph_pass,
+                                                                  "joint_custom_pre_pass": LowerLocalOps()})
     elif compiler == "eager":
         from torch._dynamo.backends.common import aot_autograd
         from torch._functorch.aot_autograd import make_boxed_func

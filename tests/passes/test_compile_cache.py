@@ -57,8 +57,11 @@ def test_cache_key_covers_sources_ranks_and_groups(monkeypatch):
     monkeypatch.setattr(pipeline, "get_hash_for_files", lambda files: hashed.append(files) or real(files))
     key = MoeFusionGraphPass(target="A3").uuid()
     names = {f.split("moe_fusion/", 1)[1] for f in hashed[0]}
-    assert {"passes/pipeline.py", "passes/capacity_a2a.py", "op_protos/ffn.py", "targets.py"} <= names
-    assert key[1:3] == ("A3", None)
+    # The lowering inlines the kernels and the formulas' backward ops into the cached code.
+    assert {"passes/pipeline.py", "passes/capacity_a2a.py", "passes/lowering.py", "op_protos/ffn.py",
+            "kernels/ffn_grouped.py", "autograd/local_ops.py", "targets.py"} <= names
+    assert key[1:3] == ("A3", None) and key[4] is True
+    assert MoeFusionGraphPass(target="A3", lower=False).uuid() != key
     if not dist.is_initialized():
         assert key[3] == ()   # no process group: nothing rank-specific can be baked in
 

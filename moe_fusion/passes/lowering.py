@@ -1,0 +1,321 @@
+"""Inductor's lowering of the local fused ops on devices without CANN's kernels.
+
+On an NPU a fused op is one CANN kernel. Elsewhere its reference kernel, called from inductor's
+code as an extern kernel, is opaque Python: its matmuls run without inductor's fused epilogues
+and every call re-validates on the host, so the fused model ran slower than the unfused one
+compiled by inductor. For inductor (never for GE or ONNX, which keep the one fused node), each
+local op whose computation traces is therefore expanded into the ATen ops of its own reference
+kernel, which inductor then compiles like the chain the op replaced:
+
+* inference: after the passes on the post-grad graph (``lower_local_ops``), by tracing the kernel
+  on the node's fake values and inlining that graph in place of the node;
+* training: the same inlining on AOT autograd's joint graph (``pipeline.LowerLocalOps``, inductor's
+  ``joint_custom_pre_pass``), of the fused ops and of their formulas' backward ops; the
+  partitioner's CSE then merges the formula's recomputation of the hidden activations with the
+  forward's own.
+
+The kernels are the ops' single source of truth: a lowering is the kernel minus its host-side
+value checks, which become device asserts (``ffn_grouped.device_value_checks``). A call on NPU
+tensors, or in a mode whose kernel does not trace (quant, antiquant), keeps its node.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch._inductor.decomposition import select_decomp_table
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..autograd.local_ops import _ffn_grouped_backward_kernel
+from ..kernels.ffn import npu_ffn as ffn_kernel
+from ..kernels.ffn_grouped import grouped_ffn
+from ..op_protos import PROTOS
+from ..op_protos.ffn_grouped import device_value_checks
+from .context import LOWERED
+
+Tensor = torch.Tensor
+
+
+def _on_npu(values: Any) -> bool:
+    return any(isinstance(v, Tensor) and v.device.type == "npu" for v in tree_flatten(values)[0])
+
+
+def _ffn(*args: Any, **kwargs: Any) -> Any:
+    """``npu_ffn``'s float modes (an ``(..., N2)`` tensor in x's dtype), else ``NotImplemented``."""
+    config = PROTOS["npu_ffn"].check(*args, **kwargs)
+    if config.mode != "float" or _on_npu((args, kwargs)):
+        return NotImplemented
+    return ffn_kernel(config, *args, **kwargs)
+
+
+def _ffn_grouped(*args: Any, **kwargs: Any) -> Any:
+    """``npu_ffn_grouped``: ``(M, N2)`` in x's dtype, its count rules asserted on the device."""
+    if _on_npu((args, kwargs)):
+        return NotImplemented
+    proto = PROTOS["npu_ffn_grouped"]
+    config = proto.check(*args, **kwargs)
+    bound = proto.bind(args, kwargs)
+    device_value_checks(config, bound["expert_tokens"])
+    return grouped_ffn(config, bound["x"], bound["weight1"], bound["weight2"], bound["expert_tokens"],
+                       bound["bias1"], bound["bias2"])
+
+
+def _ffn_grouped_backward(*args: Any, **kwargs: Any) -> Any:
+    """``moe_fusion::_ffn_grouped_backward``: the five fp32 (fp64) gradients."""
+    if _on_npu((args, kwargs)):
+        return NotImplemented
+    return _ffn_grouped_backward_kernel(*args, **kwargs)
+
+
+# op -> its lowering: the op's result, or NotImplemented to keep the node.
+LOWERINGS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
+    torch.ops.moe_fusion.npu_ffn.default: _ffn,
+    torch.ops.moe_fusion.npu_ffn_grouped.default: _ffn_grouped,
+    torch.ops.moe_fusion._ffn_grouped_backward.default: _ffn_grouped_backward,
+}
+
+
+class _Kept(Exception):
+    """The lowering returned ``NotImplemented``: the node stays."""
+
+
+def lower_local_ops(graph: fx.Graph) -> int:
+    """Inline the lowering of every local op node of a post-grad ``graph``; returns how many."""
+    lowered = 0
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in LOWERINGS]:
+        if _inline(graph, node, LOWERINGS[node.target]):
+            lowered += 1
+    if lowered:
+        graph.eliminate_dead_code()
+    split_concatenated_weights(graph)
+    return lowered
+
+
+aten = torch.ops.aten
+# Matmuls ``op(a, w, *rest)`` of ``a`` ``(M, K)`` and ``w`` ``(..., K, N)`` into ``(M, N)``.
+_MATMULS = (aten.mm.default, torch.ops.moe_fusion._segment_mm.default)
+
+
+@dataclass(frozen=True)
+class _ConcatenatedWeight:
+    """A matmul's weight built as ``permute(cat(pieces, dim), perm)`` (or ``cat`` alone): the
+    weight dim the concatenation lands on (-1: columns N, -2: the contraction K) and each piece's
+    ``(start, end)`` along it."""
+
+    pieces: tuple[fx.Node, ...]
+    perm: Optional[list]
+    axis: int
+    bounds: tuple[tuple[int, int], ...]
+
+    def piece_weight(self, graph: fx.Graph, index: int) -> fx.Node:
+        piece = self.pieces[index]
+        return piece if self.perm is None else _call(graph, aten.permute.default, (piece, self.perm))
+
+
+def split_concatenated_weights(graph: fx.Graph) -> int:
+    """Never build a matmul weight that is a concatenation of pieces (the FFN pass emits one when a
+    model stores its GLU halves in the other order than the op's: an ``(E, 2I, H)`` copy per call):
+
+    * concatenated along the columns and read only through column slices that each fall on one
+      piece: one ``mm(a, W_i)`` per slice;
+    * concatenated along the contraction: ``sum_i mm(a[:, K_i], W_i)``.
+
+    Runs after the lowering (``lower_local_ops``), also on the joint graph of a training step,
+    where the backward's use of the weight and its gradient are visible too.
+    Returns how many matmuls were split."""
+    split = 0
+    for matmul in [n for n in graph.nodes if n.op == "call_function" and n.target in _MATMULS]:
+        weight = _concatenated_weight(matmul.args[1])
+        if weight is not None and (_split_columns(graph, matmul, weight) or _split_contraction(graph, matmul, weight)):
+            split += 1
+    for add in graph.find_nodes(op="call_function", target=aten.add.Tensor):
+        split += _reordered_outer(graph, add)
+    if split:
+        graph.eliminate_dead_code()
+    return split
+
+
+def _reordered_outer(graph: fx.Graph, add: fx.Node) -> bool:
+    """The gradient of the stored weight when the concatenation swapped its pieces: autograd
+    writes the two column blocks of ``G = segment_outer(a, b)`` into zeros at swapped places,
+    ``slice_scatter(0, G[:, j1], ...) + slice_scatter(0, G[:, j0], ...)`` (two copies of the
+    weight's size). That is ``segment_outer`` of ``a`` with its column blocks reordered, a
+    concatenation inductor fuses into the code producing ``a`` (dim 2: the blocks of ``b``)."""
+    scatters = [_scatter_of_block(arg) for arg in add.args]
+    if None in scatters or len({(dim, source) for dim, source, _, _ in scatters}) != 1:
+        return False
+    dim, outer, _, _ = scatters[0]
+    if outer.target is not torch.ops.moe_fusion._segment_outer.default or len(outer.users) != 2:
+        return False
+    size = outer.meta["val"].shape[dim]
+    placed = sorted((target, block) for _, _, target, block in scatters)        # by destination
+    if [t for t, _ in placed] != [(0, placed[0][0][1]), (placed[0][0][1], size)] or any(
+            t[1] - t[0] != b[1] - b[0] for t, b in placed):
+        return False        # the blocks do not tile the gradient
+    operands = list(outer.args)
+    side = dim - 1          # dim 1: a's columns, dim 2: b's columns
+    with graph.inserting_before(add):
+        blocks = [_call(graph, aten.slice.Tensor, (operands[side], 1, *block)) for _, block in placed]
+        operands[side] = _call(graph, aten.cat.default, (blocks, 1))
+        reordered = _call(graph, outer.target, tuple(operands), outer.kwargs)
+    add.replace_all_uses_with(reordered)
+    return True
+
+
+def _scatter_of_block(node: Any) -> "tuple[int, fx.Node, tuple[int, int], tuple[int, int]] | None":
+    """``(dim, G, destination range, source range)`` of ``slice_scatter(zeros, G[.., s0:s1 on dim], dim,
+    d0, d1)``, else None."""
+    if not isinstance(node, fx.Node) or node.target is not aten.slice_scatter.default:
+        return None
+    base, block, dim, start, end = (*node.args, *(None,) * (5 - len(node.args)))[:5]
+    if not (isinstance(base, fx.Node) and base.target is aten.full.default and base.args[1] == 0):
+        return None
+    if not (isinstance(block, fx.Node) and block.target is aten.slice.Tensor and len(block.args) == 4):
+        return None
+    source, block_dim, first, last = block.args
+    rank = source.meta["val"].dim()
+    if dim % rank != block_dim % rank or not all(isinstance(v, int) for v in (start, end, first, last)):
+        return None
+    return dim % rank, source, (start, end), (first, last)
+
+
+def _concatenated_weight(weight: Any) -> Optional[_ConcatenatedWeight]:
+    perm = None
+    while isinstance(weight, fx.Node) and weight.target is aten.permute.default:   # compose: out[i] = in[p[i]]
+        inner = list(weight.args[1])
+        weight, perm = weight.args[0], inner if perm is None else [inner[i] for i in perm]
+    if not isinstance(weight, fx.Node) or weight.target is not aten.cat.default:
+        return None
+    pieces, cat_dim = weight.args[0], weight.args[1] if len(weight.args) > 1 else 0
+    rank = weight.meta["val"].dim()
+    landed = (perm.index(cat_dim % rank) if perm is not None else cat_dim % rank) - rank
+    bounds, start = [], 0
+    for piece in pieces:
+        size = piece.meta["val"].shape[cat_dim]
+        if not isinstance(size, int):
+            return None     # symbolic piece sizes: the bounds are not known here
+        bounds.append((start, start + size))
+        start += size
+    return _ConcatenatedWeight(tuple(pieces), perm, landed, tuple(bounds))
+
+
+def _split_columns(graph: fx.Graph, matmul: fx.Node, weight: _ConcatenatedWeight) -> bool:
+    if weight.axis != -1:
+        return False
+    columns = weight.bounds[-1][1]
+    readers = {user: _column_slice(user, columns) for user in matmul.users}
+    if not readers or any(bounds not in weight.bounds for bounds in readers.values()):
+        return False        # a user reads across pieces, or the whole product
+    for user, bounds in readers.items():
+        with graph.inserting_before(user):
+            piece = weight.piece_weight(graph, weight.bounds.index(bounds))
+            replacement = _call(graph, matmul.target, (matmul.args[0], piece, *matmul.args[2:]), matmul.kwargs)
+        user.replace_all_uses_with(replacement)
+        graph.erase_node(user)
+    graph.erase_node(matmul)
+    return True
+
+
+def _split_contraction(graph: fx.Graph, matmul: fx.Node, weight: _ConcatenatedWeight) -> bool:
+    if weight.axis != -2:
+        return False
+    a = matmul.args[0]
+    with graph.inserting_before(matmul):
+        total = None
+        for index, (start, end) in enumerate(weight.bounds):
+            rows = _call(graph, aten.slice.Tensor, (a, 1, start, end))
+            part = _call(graph, matmul.target, (rows, weight.piece_weight(graph, index), *matmul.args[2:]),
+                         matmul.kwargs)
+            total = part if total is None else _call(graph, aten.add.Tensor, (total, part))
+    matmul.replace_all_uses_with(total)
+    graph.erase_node(matmul)
+    return True
+
+
+def _inline(graph: fx.Graph, node: fx.Node, lowering: Callable[..., Any]) -> bool:
+    """Replace ``node`` by the functional ATen graph of ``lowering`` traced on its fake values."""
+    operands: list[fx.Node] = []
+
+    def slot(arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            operands.append(arg)
+            return _Operand(len(operands) - 1)
+        return arg
+
+    template = tree_map(slot, (node.args, node.kwargs))
+    values = [operand.meta.get("val") for operand in operands]
+    if not all(isinstance(v, Tensor) for v in values):
+        return False    # a symbolic scalar operand: keep the node (its lowering would bake a value in)
+
+    def call(*tensors: Tensor) -> Any:
+        args, kwargs = tree_map(lambda a: tensors[a.index] if isinstance(a, _Operand) else a, template)
+        result = lowering(*args, **kwargs)
+        if result is NotImplemented:
+            raise _Kept
+        return result
+
+    fake_mode = detect_fake_mode(values)
+    try:
+        with fake_mode:
+            traced = make_fx(torch.func.functionalize(call, remove="mutations"),
+                             decomposition_table=select_decomp_table())(*values)
+    except _Kept:
+        return False
+    placeholders = traced.graph.find_nodes(op="placeholder")
+    existing = set(graph.nodes)
+    with graph.inserting_before(node):
+        result = graph.graph_copy(traced.graph, dict(zip(placeholders, operands)))
+    for inserted in graph.nodes:
+        if inserted not in existing:
+            inserted.meta[LOWERED] = True
+    _replace_uses(node, result)
+    graph.erase_node(node)
+    return True
+
+
+class _Operand:
+    """Position of a node operand in the traced function's arguments."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _replace_uses(node: fx.Node, result: Any) -> None:
+    """Point ``node``'s users at ``result``: a node, or a tuple of nodes its ``getitem`` users pick from."""
+    if isinstance(result, fx.Node):
+        node.replace_all_uses_with(result)
+        return
+    flat, _ = tree_flatten(result)
+    for user in list(node.users):
+        if user.target is not operator.getitem:
+            raise AssertionError(f"moe_fusion: {node.name} is used whole by {user.name}; expected getitem users")
+        user.replace_all_uses_with(flat[user.args[1]])
+        user.graph.erase_node(user)
+
+
+
+def _column_slice(node: fx.Node, columns: int) -> "tuple[int, int] | None":
+    """``(start, end)`` of ``node`` when it is a step-1 slice of the columns of a 2-D ``(M, columns)``
+    product, else None."""
+    if node.target is not aten.slice.Tensor or node.kwargs:
+        return None
+    _, dim, first, end, step = (*node.args, *(None,) * (5 - len(node.args)))
+    first, end = 0 if first is None else first, columns if end is None else end
+    if dim not in (1, -1) or step not in (None, 1) or not (isinstance(first, int) and isinstance(end, int)):
+        return None
+    return first, min(end, columns)
+
+
+def _call(graph: fx.Graph, target: Any, args: tuple, kwargs: "dict | None" = None) -> fx.Node:
+    """A new ``target`` node with its fake value in ``meta["val"]``, as post-grad nodes carry."""
+    node = graph.call_function(target, args, kwargs or {})
+    node.meta[LOWERED] = True
+    values = tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a, (args, kwargs or {}))
+    with detect_fake_mode(tree_flatten(values)[0]):
+        node.meta["val"] = target(*values[0], **values[1])
+    return node

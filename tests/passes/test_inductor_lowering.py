@@ -1,0 +1,171 @@
+"""Inductor's lowering of the fused local ops (``passes.lowering``): under ``moe_fusion.backend()``
+with inductor, a fused ``npu_ffn`` / ``npu_ffn_grouped`` is compiled from its kernel's ATen ops
+(no opaque extern call of the reference kernel), the GLU weight reorder the FFN pass emits is
+never materialized, results and gradients equal the eager model's, and the count rules the
+kernel checks on the host become device asserts. The oracle is always the unfused model run
+eagerly."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.decomposition import select_decomp_table
+from torch._inductor.utils import run_and_get_code
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import moe_fusion
+from moe_fusion.passes import FusionReport, backend
+from moe_fusion.passes.lowering import split_concatenated_weights
+
+H, INNER, ROWS = 16, 32, 12
+
+
+class GateFirstMLP(torch.nn.Module):
+    """Llama's MLP: ``down(silu(gate(x)) * up(x))``; the op's GLU takes the activated half second,
+    so the FFN pass concatenates the weights as ``[up; gate]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.gate, self.up = torch.nn.Linear(H, INNER, bias=False), torch.nn.Linear(H, INNER, bias=False)
+        self.down = torch.nn.Linear(INNER, H, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _run(model: torch.nn.Module, run, x: torch.Tensor, train: bool) -> list[torch.Tensor]:
+    """Output, and with ``train`` the gradients of x and of every parameter."""
+    leaf = x.clone().requires_grad_(train)
+    with torch.set_grad_enabled(train):
+        out = run(leaf)
+        y = out[0] if isinstance(out, tuple) else out
+        if not train:
+            return [y.detach()]
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+    grads = [y.detach(), leaf.grad] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _compiled_code(model: torch.nn.Module, compile_backend, x: torch.Tensor, train: bool) -> tuple[list, str]:
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=compile_backend)
+    results, code = run_and_get_code(lambda: _run(model, compiled, x, train))
+    # Without comment lines (they name the ATen ops a kernel came from).
+    return results, "\n".join(line for source in code for line in source.splitlines()
+                              if not line.lstrip().startswith("#"))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_glu_mlp_compiles_like_plain_inductor(train):
+    model, x = GateFirstMLP(), torch.randn(ROWS, H, generator=torch.Generator().manual_seed(1))
+    report = FusionReport()
+    got, code = _compiled_code(model, backend(report=report), x, train)
+    _, plain_code = _compiled_code(model, "inductor", x, train)
+    assert [e.detail.split("(")[0] for e in report.fused("ffn")] == ["npu_ffn"], report.format()
+    assert "moe_fusion.npu_ffn" not in code           # no extern call of the reference kernel
+    assert "cat" not in code            # the [up; gate] weight is never built (no cat kernel)
+    # No more matmuls than inductor runs for the unfused chain (the backward's recomputation of
+    # the hidden activations is merged with the forward's).
+    mm_calls = re.compile(r"extern_kernels\.(?:mm|addmm|bmm)\(")
+    assert len(mm_calls.findall(code)) <= len(mm_calls.findall(plain_code))
+    want = _run(model, model, x, train)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_hf_grouped_experts_compile_from_the_kernel(name, train):
+    pytest.importorskip("transformers")
+    from integration.test_hf_transformers import make_block
+
+    block = make_block(name, "grouped_mm", hidden=H, inner=INNER)
+    x = torch.randn(2, 6, H, generator=torch.Generator().manual_seed(3))
+    report = FusionReport()
+    got, code = _compiled_code(block, backend(report=report), x, train)
+    assert "npu_ffn_grouped" in {e.detail.split("(")[0] for e in report.fused("ffn")}, report.format()
+    assert "moe_fusion.npu_ffn_grouped.default(" not in code
+    assert "moe_fusion._ffn_grouped_backward.default(" not in code
+    assert "moe_fusion._segment_mm.default(" in code
+    experts = block.experts.gate_up_proj.size(0)
+    # The GLU reorder of the stored (E, 2I, H) gate_up_proj is never copied (training: its
+    # gradient is written in the stored order, not assembled from swapped halves).
+    assert f"empty_strided_cpu(({experts}, {2 * INNER}, {H})" not in code
+    assert "slice_backward" not in code and "slice_scatter" not in code
+    assert "cat" not in code or train       # training: the activation's gradient halves are concatenated
+    want = _run(block, block, x, train)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_lowered_counts_are_checked_on_the_device():
+    """Counts the kernel would check on the host raise from the compiled code too."""
+    def ffn(x, w1, w2, counts):
+        return moe_fusion.npu_ffn_grouped(x, w1, w2, "relu", expert_tokens=counts)
+
+    g = torch.Generator().manual_seed(0)
+    x, w1, w2 = torch.randn(8, 4, generator=g), torch.randn(2, 4, 8, generator=g), torch.randn(2, 8, 4, generator=g)
+    torch._dynamo.reset()
+    compiled = torch.compile(ffn, backend=backend())
+    good = torch.tensor([3, 5])
+    torch.testing.assert_close(compiled(x, w1, w2, good), ffn(x, w1, w2, good))
+    with pytest.raises(RuntimeError, match="npu_ffn_grouped: expert_tokens entries must be >= 0"):
+        compiled(x, w1, w2, torch.tensor([-1, 5]))
+    with pytest.raises(RuntimeError, match="npu_ffn_grouped: expert_tokens must cover at most the M rows"):
+        compiled(x, w1, w2, torch.tensor([4, 5]))
+
+
+def _traced(fn, *args):
+    """``fn`` as a post-grad-like graph (inductor's decompositions, fake values on the nodes)."""
+    return make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)
+
+
+def _targets(gm) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_column_slices_of_a_concatenated_weight_become_one_matmul_each():
+    a, w0, w1 = torch.randn(5, 6), torch.randn(3, 6), torch.randn(4, 6)
+
+    def fn(a, w0, w1):
+        h = a @ torch.cat([w0, w1]).t()           # permute(cat) along the columns
+        return h[:, :3] * 2, h[:, 3:] - 1
+
+    gm = _traced(fn, a, w0, w1)
+    assert split_concatenated_weights(gm.graph) == 1
+    gm.recompile()
+    assert torch.ops.aten.cat.default not in _targets(gm)
+    for got, want in zip(gm(a, w0, w1), fn(a, w0, w1)):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_slice_across_pieces_keeps_the_concatenation():
+    a, w0, w1 = torch.randn(5, 6), torch.randn(3, 6), torch.randn(4, 6)
+
+    def fn(a, w0, w1):
+        h = a @ torch.cat([w0, w1]).t()
+        return h[:, 1:5]                          # reads both pieces
+
+    gm = _traced(fn, a, w0, w1)
+    assert split_concatenated_weights(gm.graph) == 0
+    assert torch.ops.aten.cat.default in _targets(gm)
+
+
+def test_a_weight_concatenated_along_the_contraction_becomes_a_sum():
+    a, w0, w1 = torch.randn(5, 7), torch.randn(3, 4), torch.randn(4, 4)
+
+    def fn(a, w0, w1):
+        return a @ torch.cat([w0, w1])
+
+    gm = _traced(fn, a, w0, w1)
+    assert split_concatenated_weights(gm.graph) == 1
+    gm.recompile()
+    assert torch.ops.aten.cat.default not in _targets(gm)
+    torch.testing.assert_close(gm(a, w0, w1), fn(a, w0, w1))
