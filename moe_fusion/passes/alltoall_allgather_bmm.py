@@ -57,6 +57,7 @@ class AllToAllAllGatherBmmMatch:
     bias_add: Optional[fx.Node]
     activation: Optional[ActivationMatch]
     shard_type: Optional[int] = None      # set once the guards proved the chain is the op's y2 layout
+    left_out: Optional[str] = None        # what follows the fused prefix unfused (an activation the op lacks)
 
     @property
     def x(self) -> fx.Node:
@@ -187,8 +188,9 @@ class AllToAllAllGatherBmmMatch:
         erase_unused(self.nodes)
 
     def describe(self) -> str:
+        left_out = f"; left out: {self.left_out}" if self.left_out else ""
         return (f"{NAME}(shard_type={self.shard_type}, act_type={self.act_type}, ep={self.ep}, tp={self.tp}, "
-                f"bias={self.bias is not None}) from {self.all_to_all.result.name}")
+                f"bias={self.bias is not None}) from {self.all_to_all.result.name}{left_out}")
 
 
 def _feeds_bmm(node: fx.Node) -> bool:
@@ -254,8 +256,9 @@ def _guarded(match: AllToAllAllGatherBmmMatch) -> AllToAllAllGatherBmmMatch:
     if len(static_shape(match.x)) != 3:
         raise Refusal(f"the all-to-all input must be a 3-D (E, C, H) tensor, got shape {static_shape(match.x)}")
     if match.activation is not None and match.act_type < 0:
-        raise Refusal(f"activation not supported: {match.activation.kind} after the bmm (the op computes GELU (erf), "
-                      "SiLU, ReLU and FastGELU)")
+        # The largest exact prefix: all-to-all, all-gather and bmm (+ bias) fuse, the activation stays after them.
+        match = replace(match, activation=None, left_out=f"the {match.activation.kind} activation after the bmm stays "
+                        "unfused (the op computes GELU (erf), SiLU, ReLU and FastGELU)")
     shard_type = match.layout_shard_type()
     # Exact data movement: anything else would feed the matmul permuted rows or columns.
     if shard_type is None:

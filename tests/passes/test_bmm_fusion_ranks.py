@@ -68,6 +68,8 @@ FORM_CASES = [
     ("forward-s0-transpose-y2", functools.partial(bmm_forms.forward, shard=0, transpose=True, outputs="y2"), 0),
     ("forward-s1-reshape-y3-fastgelu", functools.partial(bmm_forms.forward, shard=1, reshape=True, act="fastgelu",
                                                          outputs="y3"), 1),
+    # tanh GELU (not the op's): the all-to-all, all-gather and bmm fuse, the GELU runs after them.
+    ("forward-s0-gelu-tanh-prefix", functools.partial(bmm_forms.forward, shard=0, act="gelu_tanh"), 0),
     ("reverse-s0-transpose", functools.partial(bmm_forms.reverse, shard=0, transpose=True), 0),
     ("reverse-s1", functools.partial(bmm_forms.reverse, shard=1), 1),
 ]

@@ -169,8 +169,25 @@ FORWARD_REFUSALS = {
     "same group": (dict(gather_group="ep"), "different groups needed"),
     "peers swapped": (dict(swap_peers=True), "does not reproduce the op's layout"),
     "gathered used elsewhere": (dict(outputs="gathered"), "extra users change semantics"),
-    "gelu tanh": (dict(act="gelu_tanh"), "activation not supported: gelu_tanh"),
 }
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_forward_fuses_the_prefix_before_an_activation_the_op_lacks(groups, shard):
+    """tanh GELU (the op's GELU is erf): all-to-all, all-gather, bmm and bias fuse with act_type 0;
+    the GELU stays after the fused op's y1 and the report says so."""
+    gm, report = run(bmm_forms.forward, forward_inputs(shard), groups, [A], shard=shard, act="gelu_tanh")
+    node = fused_node(gm, AG_BMM)
+    assert node.kwargs["act_type"] == 0 and node.kwargs["bias"] is not None
+    assert not collectives(gm) and not calls(gm, torch.ops.aten.bmm)
+    (y1,) = [user for user in node.users if user.args[1] == 0]
+    assert calls(gm, torch.ops.aten.tanh) and any(_reads(n, y1) for n in calls(gm, torch.ops.aten.mul))
+    (event,) = report.fused(A)
+    assert "left out: the gelu_tanh activation after the bmm stays unfused" in event.detail
+
+
+def _reads(node, source) -> bool:
+    return source in node.all_input_nodes
 
 
 @pytest.mark.parametrize("case", sorted(FORWARD_REFUSALS))
