@@ -3,10 +3,11 @@
     python benchmarks/bench_models.py [--repeats N]
 
 HF transformers (the ``integration`` extra): Mixtral, Qwen3-MoE and DeepSeek-V3 sparse blocks with
-``grouped_mm`` experts, single process, fp32, ``torch.compile`` with ``moe_fusion.backend()`` vs
-``backend="inductor"``; inference steps (no autograd) and training steps (forward + backward of a
-fixed loss). The variants alternate; the table gives spreads, the median paired ratio with its
-interval, and the verdict against the target (<= 1.0: fusing must not slow the block down).
+``grouped_mm`` and ``eager`` experts, single process, fp32: ``moe_fusion.compile(block)`` (the
+``eager`` experts through its module route) vs ``torch.compile(block)`` (plain inductor, the block
+as it is); inference steps (no autograd) and training steps (forward + backward of a fixed loss).
+The variants alternate; the table gives spreads, the median paired ratio with its interval, and
+the verdict against the target (<= 1.0: fusing must not slow the block down).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 
 from _timing import Row, argument_parser, print_table
 from moe_fusion.demo.timing import Comparison, interleave, wall_seconds
-from moe_fusion.passes import FusionReport, backend
+import moe_fusion
+from moe_fusion.passes import FusionReport
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 from test_hf_transformers import BLOCKS, make_block  # noqa: E402  (the blocks the integration tests fuse)
@@ -25,8 +27,11 @@ from test_hf_transformers import BLOCKS, make_block  # noqa: E402  (the blocks t
 TOKENS, HIDDEN, INNER, TARGET = 512, 1024, 1408, 1.0
 
 
-def _measure(name: str, train: bool, repeats: int) -> tuple[Comparison, int]:
-    block = make_block(name, "grouped_mm", HIDDEN, INNER)
+IMPLEMENTATIONS = ("grouped_mm", "eager")
+
+
+def _measure(name: str, implementation: str, train: bool, repeats: int) -> tuple[Comparison, int]:
+    block = make_block(name, implementation, HIDDEN, INNER)
     x = torch.randn(TOKENS // 8, 8, HIDDEN, requires_grad=train)
     weights = torch.linspace(-1, 1, x.numel()).view(x.shape)
 
@@ -40,7 +45,7 @@ def _measure(name: str, train: bool, repeats: int) -> tuple[Comparison, int]:
 
     report = FusionReport()
     torch._dynamo.reset()
-    fused = torch.compile(block, backend=backend(report=report))
+    fused = moe_fusion.compile(block, report=report)
     plain = torch.compile(block, backend="inductor")
     step(fused), step(plain)          # compile outside the timing
     timed_fused, timed_plain = interleave((lambda: step(fused), lambda: step(plain)), repeats, timer=wall_seconds)
@@ -53,11 +58,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name in BLOCKS:
-        for train in (False, True):
-            timing, fusions = _measure(name, train, args.repeats)
-            rows.append(Row(f"hf {name} grouped_mm {'train' if train else 'infer'} T={TOKENS} H={HIDDEN} I={INNER}: "
-                            f"fused vs plain inductor "
-                            f"({fusions} fusions)", timing, TARGET))
+        for implementation in IMPLEMENTATIONS:
+            for train in (False, True):
+                timing, fusions = _measure(name, implementation, train, args.repeats)
+                rows.append(Row(f"hf {name} {implementation} {'train' if train else 'infer'} T={TOKENS} H={HIDDEN} "
+                                f"I={INNER}: fused vs plain inductor ({fusions} fusions)", timing, TARGET))
     print_table(rows)
 
 

@@ -26,10 +26,10 @@ __all__ = [
     "npu_alltoall_allgather_bmm", "npu_bmm_reducescatter_alltoall",
     "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2", "npu_moe_distribute_combine_add_rms_norm",
     "pack_int4", "unpack_int4", "get_target", "set_target", "target",
-    "backend", "explain", "MoeFusionGraphPass", "FusionReport", "torchair_backend", "onnx",
+    "backend", "compile", "explain", "MoeFusionGraphPass", "FusionReport", "torchair_backend", "onnx",
 ]
 
-_PASS_EXPORTS = ("backend", "explain", "MoeFusionGraphPass", "FusionReport")
+_PASS_EXPORTS = ("backend", "compile", "explain", "MoeFusionGraphPass", "FusionReport")
 
 
 def __getattr__(name: str) -> Any:

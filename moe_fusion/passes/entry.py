@@ -1,0 +1,59 @@
+"""``moe_fusion.compile``: one call that compiles a model with the fusion passes and the dynamo
+settings MoE code needs.
+
+MoE layers compute counts from the data (tokens per expert, capacities) and read them with
+``.item()`` / ``.tolist()`` or build tensors whose sizes depend on them (``nonzero``,
+``masked_select``). Under dynamo's defaults each of those is a graph break, which cuts a
+dispatch/FFN/combine chain into pieces no pass can see whole. ``compile`` turns on
+``capture_scalar_outputs`` and ``capture_dynamic_output_shape_ops`` for the compiled model only
+(while it runs and recompiles), never for the rest of the program.
+
+A library module whose code dynamo cannot capture whole gets an equivalent forward the passes can
+fuse (``module_routes``), applied on the model's first call and checked against the original on
+that call's inputs.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch._dynamo.eval_frame import OptimizedModule
+
+from . import module_routes
+from .context import FusionReport
+from .pipeline import backend
+
+# Dynamo settings in force while a model compiled by ``compile`` runs (and is traced).
+MOE_DYNAMO_CONFIG = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
+
+
+def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: Optional[FusionReport] = None,
+            passes: Optional[Sequence[str]] = None, compiler: str = "inductor", **compile_options: Any) -> Any:
+    """``torch.compile(model, backend=moe_fusion.backend(...))`` with ``MOE_DYNAMO_CONFIG`` scoped to
+    ``model``'s calls, and for a module the checked module routes (``module_routes``; the first
+    call runs ``model`` once more, eagerly and without gradients, when a route applies).
+
+    Args:
+        model: an ``nn.Module`` or a function.
+        target, report, passes, compiler: as ``moe_fusion.backend``.
+        compile_options: passed to ``torch.compile`` (``fullgraph``, ``dynamic``, ``mode``...).
+
+    Returns:
+        What ``torch.compile`` returns (an ``OptimizedModule`` for a module) with its calls run
+        under ``MOE_DYNAMO_CONFIG``.
+    """
+    compiled = torch.compile(model, backend=backend(target, passes, report, compiler), **compile_options)
+    scoped = torch._dynamo.config.patch(MOE_DYNAMO_CONFIG)
+    if not isinstance(compiled, OptimizedModule):
+        return functools.wraps(model)(scoped(compiled))
+    compiled_forward, routed = scoped(compiled.forward), []
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not routed:      # the first call: the module routes, checked on its inputs, before tracing
+            module_routes.apply_checked(model, args, kwargs, report)
+            routed.append(True)
+        return compiled_forward(*args, **kwargs)
+
+    compiled.forward = forward
+    return compiled

@@ -1,0 +1,142 @@
+"""Module routes: a library module whose code cannot reach the graph passes as one graph is given,
+for that module only, an equivalent forward the passes can fuse. ``moe_fusion.compile`` applies
+them before the model is traced, and checks each on the model's first call: the swapped forward
+must give the original's output on that call's own inputs, or it is undone. The report names the
+route of every candidate module, fused or refused with the reason.
+
+The graph route is preferred wherever dynamo captures a block whole; a route here exists only for
+code it cannot capture:
+
+* ``hf_experts``: HF transformers experts modules (``@use_experts_implementation``) running the
+  ``eager`` implementation (a Python loop over the experts hit, which breaks the graph at
+  ``nonzero``) are switched to transformers' own ``grouped_mm`` implementation: the same math
+  (tokens sorted by expert, one grouped matmul per projection), which the FFN pass fuses into
+  ``npu_ffn_grouped``. The model's config is not touched (other modules keep their implementation).
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch._dynamo.utils import counters
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .context import FusionEvent, FusionReport
+
+PATTERN = "module_route"
+# Agreement of a swapped forward with the original on the first call (fp32 sums in another order).
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@dataclass(frozen=True)
+class ModuleRoute:
+    """``candidate(module)``: what the route would swap, for the report (None: not a candidate);
+    ``swap(module)``: installs the swapped forward and returns what undoes it."""
+
+    name: str
+    candidate: Callable[[torch.nn.Module], Optional[str]]
+    swap: Callable[[torch.nn.Module], Callable[[], None]]
+
+
+def _hf_grouped_experts_forward() -> Optional[Callable[..., Any]]:
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return None
+    return ALL_EXPERTS_FUNCTIONS.get("grouped_mm")
+
+
+def _hf_experts_candidate(module: torch.nn.Module) -> Optional[str]:
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    # Only modules whose class forward dispatches on the implementation (the decorator wraps it).
+    dispatching = hasattr(type(module).forward, "__wrapped__") and "forward" not in vars(module)
+    if implementation != "eager" or not dispatching or _hf_grouped_experts_forward() is None:
+        return None
+    return f"{type(module).__name__} with eager experts -> transformers' grouped_mm experts"
+
+
+def _hf_experts_swap(module: torch.nn.Module) -> Callable[[], None]:
+    module.forward = types.MethodType(_hf_grouped_experts_forward(), module)
+    return lambda: delattr(module, "forward")
+
+
+ROUTES: tuple[ModuleRoute, ...] = (ModuleRoute("hf_experts", _hf_experts_candidate, _hf_experts_swap),)
+
+
+def candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, ModuleRoute, str]]:
+    """``(path, module, route, what)`` of every module of ``model`` a route applies to."""
+    found = []
+    for path, module in model.named_modules():
+        for route in ROUTES:
+            what = route.candidate(module)
+            if what is not None:
+                found.append((path or type(model).__name__, module, route, what))
+                break
+    return found
+
+
+def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Optional[FusionReport]) -> None:
+    """Swap every candidate module of ``model`` whose swapped forward equals its original forward on
+    the inputs it receives in ``model(*args, **kwargs)`` (run once eagerly, without gradients)."""
+    found = candidates(model)
+    if not found:
+        return
+    calls: dict[str, tuple] = {}
+    hooks = [module.register_forward_hook(_recorder(calls, path), with_kwargs=True) for path, module, _, _ in found]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for path, module, route, what in found:
+        if path not in calls:
+            _record(report, False, path, f"{route.name}: {what}: not called on the first call, not swapped")
+            continue
+        module_args, module_kwargs, want = calls[path]
+        undo = route.swap(module)
+        with torch.no_grad():
+            got = module(*module_args, **module_kwargs)
+        difference = _difference(got, want)
+        if difference is None:
+            _record(report, True, path, f"{route.name}: {what} (module route, equal on the first call)")
+        else:
+            undo()
+            _record(report, False, path, f"{route.name}: {what}: the swapped forward differs from the original on "
+                                         f"the first call ({difference}); undone")
+
+
+def _recorder(calls: dict, path: str) -> Callable[..., None]:
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if path not in calls:   # the first call of the module (a module may run more than once)
+            clone = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t   # noqa: E731
+            calls[path] = (tree_map(clone, args), tree_map(clone, kwargs), tree_map(clone, output))
+    return record
+
+
+def _difference(got: Any, want: Any) -> Optional[str]:
+    """Why ``got`` is not ``want`` (structure, shapes, values beyond RTOL/ATOL of its scale), or None."""
+    got_leaves, got_spec = tree_flatten(got)
+    want_leaves, want_spec = tree_flatten(want)
+    if got_spec != want_spec:
+        return f"outputs of another structure: {got_spec} vs {want_spec}"
+    for g, w in zip(got_leaves, want_leaves):
+        if not isinstance(w, torch.Tensor):
+            continue
+        if g.shape != w.shape or g.dtype != w.dtype:
+            return f"output {tuple(g.shape)} {g.dtype} vs {tuple(w.shape)} {w.dtype}"
+        scale = w.abs().max().item() if w.numel() else 0.0
+        error = (g.float() - w.float()).abs().max().item() if w.numel() else 0.0
+        if not error <= ATOL + RTOL * scale:
+            return f"max difference {error:.3g} at output scale {scale:.3g}"
+    return None
+
+
+def _record(report: Optional[FusionReport], fused: bool, where: str, detail: str) -> None:
+    counters["moe_fusion"][f"{'fused' if fused else 'refused'}_{PATTERN}"] += 1
+    if report is not None:
+        report.events.append(FusionEvent(PATTERN, fused, where, detail))
