@@ -73,9 +73,12 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
 
 
 def _same_value(a: fx.Node, b: fx.Node) -> bool:
-    """``a`` and ``b`` hold the same values: the same node or equal views of the same value."""
+    """``a`` and ``b`` hold the same values: the same node, or equal views or equal dtype casts of the
+    same value (``x.bfloat16()`` written once per projection, as torchtitan's experts do)."""
     if a is b:
         return True
+    if _cast(a) is not None and _cast(a) == _cast(b):
+        return _same_value(a.args[0], b.args[0])
     return is_op(a, *VIEW_OPS) and is_op(b, *VIEW_OPS) and _same_shape(a, b) and _same_value(a.args[0], b.args[0])
 
 
