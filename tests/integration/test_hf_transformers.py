@@ -7,8 +7,10 @@ blocks, single device, fp32, inference and training.
   DeepSeek-V3's shared experts an ``npu_ffn``; output, input gradient and every parameter gradient
   equal the unfused eager block's.
 * ``batched_mm`` experts (per token-slot weights gathered by expert id) and ``eager`` experts (a
-  Python loop over the experts hit, which dynamo cannot keep in one graph) are not fused: the test
-  pins that down, with the output still equal to eager, so a change there is noticed.
+  Python loop over the experts hit, which dynamo cannot keep in one graph) are not fused by the
+  graph passes: the test pins that down, with the output still equal to eager, so a change there
+  is noticed. ``moe_fusion.compile`` fuses eager experts through its module route
+  (``test_hf_module_route.py``).
 
 Weights are drawn here (``from_config``-built blocks leave HF's experts uninitialized).
 """
