@@ -68,13 +68,15 @@ def in_graph_order(nodes: Iterable[fx.Node]) -> list[fx.Node]:
 
 
 def insert_call(graph: fx.Graph, before: fx.Node, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
-    """Insert ``target(*args, **kwargs)`` before ``before``, with ``meta["val"]`` from its fake kernel."""
+    """Insert ``target(*args, **kwargs)`` before ``before``, with ``meta["val"]`` from its fake kernel
+    (run in the fake mode of the tensor arguments, or of ``before``'s value for an op without any,
+    e.g. ``prims.iota``)."""
     kwargs = kwargs or {}
     with graph.inserting_before(before):
         node = graph.call_function(target, args, kwargs)
     example_args, example_kwargs = tree_map(val, (args, kwargs))
-    fake_mode = detect_fake_mode(tuple(a for a in tree_leaves((example_args, example_kwargs))
-                                       if isinstance(a, torch.Tensor)))
+    tensors = [a for a in tree_leaves((example_args, example_kwargs)) if isinstance(a, torch.Tensor)]
+    fake_mode = detect_fake_mode(tuple(tensors or [a for a in tree_leaves(val(before)) if isinstance(a, torch.Tensor)]))
     try:
         with fake_mode if fake_mode is not None else contextlib.nullcontext():
             node.meta["val"] = target(*example_args, **example_kwargs)

@@ -10,6 +10,13 @@ FFNs with it. Forms read (``x`` ``(M, K1)``; 3-D inputs appear as views around t
   transformers' ``grouped_mm_fallback`` with one ``offs``, the segments' int32 cumulative ends),
   weights ``(E, K, N)``, no bias (HF adds a per-row bias gathered by expert: it stays unfused) =>
   ``npu_ffn_grouped`` with ``expert_tokens=offs`` and ``tokens_index_flag=True``.
+* gathered (HF ``batched_mm`` experts): both linears ``bmm(W[ids], x.unsqueeze(-1)).squeeze(-1)``
+  (``W`` stored ``(E, N, K)``; or ``bmm(x.unsqueeze(1), W[ids]).squeeze(1)``, ``W`` ``(E, K, N)``),
+  each row ``s`` times expert ``ids[s]``'s weights, the same ``ids`` for both, no bias => the rows
+  stably sorted by ``ids``, the grouped form's ``npu_ffn_grouped`` over them with the cumulative
+  expert counts as ``expert_tokens``, and the rows put back in their order. Exact for ids in
+  ``[0, E)``: accepted only when the ids are the indices of a ``topk`` over at most ``E`` experts
+  (the router's choices); refused otherwise (e.g. ids passed in as a graph input).
 * GLU: ``left * f(right)`` where ``left`` and ``right`` are column blocks of matmuls of the same
   ``x``: halves of one matmul (``a, b = h.chunk(2, -1)``) or two matmuls (separate gate/up
   projections). ``f`` in relu/tanh-GELU/silu gives reglu/geglu/swiglu. npu_ffn computes
@@ -39,13 +46,14 @@ before one rounding. bf16 biases are passed as fp32 (exact; npu_ffn's bias dtype
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ._graph import cast, erase_unused, fused_ops_or_refusal, insert_call, is_op, same_size, val
+from ._graph import cast, erase_unused, fused_ops_or_refusal, insert_call, insert_getitem, is_op, same_size, val
 from .activations import ActivationMatch, match_activation
 from .context import PassContext, Refusal, attempt
 from .emit import ffn_operands
@@ -104,7 +112,9 @@ class Linear:
     """``out = x @ weight (+ bias)``: ``x`` ``(M, K)``, ``weight`` ``(K, N)``, ``bias`` ``(N,)`` or
     None. ``out`` is ``(M, N)``, or a view of it when the bias add follows a view (3-D ``x@w+b``).
     ``nodes`` run from the mm to ``out``. A grouped matmul has ``offs`` (int32 segment ends
-    ``(E,)``) and ``weight`` ``(E, K, N)``, row segment ``e`` times ``weight[e]``."""
+    ``(E,)``) and ``weight`` ``(E, K, N)``, row segment ``e`` times ``weight[e]``. A gathered matmul
+    (HF ``batched_mm``) has ``ids`` (integer ``(M,)``): row ``s`` times ``weight[ids[s]]``, with
+    ``weight`` the ``(E, K, N)`` stack, or its ``(E, N, K)`` storage when ``stored_nk``."""
 
     x: fx.Node
     weight: fx.Node
@@ -112,10 +122,12 @@ class Linear:
     out: fx.Node
     nodes: tuple[fx.Node, ...]
     offs: Optional[fx.Node] = None
+    ids: Optional[fx.Node] = None
+    stored_nk: bool = False
 
     @property
     def n(self):
-        return val(self.weight).size(-1)
+        return val(self.weight).size(-2 if self.stored_nk else -1)
 
 
 def _grouped_mm(node: fx.Node) -> Optional[Linear]:
@@ -132,9 +144,30 @@ def _grouped_mm(node: fx.Node) -> Optional[Linear]:
     return Linear(x, w, None, node, (node,), offs)
 
 
+def _gathered_mm(node: fx.Node) -> Optional[Linear]:
+    """HF ``batched_mm``'s per-row matmul of 2-D ``x`` ``(S, K)`` with weights gathered by integer
+    ``ids`` ``(S,)`` from a 3-D stack: ``bmm(W[ids], x.unsqueeze(-1)).squeeze(-1)`` with ``W`` stored
+    ``(E, N, K)``, or ``bmm(x.unsqueeze(1), W[ids]).squeeze(1)`` with ``W`` ``(E, K, N)``; ``node``
+    is the squeeze, ``(S, N)``. Says nothing about the ids' values (``_check_gathered`` does)."""
+    if not is_op(node, aten.squeeze.dim) or not is_op(node.args[0], aten.bmm):
+        return None
+    bmm, dim = node.args[0], node.args[1] % 3
+    stored_nk = dim == 2
+    gather, vector = bmm.args[:2] if stored_nk else bmm.args[1::-1]
+    if not is_op(vector, aten.unsqueeze.default) or vector.args[1] % 3 != dim or not is_op(gather, aten.index.Tensor):
+        return None
+    stack, indices = gather.args[:2]
+    ids = indices[0] if len(indices) == 1 else None
+    if (not isinstance(ids, fx.Node) or val(ids).dim() != 1 or val(ids).dtype not in (torch.int32, torch.int64)
+            or val(stack).dim() != 3 or val(vector.args[0]).dim() != 2):
+        return None
+    return Linear(vector.args[0], stack, None, node, (gather, vector, bmm, node), ids=ids, stored_nk=stored_nk)
+
+
 def _mm(node: fx.Node) -> Optional[Linear]:
-    """``mm(x, w)`` or ``addmm(b, x, w)`` with a 1-D bias and unit alpha/beta, or a grouped matmul."""
-    grouped = _grouped_mm(node)
+    """``mm(x, w)`` or ``addmm(b, x, w)`` with a 1-D bias and unit alpha/beta, or a grouped or
+    gathered matmul."""
+    grouped = _grouped_mm(node) or _gathered_mm(node)
     if grouped is not None:
         return grouped
     if is_op(node, aten.mm):
@@ -167,7 +200,7 @@ def _second_linear(mm: fx.Node) -> Optional[Linear]:
     """The FFN's second linear starting at ``mm``: its bias add is absorbed only when it follows
     the mm directly, so the result is 2-D like npu_ffn's (a bias after a view stays in the graph)."""
     base = _mm(mm)
-    if base is None or base.bias is not None or base.offs is not None or len(mm.users) != 1:
+    if base is None or base.bias is not None or base.offs is not None or base.ids is not None or len(mm.users) != 1:
         return base
     with_bias = _linear_ending_at(next(iter(mm.users)), through_views=False)
     return with_bias if with_bias is not None and with_bias.nodes[0] is mm else base
@@ -283,6 +316,16 @@ class FfnMatch:
         """The grouped form's segment ends (``read_ffn`` checked both linears share them), else None."""
         return self.second.offs
 
+    @property
+    def ids(self) -> Optional[fx.Node]:
+        """The gathered form's per-row expert ids ``(M,)`` (``read_ffn`` checked both linears share
+        them and that they lie in ``[0, E)``), else None."""
+        return self.second.ids
+
+    @property
+    def op(self) -> str:
+        return "npu_ffn" if self.offs is None and self.ids is None else "npu_ffn_grouped"
+
     def weight1(self, graph: fx.Graph, before: fx.Node) -> fx.Node:
         """W1 ``(K1, N1)``: the blocks' weight columns, concatenated unless they already are W1."""
         return self._concat(graph, before, "weight")
@@ -336,28 +379,90 @@ class FfnMatch:
         The grouped form (HF transformers' grouped experts) becomes ``npu_ffn_grouped(x, W1, W2, act,
         expert_tokens=offs as int64, tokens_index_flag=True)``, the weights ``(E, K, N)`` built the
         same way (GLU halves swapped along the last dim when the first half is activated).
+
+        The gathered form (HF ``batched_mm``: ``bmm(W1[ids], x[..., None])`` ... ``bmm(W2[ids], ...)``)
+        is sorted into the grouped form (``_sorted_by_expert``) and put back in row order::
+
+            sort:    (i64[S], i64[S]) = aten.sort.stable(ids, stable=True, dim=0)
+            perm:    "i64[S]"     = sort[1]                      (sort[0] = ids[perm], ascending)
+            iota:    "i64[E]"     = prims.iota(E, start=0, step=1)
+            ends:    "i64[E]"     = aten.searchsorted(sort[0], iota, right=True)
+            rows:    "f32[S, K1]" = aten.index(x, [perm])
+            grouped: "f32[S, N2]" = moe_fusion.npu_ffn_grouped(rows, W1, W2, act, expert_tokens=ends,
+                                                               tokens_index_flag=True, inner_precise=0)
+            inverse: "i64[S]"     = aten.sort.stable(perm, stable=True, dim=0)[1]
+            out:     "f32[S, N2]" = aten.index(grouped, [inverse])       (out[perm[r]] = grouped[r])
+
+        ``ends[e]`` counts the ids ``<= e``: ``bincount(ids, minlength=E).cumsum(0)``, with a static
+        shape (fake tensors cannot trace bincount, whose size depends on the values), from ops
+        inductor lowers.
         """
-        op = "npu_ffn" if self.offs is None else "npu_ffn_grouped"
-        with fused_ops_or_refusal(graph, op):
-            w1, w2, kwargs = ffn_operands(graph, self.out, [self], stacked=False)
-            if self.offs is None:
-                fused = insert_call(graph, self.out, torch.ops.moe_fusion.npu_ffn.default,
-                                    (self.x, w1, w2, self.activation), kwargs)
-            else:
-                ends = cast(graph, self.out, self.offs, torch.int64)
-                fused = insert_call(graph, self.out, torch.ops.moe_fusion.npu_ffn_grouped.default,
-                                    (self.x, w1, w2, self.activation),
-                                    {"expert_tokens": ends, "tokens_index_flag": True, **kwargs})
+        with fused_ops_or_refusal(graph, self.op):
+            fused = self._emit(graph) if self.ids is None else self._emit_sorted(graph)
         self.out.replace_all_uses_with(fused)
         return fused
+
+    def _emit(self, graph: fx.Graph) -> fx.Node:
+        """The npu_ffn / npu_ffn_grouped call of a plain or grouped FFN, inserted before ``out``."""
+        w1, w2, kwargs = ffn_operands(graph, self.out, [self], stacked=False)
+        if self.offs is None:
+            return insert_call(graph, self.out, torch.ops.moe_fusion.npu_ffn.default,
+                               (self.x, w1, w2, self.activation), kwargs)
+        ends = cast(graph, self.out, self.offs, torch.int64)
+        return insert_call(graph, self.out, torch.ops.moe_fusion.npu_ffn_grouped.default,
+                           (self.x, w1, w2, self.activation),
+                           {"expert_tokens": ends, "tokens_index_flag": True, **kwargs})
+
+    def _emit_sorted(self, graph: fx.Graph) -> fx.Node:
+        """The gathered form's rows ``(S, N2)``: the grouped form over the rows ``x[perm]`` sorted by
+        expert (``perm`` a stable sort of the int64 ids ``(S,)``, segment ends the int64 cumulative
+        counts ``(E,)``), each result row put back at row ``perm[r]`` (nodes in ``replace_with``)."""
+        before = self.out
+
+        def stable_sort(keys: fx.Node) -> fx.Node:
+            return insert_call(graph, before, aten.sort.stable, (keys,), {"stable": True, "dim": 0})
+
+        ids = cast(graph, before, self.ids, torch.int64)
+        order = stable_sort(ids)
+        sorted_ids, perm = (insert_getitem(graph, before, order, i) for i in (0, 1))
+        experts = insert_call(graph, before, prims.iota.default, (val(self.second.weight).size(0),),
+                              {"start": 0, "step": 1, "dtype": torch.int64, "device": val(ids).device,
+                               "requires_grad": False})
+        ends = insert_call(graph, before, aten.searchsorted.Tensor, (sorted_ids, experts), {"right": True})
+        rows = insert_call(graph, before, aten.index.Tensor, (self.x, [perm]))
+        regrouped, permutes = self._sorted_by_expert(graph, rows, ends)
+        grouped = regrouped._emit(graph)
+        erase_unused(permutes)      # a GLU reorder reads the (E, N, K) storage, not its permute
+        inverse = insert_getitem(graph, before, stable_sort(perm), 1)
+        return insert_call(graph, before, aten.index.Tensor, (grouped, [inverse]))
+
+    def _sorted_by_expert(self, graph: fx.Graph, rows: fx.Node, ends: fx.Node) -> tuple[FfnMatch, list[fx.Node]]:
+        """This gathered FFN as the grouped form over ``rows`` ``(S, K1)`` sorted by expert, with int64
+        segment ends ``ends`` ``(E,)``: every linear reads its stack as ``(E, K, N)`` weights (a
+        permute of an ``(E, N, K)`` storage, which ``_concat`` sees through for the GLU reorder).
+        Also returns the permutes inserted."""
+        grouped: dict[Linear, Linear] = {}
+        permutes: list[fx.Node] = []
+
+        def regroup(linear: Linear) -> Linear:
+            if linear not in grouped:
+                weight = linear.weight
+                if linear.stored_nk:
+                    weight = insert_call(graph, self.out, aten.permute.default, (weight, [0, 2, 1]))
+                    permutes.append(weight)
+                grouped[linear] = replace(linear, weight=weight, offs=ends, ids=None, stored_nk=False)
+            return grouped[linear]
+
+        first = tuple(replace(block, linear=regroup(block.linear)) for block in self.first)
+        return replace(self, x=rows, first=first, second=regroup(self.second)), permutes
 
     def erase(self) -> None:
         erase_unused(self.nodes)
 
     def describe(self) -> str:
         form = "GLU" if self.is_glu else "plain"
-        op = "npu_ffn" if self.offs is None else "npu_ffn_grouped"
-        return f"{op}({self.activation}, {form}, {'with' if self.has_bias1 else 'no'} bias1, {self.dtype})"
+        rows = "" if self.ids is None else ", rows sorted by expert from per-row W[ids] (batched_mm)"
+        return f"{self.op}({self.activation}, {form}, {'with' if self.has_bias1 else 'no'} bias1, {self.dtype}){rows}"
 
 
 def _private(nodes: frozenset[fx.Node], out: fx.Node) -> None:
@@ -450,36 +555,53 @@ def read_ffn(mm: fx.Node) -> Optional[FfnMatch]:
 
 
 def _check_segments(found: FfnMatch) -> None:
-    """Both linears of a grouped FFN are grouped over the same segments (one ``offs`` node); a
-    grouped matmul never pairs with a plain one."""
-    offs = {block.linear.offs for block in found.first} | {found.second.offs}
-    if len(offs) == 1:
-        return
-    if None in offs:
-        raise Refusal("one matmul of the FFN is grouped (per-expert row segments) and the other is not")
-    raise Refusal("the two grouped matmuls use different segment offsets ("
-                  + ", ".join(sorted(o.name for o in offs)) + "); npu_ffn_grouped has one expert_tokens")
+    """Both linears of a grouped FFN are grouped over the same segments (one ``offs`` node), both of
+    a gathered FFN gather by the same ids, in range (``_check_gathered``); a grouped or gathered
+    matmul never pairs with another kind."""
+    linears = [block.linear for block in found.first] + [found.second]
+    offs, ids = {linear.offs for linear in linears}, {linear.ids for linear in linears}
+    if len(offs) > 1:
+        if None in offs:
+            raise Refusal("one matmul of the FFN is grouped (per-expert row segments) and the other is not")
+        raise Refusal("the two grouped matmuls use different segment offsets ("
+                      + ", ".join(sorted(o.name for o in offs)) + "); npu_ffn_grouped has one expert_tokens")
+    if len(ids) > 1:
+        if None in ids:
+            raise Refusal("one matmul of the FFN gathers per-row expert weights (W[ids]) and the other does not")
+        raise Refusal("the two matmuls gather expert weights by different ids ("
+                      + ", ".join(sorted(i.name for i in ids)) + "); the rows are sorted by one expert id each")
+    if found.ids is not None:
+        _check_gathered(found.ids, linears)
 
 
-def _gathered_expert_weights(node: fx.Node) -> None:
-    """Refuses a ``bmm`` with per-row expert weights ``W[ids]`` ``(S, N, K)`` gathered from a 3-D
-    stack (HF transformers' ``batched_mm`` experts): npu_ffn_grouped needs the rows sorted by
-    expert, which that code never does."""
-    for operand in node.args[:2]:
-        if is_op(operand, aten.index.Tensor) and len(val(operand.args[0]).shape) == 3:
-            indices = operand.args[1]
-            if len(indices) == 1 and isinstance(indices[0], fx.Node) and len(val(indices[0]).shape) == 1:
-                raise Refusal("the expert weights are gathered per token (W[expert_ids], HF batched_mm experts); "
-                              "npu_ffn_grouped needs the tokens sorted by expert (HF grouped_mm experts fuse)")
+def _check_gathered(ids: fx.Node, linears: Sequence[Linear]) -> None:
+    """Sorting the rows of a gathered FFN by ``ids`` ``(S,)`` makes each expert's rows one segment
+    exactly when every id is in ``[0, E)`` for every stack ``(E, ., .)`` gathered (an id ``< 0``
+    indexes from the end, one ``>= E`` fails). Proven when the ids are (views of) the indices of a
+    ``topk`` over a dim of at most ``E`` entries, i.e. the router's expert choices; anything else is
+    refused."""
+    source, _ = _strip_up(ids)
+    topk = source.args[0] if source.target is operator.getitem and source.args[1] == 1 else None
+    if not is_op(topk, aten.topk):
+        raise Refusal(f"the expert weights are gathered by {ids.name} (W[ids]), which are not the indices of a "
+                      "topk over the experts (the routing ids), so they are not known to lie in [0, E); sorting "
+                      "the rows by them into npu_ffn_grouped's expert segments is not proven exact")
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    choices = val(topk.args[0]).size(dim)
+    stacks = {linear.weight.name: val(linear.weight).size(0) for linear in linears}
+    experts = next(iter(stacks.values()))
+    if len(set(stacks.values())) != 1 or not isinstance(experts, int):
+        raise Refusal(f"the gathered expert stacks hold {stacks} experts; npu_ffn_grouped needs one static E")
+    if not statically_known_true(choices <= experts):
+        raise Refusal(f"the routing ids choose among {choices} experts but the stacks hold {experts}; "
+                      "npu_ffn_grouped needs every id in [0, E)")
 
 
 def find_ffn_forms(graph: fx.Graph, ctx: Optional[PassContext] = None, pattern: str = "ffn") -> list[FfnMatch]:
     """Every plain/GLU FFN of the graph, one per second matmul; refusals go to ``ctx`` under ``pattern``."""
     found = []
     for node in graph.nodes:
-        if is_op(node, aten.bmm):
-            attempt(ctx, pattern, node, lambda: _gathered_expert_weights(node))
-        elif is_op(node, aten.mm, aten.addmm) or _grouped_mm(node) is not None:
+        if is_op(node, aten.mm, aten.addmm) or _grouped_mm(node) is not None or _gathered_mm(node) is not None:
             match = attempt(ctx, pattern, node, lambda: read_ffn(node))
             if match is not None:
                 found.append(match)
@@ -488,8 +610,13 @@ def find_ffn_forms(graph: fx.Graph, ctx: Optional[PassContext] = None, pattern: 
 
 def check_same_form(experts: Sequence[FfnMatch], what: str = "experts") -> None:
     """One npu_ffn / npu_ffn_grouped call has one activation, one dtype, one W1/W2 shape and one
-    bias layout for all experts; raises Refusal naming the first that differs."""
+    bias layout for all experts, each a single-expert FFN (not the grouped or gathered form, whose
+    weights are already stacks); raises Refusal naming the first that differs."""
     reference = experts[0]
+    for e in experts:
+        if e.offs is not None or e.ids is not None:
+            raise Refusal(f"the {what} include {e.describe()}, already one FFN over several experts' weights; "
+                          "stacking per-expert weights needs single-expert FFNs")
     for e in experts[1:]:
         same = (e.activation == reference.activation and e.has_bias1 == reference.has_bias1
                 and (e.second.bias is None) == (reference.second.bias is None) and e.dtype == reference.dtype

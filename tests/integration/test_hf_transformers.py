@@ -6,10 +6,14 @@ blocks, single device, fp32, inference and training.
   ``offs``): the routed experts become one ``npu_ffn_grouped`` (``ffn`` pass, grouped form), and
   DeepSeek-V3's shared experts an ``npu_ffn``; output, input gradient and every parameter gradient
   equal the unfused eager block's.
-* ``batched_mm`` experts (per token-slot weights gathered by expert id) and ``eager`` experts (a
-  Python loop over the experts hit, which dynamo cannot keep in one graph) are not fused by the
-  graph passes: the test pins that down, with the output still equal to eager, so a change there
-  is noticed. ``moe_fusion.compile`` fuses eager experts through its module route
+* ``batched_mm`` experts (per token-slot weights ``W[expert_ids]`` gathered from the router's top-k
+  ids, two bmms): the routed experts become one ``npu_ffn_grouped`` over the rows sorted by expert
+  and scattered back (``ffn`` pass, gathered form), with the same equalities; the bmms are gone.
+  The same experts compiled alone, their ids a graph input rather than a top-k of the router, are
+  refused (the ids are not known to lie in ``[0, E)``) and still equal eager.
+* ``eager`` experts (a Python loop over the experts hit, which dynamo cannot keep in one graph) are
+  not fused by the graph passes: the test pins that down, with the output still equal to eager, so a
+  change is noticed. ``moe_fusion.compile`` fuses them through its module route
   (``test_hf_module_route.py``).
 
 Weights are drawn here (``from_config``-built blocks leave HF's experts uninitialized).
@@ -78,6 +82,16 @@ def compiled_step(name: str, implementation: str, train: bool, compiler: str = "
     return report, got, want
 
 
+def _fused_details(report: FusionReport, name: str) -> list[str]:
+    """The ffn pass's fused details; asserts the routed experts' ``npu_ffn_grouped`` is among them
+    (and DeepSeek-V3's shared expert, a LlamaMLP-like GLU MLP, as an ``npu_ffn``)."""
+    details = [e.detail for e in report.fused("ffn")]
+    assert any(d.startswith("npu_ffn_grouped(swiglu, GLU") for d in details), report.format()
+    if name == "deepseek_v3":
+        assert any(d.startswith("npu_ffn(swiglu, GLU") for d in details), report.format()
+    return details
+
+
 def _assert_equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -88,10 +102,7 @@ def _assert_equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_grouped_mm_experts_become_npu_ffn_grouped(name, train):
     report, got, want = compiled_step(name, "grouped_mm", train)
-    details = [e.detail for e in report.fused("ffn")]
-    assert any(d.startswith("npu_ffn_grouped(swiglu, GLU") for d in details), report.format()
-    if name == "deepseek_v3":       # the shared expert: a LlamaMLP-like GLU MLP
-        assert any(d.startswith("npu_ffn(swiglu, GLU") for d in details), report.format()
+    _fused_details(report, name)
     if train:
         assert len(got) > 4         # output, x, and the block's parameters
     _assert_equal(got, want)
@@ -103,10 +114,38 @@ def test_inductor_training_step_fuses():
     _assert_equal(got, want)
 
 
-@pytest.mark.parametrize("implementation", ["batched_mm", "eager"])
-def test_other_expert_implementations_stay_unfused(implementation):
-    report, got, want = compiled_step("mixtral", implementation, False)
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_batched_mm_experts_become_sorted_npu_ffn_grouped(name, train):
+    report, got, want = compiled_step(name, "batched_mm", train)
+    details = _fused_details(report, name)
+    assert sum("sorted by expert" in d for d in details) == 1, report.format()
+    assert report.ops_after["aten.bmm.default"] == 0 < report.ops_before["aten.bmm.default"], report.format()
+    assert not report.refused("ffn"), report.format()
+    if train:
+        assert len(got) > 4         # output, x, and the block's parameters
+    _assert_equal(got, want)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_batched_mm_experts_with_input_ids_stay_unfused(train):
+    """HF's batched_mm experts compiled alone: ``W[ids]`` with ``ids`` a graph input, not a top-k of
+    the router. Sorting by them would be exact only for ids in ``[0, E)``, which nothing proves."""
+    experts = make_block("mixtral", "batched_mm").experts
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(12, HIDDEN, generator=gen)
+    ids = torch.randint(0, EXPERTS, (12, TOP_K), generator=gen)
+    weights = torch.rand(12, TOP_K, generator=gen)
+    report = FusionReport()
+    torch._dynamo.reset()
+    compiled = torch.compile(experts, backend=backend(report=report, compiler="eager"))
+    got, want = (_step(experts, lambda leaf, run=run: run(leaf, ids, weights), x, train) for run in (compiled, experts))
+    assert not report.fused(), report.format()
+    assert any("not the indices of a topk" in e.detail for e in report.refused("ffn")), report.format()
+    _assert_equal(got, want)
+
+
+def test_eager_experts_stay_unfused():
+    report, got, want = compiled_step("mixtral", "eager", False)
     assert not [e for e in report.fused() if "npu_ffn_grouped" in e.detail], report.format()
-    if implementation == "batched_mm":     # the report says why (eager experts never reach one graph)
-        assert any("gathered per token" in e.detail for e in report.refused("ffn")), report.format()
     _assert_equal(got, want)
