@@ -12,8 +12,8 @@ on anything, or that rejected their inputs, still complete it, and every rank th
   expert counts, modes, ...), else every rank raises the same disagreement error.
 
 Then the kernels exchange counts (``exchange_counts``: equal splits, int64) and rows
-(``exchange_rows``: ``all_to_all_single`` with split sizes over a ``uint8`` buffer of packed rows,
-``RowLayout``). A backend failure of any collective (a peer exited, stopped, or never called the
+(``exchange_rows``: ``all_to_all_single`` with split sizes over the rows' bytes: the payload rows
+as they are, the small per-row fields packed in a ``uint8`` ``RowLayout`` buffer). A backend failure of any collective (a peer exited, stopped, or never called the
 op: gloo raises after the process group's timeout) becomes a ``GroupPeerError`` naming the op, the
 group and the ranks that did not reach the exchange (from a per-group arrival mark in the default
 ``torch.distributed`` store).
@@ -341,11 +341,12 @@ def exchange_counts(op: str, group: Optional[dist.ProcessGroup], counts: Tensor)
 
 def exchange_rows(op: str, group: Optional[dist.ProcessGroup], buf: Tensor, send_splits: Tensor,
                   recv_splits: Tensor) -> Tensor:
-    """All-to-all of ``buf`` ``(N, B)`` uint8 rows: ``send_splits[d]`` consecutive rows go to rank ``d``."""
+    """All-to-all of the rows of ``buf`` ``(N, B)`` (contiguous, any dtype; sent as their bytes, which
+    gloo moves for every dtype): ``send_splits[d]`` consecutive rows go to rank ``d``."""
     if group is None:
         return buf
     out = buf.new_empty((int(recv_splits.sum()), buf.size(1)))
     with peer_guard(op, "group_ep", group, "payload exchange"):
-        dist.all_to_all_single(out, buf, output_split_sizes=recv_splits.tolist(),
+        dist.all_to_all_single(out.view(torch.uint8), buf.view(torch.uint8), output_split_sizes=recv_splits.tolist(),
                                input_split_sizes=send_splits.tolist(), group=group)
     return out

@@ -9,9 +9,9 @@ Combine consumes only what the paired dispatch wrote (canonical layout, see
    the rows and the TP pair's row counts (``_fields``), so every rank stops together;
 2. TP (T == 2): one fp32 ``reduce_scatter_tensor`` adds the peer's copy of our rows (its rows
    ``[peer_own, peer_own + own)``) to ours; the sum is rounded to the ``expand_x`` dtype;
-   EP return: one count exchange (rows per source rank), one payload exchange of packed rows
-   ``[row or int8 row + per-8-group scales | token, slot]`` (``RowLayout``; ``comm_quant_mode`` 2
-   quantizes per group of 8 elements, SPEC §4.3);
+   EP return: one count exchange (rows per source rank), one exchange of the rows as they are
+   (or int8 rows: ``comm_quant_mode`` 2 quantizes per group of 8 elements, SPEC §4.3), one of the
+   packed per-row fields ``[per-8-group scales | token, slot]`` (``RowLayout``);
 3. on the token's rank, in fp32: ``acc = sum_j w_j * row_j`` over slots ``j = 0..K-1`` (copy
    experts use ``ori_x``, const experts ``ori_x * alpha_1 + v * alpha_2``, zero experts nothing),
    then the shared-expert rows and ``shared_expert_x`` unweighted.
@@ -146,7 +146,7 @@ def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tens
     Returns ``(rows (R, H), token (R,), slot (R,))`` of the rows this rank received (rows in
     expand_x's dtype, or its dtype after int8 comm quant)."""
     expand_x, expert_ids = inputs["expand_x"], inputs["expert_ids"]
-    dtype, h = expand_x.dtype, expand_x.size(1)
+    dtype = expand_x.dtype
     assist, comm_quant_mode = inputs["assist"], inputs["comm_quant_mode"]
     exchange = open_exchange(op, inputs["group_ep"], cfg.world, cfg.rank, inputs["group_tp"], cfg.tp_world,
                              cfg.tp_rank)
@@ -162,17 +162,20 @@ def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tens
     send_counts = torch.bincount(triples[:, 0], minlength=cfg.world)
     recv_counts = exchange_counts(op, exchange.ep, send_counts.unsqueeze(1))
 
-    rows, triples = rows[order], triples[order]
+    rows, triples = rows.index_select(0, order), triples.index_select(0, order)
     meta = triples[:, 1:].int()
+    # Two exchanges: the payload rows as they are (no packing copy) and the small per-row fields packed.
     if comm_quant_mode == combine_proto.COMM_QUANT_INT8:
-        q, scales = comm_quant(rows)
-        layout = RowLayout(((torch.int8, h), (dtype, scales.size(1)), (torch.int32, 2)))
-        buf = layout.pack([q, scales, meta])
+        payload, scales = comm_quant(rows)
+        layout = RowLayout(((dtype, scales.size(1)), (torch.int32, 2)))
+        fields = layout.pack([scales, meta])
     else:
-        layout = RowLayout(((dtype, h), (torch.int32, 2)))
-        buf = layout.pack([rows, meta])
-    parts = layout.unpack(exchange_rows(op, exchange.ep, buf, send_counts, recv_counts.squeeze(1)))
-    got = comm_dequant(parts[0], parts[1]) if comm_quant_mode == combine_proto.COMM_QUANT_INT8 else parts[0]
+        payload, layout = rows, RowLayout(((torch.int32, 2),))
+        fields = layout.pack([meta])
+    recv_splits = recv_counts.squeeze(1)
+    received = exchange_rows(op, exchange.ep, payload.contiguous(), send_counts, recv_splits)
+    parts = layout.unpack(exchange_rows(op, exchange.ep, fields, send_counts, recv_splits))
+    got = comm_dequant(received, parts[0]) if comm_quant_mode == combine_proto.COMM_QUANT_INT8 else received
     return got, parts[-1][:, 0].long(), parts[-1][:, 1].long()
 
 
@@ -207,25 +210,34 @@ def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tenso
     expected = torch.cat([active & (ids < moe_end), processed.unsqueeze(1).expand(bs, cfg.n_shared)], dim=1)
     _check_received(op, inputs["assist_arg"], expected, token, slot)
 
-    # Received rows laid out by (token, slot); absent (token, slot) pairs stay zero.
-    slots = k + cfg.n_shared
-    by_slot = rows.new_zeros((bs * slots, h))
-    by_slot.index_copy_(0, token * slots + slot, rows)
-    by_slot = by_slot.view(bs, slots, h)
+    # The received rows grouped by slot, token order kept (``check_received``: at most one row per
+    # (token, slot)); each slot's rows are added to their tokens' sums in slot order.
+    by_slot = torch.argsort(slot, stable=True)
+    rows, token = rows.index_select(0, by_slot), token.index_select(0, by_slot)
+    ends = torch.bincount(slot, minlength=k + cfg.n_shared).cumsum(0).tolist()
     wide = accumulator(inputs["expand_x"].dtype)
     ori = inputs["ori_x"].to(wide) if inputs["ori_x"] is not None else None
     acc = torch.zeros((bs, h), dtype=wide, device=dev)
+
+    def add_slot(j: int, weighted: bool) -> None:
+        first = ends[j - 1] if j else 0
+        tokens = token[first:ends[j]]
+        contribution = rows[first:ends[j]].to(wide)
+        if weighted:
+            contribution = contribution * expert_scales[tokens, j].unsqueeze(1).to(wide)
+        acc.index_add_(0, tokens, contribution)      # one row per token: acc[t] += row, exactly
+
     for j in range(k):                           # fixed slot order 0..K-1, as the kernel sums
         e = ids[:, j]
         w = expert_scales[:, j:j + 1].to(wide)
-        acc += by_slot[:, j].to(wide) * w        # zero rows where slot j did not go to a MoE expert
+        add_slot(j, weighted=True)               # the tokens whose slot j went to a MoE expert
         if copy_end > zero_end:
             acc += torch.where((active[:, j] & (e >= zero_end) & (e < copy_end)).unsqueeze(1), ori * w, 0.0)
         if const_end > copy_end:
             is_const = active[:, j] & (e >= copy_end) & (e < const_end)
             acc += torch.where(is_const.unsqueeze(1), _const_expert(inputs, ori, e - copy_end) * w, 0.0)
     for q in range(cfg.n_shared):                # shared experts: unweighted (SPEC §9 #3)
-        acc += by_slot[:, k + q].to(wide)
+        add_slot(k + q, weighted=False)
     if inputs["shared_expert_x"] is not None:
         acc = acc + inputs["shared_expert_x"].reshape(bs, h).to(wide)
     return acc, processed

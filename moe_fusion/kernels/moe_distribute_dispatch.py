@@ -12,9 +12,9 @@ Per rank, vectorized over all (token, slot) copies:
    then over the EP group carries every rank's verdict on its inputs and the attributes that shape
    the rows (``_fields``), so every rank of both groups stops together on a rejection or a
    disagreement;
-4. EP exchange: one count exchange (counts per destination and local expert), one payload
-   exchange of packed rows ``[payload | dynamic scale | expand scale | token, slot]``
-   (``RowLayout``: each field aligned to its element size);
+4. EP exchange: one count exchange (counts per destination and local expert), one exchange of
+   the payload rows as they are, one of the packed per-row fields ``[dynamic scale | expand scale
+   | token, slot]`` (``RowLayout``: each field aligned to its element size);
 5. receive layout: rows sorted local-expert-major, source-minor, token order kept;
 6. TP (T == 2): after the EP exchange the peer's rows are appended after ours with one count
    all-gather and one payload all-gather.
@@ -124,18 +124,20 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     expand_x, dynamic_scales, assist, token_nums, ep_counts, tp_counts, expand_scales = outs
     for out in outs[1:]:
         out.zero_()   # expand_x, the big one, is written once below: rows, then zero padding
-    h, k = cfg.hidden, cfg.top_k
+    k = cfg.top_k
     plan = _plan(cfg, expert_ids, x_active_mask)
     lm = cfg.moe_local_experts
     send_counts = torch.bincount(plan["dst"] * lm + plan["local"], minlength=cfg.world * lm).view(cfg.world, lm)
     recv_counts = exchange_counts(NAME, exchange.ep, send_counts)
 
-    layout = RowLayout(((x.dtype if quant_mode != QUANT_DYNAMIC else torch.int8, h),)
-                       + ((torch.float32, 1),) * (quant_mode == QUANT_DYNAMIC)
+    # Two exchanges: the payload rows as they are (no packing copy; received contiguous for the
+    # reorder below) and the small per-row fields packed.
+    layout = RowLayout(((torch.float32, 1),) * (quant_mode == QUANT_DYNAMIC)
                        + ((torch.float32, 1),) * (expert_scales is not None) + ((torch.int32, 2),))
-    buf = exchange_rows(NAME, exchange.ep, _pack(layout, plan, x, scales, expert_scales, quant_mode, k),
-                        send_counts.sum(1), recv_counts.sum(1))
-    parts = layout.unpack(buf)
+    payload, fields = _pack(layout, plan, x, scales, expert_scales, quant_mode, k)
+    sends, recvs = send_counts.sum(1), recv_counts.sum(1)
+    received = exchange_rows(NAME, exchange.ep, payload, sends, recvs)
+    parts = layout.unpack(exchange_rows(NAME, exchange.ep, fields, sends, recvs))
 
     # Receive order is (source, local expert, token); the layout is (local expert, source, token).
     lo = cfg.local_experts
@@ -143,10 +145,10 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     source, local = code // lm, code % lm
     order = torch.argsort(local * cfg.world + source, stable=True)
     own = order.numel()
-    torch.index_select(parts[0], 0, order, out=expand_x[:own])
+    torch.index_select(received, 0, order, out=expand_x[:own])
     expand_x[own:].zero_()
     if quant_mode == QUANT_DYNAMIC:
-        dynamic_scales[:own] = parts[1][order, 0]
+        dynamic_scales[:own] = parts[0][order, 0]
     if expert_scales is not None:
         expand_scales[:own] = parts[-2][order, 0]
     meta = parts[-1][order]
@@ -165,24 +167,25 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
 
 
 def _pack(layout: RowLayout, plan: dict[str, Tensor], x: Tensor, scales: Optional[Tensor],
-          expert_scales: Optional[Tensor], quant_mode: int, k: int) -> Tensor:
-    """The send buffer ``(copies, layout.row_bytes)`` uint8: ``[payload | dyn scale | expand scale | token, slot]``."""
+          expert_scales: Optional[Tensor], quant_mode: int, k: int) -> tuple[Tensor, Tensor]:
+    """The send buffers, rows in send order: the payload ``(copies, H)`` (x's dtype, or int8 for
+    ``quant_mode`` 2) and ``(copies, layout.row_bytes)`` uint8 ``[dyn scale | expand scale | token, slot]``."""
     tok, slot = plan["tok"], plan["slot"]
     parts: list[Tensor] = []
     if quant_mode == QUANT_DYNAMIC:
         rows = x.index_select(0, tok).float()
         if scales is not None:
             rows = rows * scales.index_select(0, plan["scale_row"])
-        q, dyn = dynamic_quant(rows)
-        parts += [q, dyn.unsqueeze(1)]
+        payload, dyn = dynamic_quant(rows)
+        parts.append(dyn.unsqueeze(1))
     else:
-        parts.append(x.index_select(0, tok))
+        payload = x.index_select(0, tok)
     if expert_scales is not None:
         moe = slot < k
         weight = expert_scales[tok, slot.clamp(max=k - 1)]
         parts.append(torch.where(moe, weight, 0.0).unsqueeze(1))
     parts.append(torch.stack([tok, slot], dim=1).int())
-    return layout.pack(parts)
+    return payload, layout.pack(parts)
 
 
 def _write_prefix(out: Tensor, start: int, values: Tensor) -> None:
