@@ -13,7 +13,7 @@ FFNs with it. Forms read (``x`` ``(M, K1)``; 3-D inputs appear as views around t
 * gathered (HF ``batched_mm`` experts): both linears ``bmm(W[ids], x.unsqueeze(-1)).squeeze(-1)``
   (``W`` stored ``(E, N, K)``; or ``bmm(x.unsqueeze(1), W[ids]).squeeze(1)``, ``W`` ``(E, K, N)``),
   each row ``s`` times expert ``ids[s]``'s weights, the same ``ids`` for both, no bias => the rows
-  stably sorted by ``ids``, the grouped form's ``npu_ffn_grouped`` over them with the cumulative
+  sorted by ``ids``, the grouped form's ``npu_ffn_grouped`` over them with the cumulative
   expert counts as ``expert_tokens``, and the rows put back in their order. Exact for ids in
   ``[0, E)``: accepted only when the ids are the indices of a ``topk`` over at most ``E`` experts
   (the router's choices); refused otherwise (e.g. ids passed in as a graph input).
@@ -383,14 +383,14 @@ class FfnMatch:
         The gathered form (HF ``batched_mm``: ``bmm(W1[ids], x[..., None])`` ... ``bmm(W2[ids], ...)``)
         is sorted into the grouped form (``_sorted_by_expert``) and put back in row order::
 
-            sort:    (i64[S], i64[S]) = aten.sort.stable(ids, stable=True, dim=0)
+            sort:    (i64[S], i64[S]) = aten.sort(ids, 0)
             perm:    "i64[S]"     = sort[1]                      (sort[0] = ids[perm], ascending)
-            iota:    "i64[E]"     = prims.iota(E, start=0, step=1)
-            ends:    "i64[E]"     = aten.searchsorted(sort[0], iota, right=True)
+            experts: "i64[E]"     = aten.arange(E)
+            ends:    "i64[E]"     = aten.searchsorted(sort[0], experts, right=True)
             rows:    "f32[S, K1]" = aten.index(x, [perm])
             grouped: "f32[S, N2]" = moe_fusion.npu_ffn_grouped(rows, W1, W2, act, expert_tokens=ends,
                                                                tokens_index_flag=True, inner_precise=0)
-            inverse: "i64[S]"     = aten.sort.stable(perm, stable=True, dim=0)[1]
+            inverse: "i64[S]"     = aten.sort(perm, 0)[1]
             out:     "f32[S, N2]" = aten.index(grouped, [inverse])       (out[perm[r]] = grouped[r])
 
         ``ends[e]`` counts the ids ``<= e``: ``bincount(ids, minlength=E).cumsum(0)``, with a static
@@ -415,25 +415,26 @@ class FfnMatch:
 
     def _emit_sorted(self, graph: fx.Graph) -> fx.Node:
         """The gathered form's rows ``(S, N2)``: the grouped form over the rows ``x[perm]`` sorted by
-        expert (``perm`` a stable sort of the int64 ids ``(S,)``, segment ends the int64 cumulative
-        counts ``(E,)``), each result row put back at row ``perm[r]`` (nodes in ``replace_with``)."""
+        expert (``perm`` a sort of the int64 ids ``(S,)``, segment ends the int64 cumulative counts
+        ``(E,)``), each result row put back at row ``perm[r]`` (nodes in ``replace_with``). The sorts
+        need not be stable (rows are independent, and ``perm`` has distinct values): ``aten.sort``
+        and ``aten.arange`` are what GE converts (``sort.stable`` and ``prims.iota`` it does not)."""
         before = self.out
 
-        def stable_sort(keys: fx.Node) -> fx.Node:
-            return insert_call(graph, before, aten.sort.stable, (keys,), {"stable": True, "dim": 0})
+        def sort(keys: fx.Node) -> fx.Node:
+            return insert_call(graph, before, aten.sort.default, (keys, 0))
 
         ids = cast(graph, before, self.ids, torch.int64)
-        order = stable_sort(ids)
+        order = sort(ids)
         sorted_ids, perm = (insert_getitem(graph, before, order, i) for i in (0, 1))
-        experts = insert_call(graph, before, prims.iota.default, (val(self.second.weight).size(0),),
-                              {"start": 0, "step": 1, "dtype": torch.int64, "device": val(ids).device,
-                               "requires_grad": False})
+        experts = insert_call(graph, before, aten.arange.default, (val(self.second.weight).size(0),),
+                              {"dtype": torch.int64, "device": val(ids).device})
         ends = insert_call(graph, before, aten.searchsorted.Tensor, (sorted_ids, experts), {"right": True})
         rows = insert_call(graph, before, aten.index.Tensor, (self.x, [perm]))
         regrouped, permutes = self._sorted_by_expert(graph, rows, ends)
         grouped = regrouped._emit(graph)
         erase_unused(permutes)      # a GLU reorder reads the (E, N, K) storage, not its permute
-        inverse = insert_getitem(graph, before, stable_sort(perm), 1)
+        inverse = insert_getitem(graph, before, sort(perm), 1)
         return insert_call(graph, before, aten.index.Tensor, (grouped, [inverse]))
 
     def _sorted_by_expert(self, graph: fx.Graph, rows: fx.Node, ends: fx.Node) -> tuple[FfnMatch, list[fx.Node]]:

@@ -184,3 +184,27 @@ def test_training_step_refuses_a_block_whose_backward_ge_cannot_run(torchair, fa
     assert not nodes(backward, "FFN")
     # The all-gathers' adjoints are reduce-scatters and the reduce-scatter's an all-gather.
     assert {op.type for op in backward.op if op.type.startswith("Hcom")} == {"HcomAllGather", "HcomReduceScatter"}
+
+
+@pytest.mark.parametrize("target,fuses", [("portable", True), ("A3", False)])
+def test_hf_batched_mm_experts_build_a_ge_graph(torchair, tmp_path, target, fuses):
+    """HF's batched_mm experts, rewritten into a sort, npu_ffn_grouped and the inverse permutation:
+    every op of the rewrite has a GE converter (a non-stable Sort, Range, SearchSorted), so the graph
+    builds. A3's FFN has no GLU with experts: refused there, with the op's reason."""
+    pytest.importorskip("transformers")
+    from integration.test_hf_transformers import make_block
+
+    block = make_block("mixtral", "batched_mm", hidden=16, inner=32).to(torch.float16)
+    report = FusionReport()
+    with torch.no_grad():
+        graph = compile_ge_graph(torchair, block, (torch.randn(2, 6, 16).half(),), tmp_path,
+                                 make_backend=lambda config: moe_fusion.torchair_backend(config, target, report=report))
+    types = [op.type for op in graph.op]
+    if fuses:
+        assert [e.detail.split(",")[0] for e in report.fused("ffn")] == ["npu_ffn_grouped(swiglu"], report.format()
+        assert types.count("FFN") == 1 and "Sort" in types and "SearchSorted" in types
+        assert attrs(node(graph, "FFN"))["tokens_index_flag"] is True
+        assert "BatchMatMulV2" not in types and "BatchMatMul" not in types
+    else:
+        assert not report.fused() and "FFN" not in types
+        assert any("swiglu is not supported with experts on A2/A3" in e.detail for e in report.refused("ffn"))
