@@ -10,15 +10,16 @@ import torch
 import moe_fusion
 from moe_fusion.passes import FusionReport, module_routes
 
-from integration.test_hf_transformers import BLOCKS, HIDDEN, _assert_equal, _step, make_block
+from integration.test_hf_transformers import BLOCKS, HIDDEN, _assert_equal, make_block
+from step_results import step_results
 
 
 def _routed_step(block: torch.nn.Module, train: bool, compiler: str = "eager"):
     x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
-    want = _step(block, block, x, train)
+    want = step_results(block, block, x, train)
     report = FusionReport()
     torch._dynamo.reset()
-    got = _step(block, moe_fusion.compile(block, report=report, compiler=compiler), x, train)
+    got = step_results(block, moe_fusion.compile(block, report=report, compiler=compiler), x, train)
     return report, got, want
 
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from moe_fusion.passes import FusionReport, backend
+from step_results import step_results
 
 HIDDEN, INNER, EXPERTS, TOP_K = 32, 64, 4, 2
 BLOCKS = {   # name -> (config class, block class), importable paths in transformers
@@ -59,26 +60,13 @@ def make_block(name: str, implementation: str, hidden: int = HIDDEN, inner: int 
     return block
 
 
-def _step(block: torch.nn.Module, run, x: torch.Tensor, train: bool) -> list[torch.Tensor]:
-    leaf = x.clone().requires_grad_(train)
-    with torch.set_grad_enabled(train):
-        out = run(leaf)
-        y = out[0] if isinstance(out, tuple) else out
-        if not train:
-            return [y]
-        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
-    grads = [y.detach(), leaf.grad] + [p.grad.clone() for p in block.parameters() if p.grad is not None]
-    block.zero_grad(set_to_none=True)
-    return grads
-
-
 def compiled_step(name: str, implementation: str, train: bool, compiler: str = "eager"):
     block = make_block(name, implementation)
     x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
-    want = _step(block, block, x, train)
+    want = step_results(block, block, x, train)
     report = FusionReport()
     torch._dynamo.reset()
-    got = _step(block, torch.compile(block, backend=backend(report=report, compiler=compiler)), x, train)
+    got = step_results(block, torch.compile(block, backend=backend(report=report, compiler=compiler)), x, train)
     return report, got, want
 
 
@@ -139,7 +127,7 @@ def test_batched_mm_experts_with_input_ids_stay_unfused(train):
     report = FusionReport()
     torch._dynamo.reset()
     compiled = torch.compile(experts, backend=backend(report=report, compiler="eager"))
-    got, want = (_step(experts, lambda leaf, run=run: run(leaf, ids, weights), x, train) for run in (compiled, experts))
+    got, want = (step_results(experts, lambda leaf, run=run: run(leaf, ids, weights), x, train) for run in (compiled, experts))
     assert not report.fused(), report.format()
     assert any("not the indices of a topk" in e.detail for e in report.refused("ffn")), report.format()
     _assert_equal(got, want)

@@ -17,6 +17,7 @@ import torch
 
 import moe_fusion
 from moe_fusion.passes import FusionReport
+from step_results import step_results
 
 pytest.importorskip("torchtitan")
 from integration import torchtitan_shims  # noqa: E402
@@ -52,27 +53,15 @@ def make_moe(shared: bool = True) -> torch.nn.Module:
     return moe
 
 
-def _step(moe: torch.nn.Module, run, x: torch.Tensor, train: bool) -> list[torch.Tensor]:
-    leaf = x.clone().requires_grad_(train)
-    with torch.set_grad_enabled(train):
-        y = run(leaf)
-        if not train:
-            return [y.detach()]
-        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
-    grads = [y.detach(), leaf.grad] + [p.grad.clone() for p in moe.parameters() if p.grad is not None]
-    moe.zero_grad(set_to_none=True)
-    return grads
-
-
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-expert", "routed-only"])
 def test_moe_experts_fuse(shared, train):
     moe = make_moe(shared)
     x = torch.randn(2, 6, DIM, generator=torch.Generator().manual_seed(1))
-    want = _step(moe, moe, x, train)
+    want = step_results(moe, moe, x, train)
     report = FusionReport()
     torch._dynamo.reset()
-    got = _step(moe, moe_fusion.compile(moe, report=report, compiler="eager"), x, train)
+    got = step_results(moe, moe_fusion.compile(moe, report=report, compiler="eager"), x, train)
     details = [e.detail for e in report.fused("ffn")]
     assert any(d.startswith("npu_ffn_grouped(swiglu, GLU, no bias1, torch.bfloat16)") for d in details), report.format()
     assert any(d.startswith("npu_ffn(swiglu, GLU") for d in details) == shared, report.format()
@@ -87,7 +76,7 @@ def test_inductor_inference():
     x = torch.randn(2, 6, DIM, generator=torch.Generator().manual_seed(1))
     report = FusionReport()
     torch._dynamo.reset()
-    (got,) = _step(moe, moe_fusion.compile(moe, report=report), x, False)
-    (want,) = _step(moe, moe, x, False)
+    (got,) = step_results(moe, moe_fusion.compile(moe, report=report), x, False)
+    (want,) = step_results(moe, moe, x, False)
     assert len(report.fused("ffn")) == 2, report.format()
     assert (got - want).abs().max().item() <= 1e-2 * want.abs().max().item() + 1e-3

@@ -18,6 +18,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import moe_fusion
 from moe_fusion.passes import FusionReport, backend
 from moe_fusion.passes.lowering import split_concatenated_weights
+from step_results import step_results
 
 H, INNER, ROWS = 16, 32, 12
 
@@ -39,24 +40,10 @@ class GateFirstMLP(torch.nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def _run(model: torch.nn.Module, run, x: torch.Tensor, train: bool) -> list[torch.Tensor]:
-    """Output, and with ``train`` the gradients of x and of every parameter."""
-    leaf = x.clone().requires_grad_(train)
-    with torch.set_grad_enabled(train):
-        out = run(leaf)
-        y = out[0] if isinstance(out, tuple) else out
-        if not train:
-            return [y.detach()]
-        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
-    grads = [y.detach(), leaf.grad] + [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
 def _compiled_code(model: torch.nn.Module, compile_backend, x: torch.Tensor, train: bool) -> tuple[list, str]:
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=compile_backend)
-    results, code = run_and_get_code(lambda: _run(model, compiled, x, train))
+    results, code = run_and_get_code(lambda: step_results(model, compiled, x, train))
     # Without comment lines (they name the ATen ops a kernel came from).
     return results, "\n".join(line for source in code for line in source.splitlines()
                               if not line.lstrip().startswith("#"))
@@ -75,7 +62,7 @@ def test_glu_mlp_compiles_like_plain_inductor(train):
     # the hidden activations is merged with the forward's).
     mm_calls = re.compile(r"extern_kernels\.(?:mm|addmm|bmm)\(")
     assert len(mm_calls.findall(code)) <= len(mm_calls.findall(plain_code))
-    want = _run(model, model, x, train)
+    want = step_results(model, model, x, train)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
@@ -100,7 +87,7 @@ def test_hf_grouped_experts_compile_from_the_kernel(name, train):
     assert f"empty_strided_cpu(({experts}, {2 * INNER}, {H})" not in code
     assert "slice_backward" not in code and "slice_scatter" not in code
     assert "cat" not in code or train       # training: the activation's gradient halves are concatenated
-    want = _run(block, block, x, train)
+    want = step_results(block, block, x, train)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
