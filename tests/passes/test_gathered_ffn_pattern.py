@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_fusion.passes import FusionReport, backend
+from step_results import step_results
 
 E, K, INNER, TOKENS, TOP_K = 4, 8, 16, 6, 2
 
@@ -47,18 +48,8 @@ def _compile(model: torch.nn.Module, train: bool) -> tuple[FusionReport, list[to
     report = FusionReport()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend(report=report, compiler="eager"), fullgraph=True)
-    results = []
-    for run in (compiled, model):
-        leaf = x.clone().requires_grad_(train)
-        with torch.set_grad_enabled(train):
-            y = run(leaf)
-            out = [y.detach()]
-            if train:
-                (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
-                out += [leaf.grad] + [p.grad.clone() for p in model.parameters()]
-                model.zero_grad(set_to_none=True)
-        results.append(out)
-    return report, results[0], results[1]
+    got, want = (step_results(model, run, x, train) for run in (compiled, model))
+    return report, got, want
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])

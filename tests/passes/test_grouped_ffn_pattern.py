@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_fusion.passes import FusionReport, backend
+from step_results import step_results
 
 E, K, INNER, ROWS = 3, 8, 16, 10      # row strides: multiples of 16 bytes (_grouped_mm)
 BF16 = torch.bfloat16
@@ -48,18 +49,8 @@ def _compile(model: torch.nn.Module, train: bool) -> tuple[FusionReport, list[to
     report = FusionReport()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend(report=report, compiler="eager"), fullgraph=True)
-    results = []
-    for run in (compiled, model):
-        leaf = x.clone().requires_grad_(train)
-        with torch.set_grad_enabled(train):
-            y = run(leaf, OFFS)
-            out = [y.detach()]
-            if train:
-                y.float().sum().backward()
-                out += [leaf.grad] + [p.grad.clone() for p in model.parameters()]
-                model.zero_grad(set_to_none=True)
-        results.append(out)
-    return report, results[0], results[1]
+    got, want = (step_results(model, lambda leaf, run=run: run(leaf, OFFS), x, train) for run in (compiled, model))
+    return report, got, want
 
 
 @pytest.mark.parametrize("train", [False, True])
