@@ -67,3 +67,17 @@ def test_other_implementations_are_not_candidates():
     for implementation in ("grouped_mm", "batched_mm"):
         assert not module_routes.candidates(make_block("mixtral", implementation))
     assert not module_routes.candidates(torch.nn.Linear(2, 2))
+
+
+def test_a_half_precision_swap_is_checked_at_its_dtype():
+    """fp16 eager and grouped_mm experts differ by fp16 roundings: the check allows a few, so the
+    route applies (and the result stays within fp16 rounding of eager)."""
+    block = make_block("mixtral", "eager").half()
+    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3)).half()
+    report = FusionReport()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = moe_fusion.compile(block, report=report, compiler="eager")(x)[0]
+        want = block(x)[0]
+    assert report.fused(module_routes.PATTERN), report.format()
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
