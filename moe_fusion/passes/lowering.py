@@ -126,8 +126,10 @@ def split_concatenated_weights(graph: fx.Graph) -> int:
     * concatenated along the contraction: ``sum_i mm(a[:, K_i], W_i)``.
 
     Runs after the lowering (``lower_local_ops``), also on the joint graph of a training step,
-    where the backward's use of the weight and its gradient are visible too.
-    Returns how many matmuls were split."""
+    where the backward's use of the weight (the formula's matmuls, plain ATen ops there) and its
+    gradient are visible too. Any such matmul of the graph is split, as inductor's own rewrites
+    would: the contraction split sums in another order, fp32-close. Returns how many matmuls were
+    split."""
     split = 0
     for matmul in [n for n in graph.nodes if n.op == "call_function" and n.target in _MATMULS]:
         weight = _concatenated_weight(matmul.args[1])
