@@ -22,12 +22,13 @@ FFNs with it. Forms read (``x`` ``(M, K1)``; 3-D inputs appear as views around t
   projections). ``f`` in relu/tanh-GELU/silu gives reglu/geglu/swiglu. npu_ffn computes
   ``h[:, :N1/2] * f(h[:, N1/2:])`` (SPEC §9 #14), so W1 is ``cat([W_left, W_right], -1)``: the
   *non-activated* factor goes first, whichever chunk it is (a product commutes; only which
-  factor is activated matters). W1 is passed unchanged when it already has that layout.
+  factor is activated matters). W1 is passed unchanged when it already has that layout. A linear
+  half written ``x_linear + 0`` (Megatron-core's ``glu_linear_offset`` default) is ``x_linear``.
 
 Refused, with a reason in the fusion report: erf GELU (npu_ffn's "gelu" is the tanh form, SPEC
 §9 #15), fastgelu GLU (no such npu_ffn activation), GLU look-alikes (both factors activated,
-factors from matmuls of different inputs, one biased projection), and intermediates used outside
-the pattern; ``FfnMatch.replace_with`` refuses anything the
+factors from matmuls of different inputs, one biased projection, a non-zero offset on the linear
+half), and intermediates used outside the pattern; ``FfnMatch.replace_with`` refuses anything the
 compile target's npu_ffn rejects (``PROTOS["npu_ffn"].check`` on the fake values, e.g. fp32 or
 ``N2 != K1`` on A2/A3). Not seen: products that broadcast, chunks along rows, and 1-row matmuls
 with N, K <= 16, which inductor decomposes into ``mul`` + ``sum`` on CPU.
@@ -500,6 +501,20 @@ def _match_plain(second: Linear, act: ActivationMatch, below: tuple, source: fx.
     return FfnMatch(PLAIN_ACTIVATIONS[act.kind], first.x, (Columns(first, 0, first.n, ()),), second, nodes)
 
 
+def _without_zero_offset(factor: fx.Node) -> fx.Node:
+    """``x`` for ``factor = x + 0`` (Megatron's GLU adds ``glu_linear_offset``, 0 by default, to the
+    linear half: the sum is ``x`` up to the sign of a zero, which the product turns into a zero
+    either way), else ``factor``. Any other offset is refused: npu_ffn's GLU adds none."""
+    if not (is_op(factor, aten.add.Tensor) and len(factor.args) == 2 and not factor.kwargs
+            and isinstance(factor.args[1], (int, float)) and isinstance(factor.args[0], fx.Node)):
+        return factor
+    offset = factor.args[1]
+    if offset != 0:
+        raise Refusal(f"the GLU's linear half adds an offset ({offset}, Megatron's glu_linear_offset); "
+                      "npu_ffn computes left * f(right) without one")
+    return factor.args[0]
+
+
 def _match_glu(second: Linear, mul: fx.Node, below_mul: tuple, dtype: torch.dtype) -> Optional[FfnMatch]:
     factors = mul.args[:2]
     if not all(isinstance(f, fx.Node) for f in factors) or not _same_shape(*factors):
@@ -513,7 +528,11 @@ def _match_glu(second: Linear, mul: fx.Node, below_mul: tuple, dtype: torch.dtyp
     gate_index = 0 if activated[0] is not None else 1
     act, below, source, above = activated[gate_index]
     right = _columns(source)
-    left = _columns(factors[1 - gate_index])
+    linear_half = factors[1 - gate_index]
+    offset_free = _without_zero_offset(linear_half)
+    left = _columns(offset_free)
+    if left is not None and offset_free is not linear_half:
+        left = replace(left, nodes=left.nodes + (linear_half,))      # the "+ 0" goes with the match
     if left is None or right is None:
         return None
     if act.kind not in GLU_ACTIVATIONS:

@@ -173,6 +173,23 @@ def halves(x, w1):
     return (x @ w1).chunk(2, -1)
 
 
+def megatron_glu(offset):
+    """Megatron-core's MLP GLU: ``act(x_glu) * (x_linear + config.glu_linear_offset)``."""
+    def fn(x, w1, w2):
+        x_glu, x_linear = halves(x, w1)
+        return (F.silu(x_glu) * (x_linear + offset)) @ w2
+    return fn, (randn(M, K), randn(K, 2 * N), randn(N, K))
+
+
+def test_megatron_glu_with_its_default_zero_offset_fuses():
+    gm, _ = assert_fused(*megatron_glu(0.0), "swiglu")
+    assert not calls(gm, aten.add.Tensor)
+
+
+def test_megatron_glu_with_an_offset_is_refused():
+    assert_refused(*megatron_glu(1.0), "the GLU's linear half adds an offset (1.0, Megatron's glu_linear_offset)")
+
+
 @pytest.mark.parametrize("fn, reason", [
     (lambda x, w1, w2: (F.silu(halves(x, w1)[0]) * F.silu(halves(x, w1)[1])) @ w2, "both factors"),
     (lambda x, w1, w2: (F.gelu(halves(x, w1)[1]) * halves(x, w1)[0]) @ w2, "exact erf form"),
