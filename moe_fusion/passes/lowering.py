@@ -154,6 +154,8 @@ def _reordered_outer(graph: fx.Graph, add: fx.Node) -> bool:
     dim, outer, _, _ = scatters[0]
     if outer.target is not torch.ops.moe_fusion._segment_outer.default or len(outer.users) != 2:
         return False
+    if tuple(add.meta["val"].shape) != tuple(outer.meta["val"].shape):
+        return False        # scattered into a larger tensor: not a reordering of G
     size = outer.meta["val"].shape[dim]
     placed = sorted((target, block) for _, _, target, block in scatters)        # by destination
     if [t for t, _ in placed] != [(0, placed[0][0][1]), (placed[0][0][1], size)] or any(
@@ -298,7 +300,6 @@ def _replace_uses(node: fx.Node, result: Any) -> None:
             raise AssertionError(f"moe_fusion: {node.name} is used whole by {user.name}; expected getitem users")
         user.replace_all_uses_with(flat[user.args[1]])
         user.graph.erase_node(user)
-
 
 
 def _column_slice(node: fx.Node, columns: int) -> "tuple[int, int] | None":
