@@ -83,12 +83,25 @@ def candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Modul
 
 def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Optional[FusionReport]) -> None:
     """Swap every candidate module of ``model`` whose swapped forward equals its original forward on
-    the inputs it receives in ``model(*args, **kwargs)`` (run once eagerly, without gradients)."""
+    the inputs it receives in ``model(*args, **kwargs)`` (run once eagerly, without gradients).
+
+    The check leaves the random number generators as it found them (the model's own run draws
+    what it would have drawn), and replays each module's call from the CPU generator state it
+    started with, so a module drawing random numbers is compared on the same draws."""
     found = candidates(model)
     if not found:
         return
+    with torch.random.fork_rng():
+        _check_swaps(model, args, kwargs, report, found)
+
+
+def _check_swaps(model: torch.nn.Module, args: tuple, kwargs: dict, report: Optional[FusionReport],
+                 found: list[tuple[str, torch.nn.Module, ModuleRoute, str]]) -> None:
     calls: dict[str, tuple] = {}
-    hooks = [module.register_forward_hook(_recorder(calls, path), with_kwargs=True) for path, module, _, _ in found]
+    states: dict[str, torch.Tensor] = {}
+    hooks = [hook for path, module, _, _ in found for hook in (
+        module.register_forward_pre_hook(_rng_recorder(states, path)),
+        module.register_forward_hook(_recorder(calls, path), with_kwargs=True))]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -101,6 +114,7 @@ def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Opt
             continue
         module_args, module_kwargs, want = calls[path]
         undo = route.swap(module)
+        torch.set_rng_state(states[path])
         with torch.no_grad():
             got = module(*module_args, **module_kwargs)
         difference = _difference(got, want)
@@ -110,6 +124,12 @@ def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Opt
             undo()
             _record(report, False, path, f"{route.name}: {what}: the swapped forward differs from the original on "
                                          f"the first call ({difference}); undone")
+
+
+def _rng_recorder(states: dict, path: str) -> Callable[..., None]:
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        states.setdefault(path, torch.get_rng_state())   # the CPU generator as the first call began
+    return record
 
 
 def _recorder(calls: dict, path: str) -> Callable[..., None]:

@@ -81,3 +81,16 @@ def test_a_half_precision_swap_is_checked_at_its_dtype():
         want = block(x)[0]
     assert report.fused(module_routes.PATTERN), report.format()
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_the_check_leaves_the_random_generators_as_it_found_them():
+    """The first call's extra eager run (a block with dropout-like draws elsewhere) must not shift
+    the program's random stream."""
+    block = make_block("mixtral", "eager")
+    noisy = torch.nn.Sequential(torch.nn.Dropout(0.5), block).train()
+    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    module_routes.apply_checked(noisy, (x,), {}, FusionReport())
+    assert torch.equal(torch.get_rng_state(), before)
+    assert "forward" in vars(block.experts)           # swapped: equal on the first call
