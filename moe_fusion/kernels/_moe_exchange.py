@@ -11,12 +11,13 @@ on anything, or that rejected their inputs, still complete it, and every rank th
 * otherwise each field must be the same on every rank of its scope (the op itself, H, dtype, K,
   expert counts, modes, ...), else every rank raises the same disagreement error.
 
-Then the kernels exchange counts (``exchange_counts``: equal splits, int64) and rows
-(``exchange_rows``: ``all_to_all_single`` with split sizes over the rows' bytes: the payload rows
-as they are, the small per-row fields packed in a ``uint8`` ``RowLayout`` buffer). A backend failure of any collective (a peer exited, stopped, or never called the
-op: gloo raises after the process group's timeout) becomes a ``GroupPeerError`` naming the op, the
-group and the ranks that did not reach the exchange (from a per-group arrival mark in the default
-``torch.distributed`` store).
+Then the kernels exchange counts (``exchange_counts``: an all-gather, int64) and rows
+(``exchange_rows``: ``all_to_all_single`` with split sizes over a ``uint8`` buffer of packed rows,
+``RowLayout``, in send/receive staging buffers reused across calls, ``staging_rows``). A backend
+failure of any collective (a peer exited, stopped, or never called the op: gloo raises after the
+process group's timeout) becomes a ``GroupPeerError`` naming the op, the group and the ranks that
+did not reach the exchange (from a per-group arrival mark in the default ``torch.distributed``
+store).
 
 A group of one rank is never looked up and moves nothing (``group is None``).
 """
@@ -87,14 +88,22 @@ class RowLayout:
         starts = list(self.offsets[1:]) + [self.row_bytes]
         return tuple((end, start) for end, start in zip(ends, starts) if start > end)
 
-    def pack(self, parts: Sequence[Tensor]) -> Tensor:
-        """``(N, row_bytes)`` uint8 holding ``parts`` (``(N, width_i)`` tensors of the layout's
-        dtypes, any strides); alignment padding bytes are zero (only they are zero-filled: the
-        fields are written once)."""
-        n = parts[0].size(0)
-        buf = torch.empty((n, self.row_bytes), dtype=torch.uint8, device=parts[0].device)
+    def empty(self, n: int, device: torch.device, staging: Optional[tuple[str, str]] = None) -> Tensor:
+        """``(n, row_bytes)`` uint8 rows whose fields are yet to be written; alignment padding bytes
+        are zero (only they are zero-filled). ``staging`` ``(role, group name)``: the rows of that
+        reused buffer (``staging_rows``), else a new allocation."""
+        if staging is None:
+            buf = torch.empty((n, self.row_bytes), dtype=torch.uint8, device=device)
+        else:
+            buf = staging_rows(*staging, n, self.row_bytes, device)
         for start, end in self.gaps:
             buf[:, start:end].zero_()
+        return buf
+
+    def pack(self, parts: Sequence[Tensor], staging: Optional[tuple[str, str]] = None) -> Tensor:
+        """``(N, row_bytes)`` uint8 holding ``parts`` (``(N, width_i)`` tensors of the layout's
+        dtypes, any strides), rows from ``empty`` (``staging`` as there)."""
+        buf = self.empty(parts[0].size(0), parts[0].device, staging)
         for view, part in zip(self._views(buf), parts):
             view.copy_(part)
         return buf
@@ -103,6 +112,22 @@ class RowLayout:
         """Views ``(N, width_i)`` of each field of ``buf`` ``(N, row_bytes)`` uint8 (rows of stride
         ``row_bytes``: a buffer this layout packed or received, or a slice of its rows)."""
         return self._views(buf)
+
+
+_STAGING: dict[tuple[str, str, torch.device], Tensor] = {}   # (role, group name, device) -> uint8 bytes
+
+
+def staging_rows(role: str, group_name: str, n: int, row_bytes: int, device: torch.device) -> Tensor:
+    """``(n, row_bytes)`` uint8 rows at the start of a buffer kept for the next call with the same
+    ``role`` (``"send"`` or ``"recv"``) on the same group and device, grown (never shrunk) when too
+    small, so the payload exchanges do not fault fresh pages in on every call. Its contents are
+    whatever the last user left: only a kernel's own send/receive staging may live there, read
+    and written within one call, never an output (the next call would overwrite it)."""
+    key = (role, group_name, device)
+    buf = _STAGING.get(key)
+    if buf is None or buf.numel() < n * row_bytes:
+        buf = _STAGING[key] = torch.empty(n * row_bytes, dtype=torch.uint8, device=device)
+    return buf[:n * row_bytes].view(n, row_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,24 +354,25 @@ def join_rejected(op: str, error: OpValidationError, group_ep: object, group_tp:
 
 def exchange_counts(op: str, group: Optional[dist.ProcessGroup], counts: Tensor) -> Tensor:
     """Send ``counts[d]`` to rank ``d``: ``counts`` ``(W, C)`` int64; returns ``(W, C)`` with row ``s``
-    = what rank ``s`` sent to this rank."""
+    = what rank ``s`` sent to this rank. One all-gather of every rank's counts (gloo's all-gather of
+    a few hundred bytes takes a third of its all-to-all's time), this rank's column kept."""
     send = counts.to(torch.int64).contiguous()
     if group is None:
         return send
-    recv = torch.empty_like(send)
     with peer_guard(op, "group_ep", group, "count exchange"):
-        dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
-    return recv
+        every = _all_gather(group, send.view(-1)).view(group.size(), *send.shape)
+    return every[:, group.rank()].contiguous()
 
 
 def exchange_rows(op: str, group: Optional[dist.ProcessGroup], buf: Tensor, send_splits: Tensor,
                   recv_splits: Tensor) -> Tensor:
-    """All-to-all of the rows of ``buf`` ``(N, B)`` (contiguous, any dtype; sent as their bytes, which
-    gloo moves for every dtype): ``send_splits[d]`` consecutive rows go to rank ``d``."""
+    """All-to-all of ``buf`` ``(N, B)`` uint8 rows: ``send_splits[d]`` consecutive rows go to rank ``d``.
+    Returns the rows received, in the group's ``"recv"`` staging buffer (``staging_rows``: read
+    them before the next exchange), or ``buf`` itself for a group of one."""
     if group is None:
         return buf
-    out = buf.new_empty((int(recv_splits.sum()), buf.size(1)))
+    out = staging_rows("recv", group.group_name, int(recv_splits.sum()), buf.size(1), buf.device)
     with peer_guard(op, "group_ep", group, "payload exchange"):
-        dist.all_to_all_single(out.view(torch.uint8), buf.view(torch.uint8), output_split_sizes=recv_splits.tolist(),
+        dist.all_to_all_single(out, buf, output_split_sizes=recv_splits.tolist(),
                                input_split_sizes=send_splits.tolist(), group=group)
     return out

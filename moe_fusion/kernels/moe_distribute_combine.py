@@ -9,9 +9,9 @@ Combine consumes only what the paired dispatch wrote (canonical layout, see
    the rows and the TP pair's row counts (``_fields``), so every rank stops together;
 2. TP (T == 2): one fp32 ``reduce_scatter_tensor`` adds the peer's copy of our rows (its rows
    ``[peer_own, peer_own + own)``) to ours; the sum is rounded to the ``expand_x`` dtype;
-   EP return: one count exchange (rows per source rank), one exchange of the rows as they are
-   (or int8 rows: ``comm_quant_mode`` 2 quantizes per group of 8 elements, SPEC §4.3), one of the
-   packed per-row fields ``[per-8-group scales | token, slot]`` (``RowLayout``);
+   EP return: one count exchange (rows per source rank), one payload exchange of packed rows
+   ``[row or int8 row + per-8-group scales | token, slot]`` (``RowLayout``; ``comm_quant_mode`` 2
+   quantizes per group of 8 elements, SPEC §4.3);
 3. on the token's rank, in fp32: ``acc = sum_j w_j * row_j`` over slots ``j = 0..K-1`` (copy
    experts use ``ori_x``, const experts ``ori_x * alpha_1 + v * alpha_2``, zero experts nothing),
    then the shared-expert rows and ``shared_expert_x`` unweighted.
@@ -37,6 +37,7 @@ from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
 QUANT_GROUP = 8                       # elements per comm-quant scale (one 32-byte fp32 block)
+BLOCK_ELEMENTS = 1 << 16              # accumulator elements per token block of the weighted sum (256 KB in fp32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,9 +145,10 @@ def _tp_reduce(op: str, group: dist.ProcessGroup, cfg: DistConfig, expand_x: Ten
 def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """Steps 1–2: every row this rank computed for another rank's token, delivered there.
     Returns ``(rows (R, H), token (R,), slot (R,))`` of the rows this rank received (rows in
-    expand_x's dtype, or its dtype after int8 comm quant)."""
+    expand_x's dtype, or its dtype after int8 comm quant; without it, a view of the receive
+    staging buffer, valid until the next exchange)."""
     expand_x, expert_ids = inputs["expand_x"], inputs["expert_ids"]
-    dtype = expand_x.dtype
+    dtype, h = expand_x.dtype, expand_x.size(1)
     assist, comm_quant_mode = inputs["assist"], inputs["comm_quant_mode"]
     exchange = open_exchange(op, inputs["group_ep"], cfg.world, cfg.rank, inputs["group_tp"], cfg.tp_world,
                              cfg.tp_rank)
@@ -162,20 +164,20 @@ def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tens
     send_counts = torch.bincount(triples[:, 0], minlength=cfg.world)
     recv_counts = exchange_counts(op, exchange.ep, send_counts.unsqueeze(1))
 
-    rows, triples = rows.index_select(0, order), triples.index_select(0, order)
-    meta = triples[:, 1:].int()
-    # Two exchanges: the payload rows as they are (no packing copy) and the small per-row fields packed.
+    staging = ("send", "" if exchange.ep is None else exchange.ep.group_name)
+    meta = triples[order, 1:]
     if comm_quant_mode == combine_proto.COMM_QUANT_INT8:
-        payload, scales = comm_quant(rows)
-        layout = RowLayout(((dtype, scales.size(1)), (torch.int32, 2)))
-        fields = layout.pack([scales, meta])
+        q, scales = comm_quant(rows[order])
+        layout = RowLayout(((torch.int8, h), (dtype, scales.size(1)), (torch.int32, 2)))
+        buf = layout.pack([q, scales, meta], staging)
     else:
-        payload, layout = rows, RowLayout(((torch.int32, 2),))
-        fields = layout.pack([meta])
-    recv_splits = recv_counts.squeeze(1)
-    received = exchange_rows(op, exchange.ep, payload.contiguous(), send_counts, recv_splits)
-    parts = layout.unpack(exchange_rows(op, exchange.ep, fields, send_counts, recv_splits))
-    got = comm_dequant(received, parts[0]) if comm_quant_mode == combine_proto.COMM_QUANT_INT8 else received
+        layout = RowLayout(((dtype, h), (torch.int32, 2)))
+        buf = layout.empty(order.numel(), rows.device, staging)
+        payload, buf_meta = layout.unpack(buf)
+        torch.index_select(rows, 0, order, out=payload)
+        buf_meta.copy_(meta)
+    parts = layout.unpack(exchange_rows(op, exchange.ep, buf, send_counts, recv_counts.squeeze(1)))
+    got = comm_dequant(parts[0], parts[1]) if comm_quant_mode == combine_proto.COMM_QUANT_INT8 else parts[0]
     return got, parts[-1][:, 0].long(), parts[-1][:, 1].long()
 
 
@@ -210,37 +212,45 @@ def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tenso
     expected = torch.cat([active & (ids < moe_end), processed.unsqueeze(1).expand(bs, cfg.n_shared)], dim=1)
     _check_received(op, inputs["assist_arg"], expected, token, slot)
 
-    # The received rows grouped by slot, token order kept (``check_received``: at most one row per
-    # (token, slot)); each slot's rows are added to their tokens' sums in slot order.
-    by_slot = torch.argsort(slot, stable=True)
-    rows, token = rows.index_select(0, by_slot), token.index_select(0, by_slot)
-    ends = torch.bincount(slot, minlength=k + cfg.n_shared).cumsum(0).tolist()
+    # Row of each (token, slot) among the received ones; absent pairs (0 there) are zeroed after the gather.
+    slots = k + cfg.n_shared
+    pos = torch.zeros(bs * slots, dtype=torch.int64, device=dev)
+    pos[token * slots + slot] = torch.arange(token.numel(), device=dev)
+    pos, absent = pos.view(bs, slots), (~expected if bool((~expected).any()) else None)
     wide = accumulator(inputs["expand_x"].dtype)
+    weights = expert_scales.to(wide)
     ori = inputs["ori_x"].to(wide) if inputs["ori_x"] is not None else None
     acc = torch.zeros((bs, h), dtype=wide, device=dev)
-
-    def add_slot(j: int, weighted: bool) -> None:
-        first = ends[j - 1] if j else 0
-        tokens = token[first:ends[j]]
-        contribution = rows[first:ends[j]].to(wide)
-        if weighted:
-            contribution = contribution * expert_scales[tokens, j].unsqueeze(1).to(wide)
-        acc.index_add_(0, tokens, contribution)      # one row per token: acc[t] += row, exactly
-
-    for j in range(k):                           # fixed slot order 0..K-1, as the kernel sums
-        e = ids[:, j]
-        w = expert_scales[:, j:j + 1].to(wide)
-        add_slot(j, weighted=True)               # the tokens whose slot j went to a MoE expert
-        if copy_end > zero_end:
-            acc += torch.where((active[:, j] & (e >= zero_end) & (e < copy_end)).unsqueeze(1), ori * w, 0.0)
-        if const_end > copy_end:
-            is_const = active[:, j] & (e >= copy_end) & (e < const_end)
-            acc += torch.where(is_const.unsqueeze(1), _const_expert(inputs, ori, e - copy_end) * w, 0.0)
-    for q in range(cfg.n_shared):                # shared experts: unweighted (SPEC §9 #3)
-        add_slot(k + q, weighted=False)
+    block = max(1, BLOCK_ELEMENTS // max(h, 1))
+    row = rows.new_empty((min(block, bs), h))    # slot j's row of each token of the block
+    term = row if row.dtype == wide else acc.new_empty(row.shape)
+    for first in range(0, bs, block):            # token blocks: each one's accumulator stays in cache
+        t = slice(first, min(first + block, bs))
+        a, r, w_r = acc[t], row[:t.stop - first], term[:t.stop - first]
+        for j in range(k):                       # fixed slot order 0..K-1, as the kernel sums
+            e = ids[t, j]
+            w = weights[t, j:j + 1]
+            a += torch.mul(_slot_rows(rows, pos[t, j], None if absent is None else absent[t, j:j + 1], r), w, out=w_r)
+            if copy_end > zero_end:
+                a += torch.where((active[t, j] & (e >= zero_end) & (e < copy_end)).unsqueeze(1), ori[t] * w, 0.0)
+            if const_end > copy_end:
+                is_const = active[t, j] & (e >= copy_end) & (e < const_end)
+                a += torch.where(is_const.unsqueeze(1), _const_expert(inputs, ori[t], e - copy_end) * w, 0.0)
+        for q in range(k, slots):                # shared experts: unweighted (SPEC §9 #3)
+            a += _slot_rows(rows, pos[t, q], None if absent is None else absent[t, q:q + 1], r)
     if inputs["shared_expert_x"] is not None:
         acc = acc + inputs["shared_expert_x"].reshape(bs, h).to(wide)
     return acc, processed
+
+
+def _slot_rows(rows: Tensor, pos: Tensor, absent: Optional[Tensor], out: Tensor) -> Tensor:
+    """``out`` ``(n, H)`` = ``rows[pos]`` (``pos`` ``(n,)`` int64 into ``rows`` ``(R, H)``), zero where
+    ``absent`` ``(n, 1)`` bool (no row was received for that token and slot: a zero row)."""
+    if rows.size(0):
+        torch.index_select(rows, 0, pos, out=out)
+    if absent is not None:
+        out.masked_fill_(absent, 0)
+    return out
 
 
 def _const_expert(inputs: dict[str, Any], ori: Tensor, c: Tensor) -> Tensor:
@@ -273,7 +283,7 @@ def moe_distribute_combine_v2(config: DistConfig, expand_x: Tensor, expert_ids: 
     inputs = _inputs(expand_x, expert_ids, assist_info_for_combine, "assist_info_for_combine", ep_send_counts,
                      expert_scales, group_ep, kwargs)
     acc, processed = combine_sum(combine_proto.NAME, config, inputs)
-    return torch.where(processed.unsqueeze(1), acc, 0.0).to(expand_x.dtype)
+    return acc.masked_fill_(~processed.unsqueeze(1), 0.0).to(expand_x.dtype)
 
 
 def moe_distribute_combine_add_rms_norm(config: DistConfig, expand_x: Tensor, expert_ids: Tensor,

@@ -12,9 +12,9 @@ Per rank, vectorized over all (token, slot) copies:
    then over the EP group carries every rank's verdict on its inputs and the attributes that shape
    the rows (``_fields``), so every rank of both groups stops together on a rejection or a
    disagreement;
-4. EP exchange: one count exchange (counts per destination and local expert), one exchange of
-   the payload rows as they are, one of the packed per-row fields ``[dynamic scale | expand scale
-   | token, slot]`` (``RowLayout``: each field aligned to its element size);
+4. EP exchange: one count exchange (counts per destination and local expert), one payload
+   exchange of packed rows ``[payload | dynamic scale | expand scale | token, slot]``
+   (``RowLayout``: each field aligned to its element size);
 5. receive layout: rows sorted local-expert-major, source-minor, token order kept;
 6. TP (T == 2): after the EP exchange the peer's rows are appended after ours with one count
    all-gather and one payload all-gather.
@@ -24,17 +24,20 @@ Implementation-defined outputs (SPEC §3.4), all zero where not written:
 ``ep_recv_counts`` inclusive prefix sums over (local expert, source) (peer's at ``[W:2W]`` with
 TP); ``tp_recv_counts = [rows of tp rank 0, rows of tp rank 1]`` (T == 1: ``[own rows]``);
 ``expand_scales[row]`` = the source's ``expert_scales`` weight for that copy (0 for shared rows).
-Rows past the received count are zero.
+Rows past the received count are zero: the outputs come zero-filled from ``calloc`` on CPU
+(``_zeroed_outputs``), whose untouched pages cost nothing.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..errors import OpValidationError, fail
-from ..meta import allocate_outputs
+from ..op_protos._proto import OutSpec
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ..op_protos.moe_distribute_dispatch_v2 import NAME, PROTO, QUANT_DYNAMIC, DispatchConfig
 from ._moe_exchange import (Field, RowLayout, dist_fields, exchange_counts, exchange_rows, open_exchange,
@@ -120,24 +123,20 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     error = _local_error(cfg, expert_ids, x_active_mask, elastic_info)
     exchange.agree(_fields(config, expert_scales is not None, global_bs), error, x.device)
 
-    outs = allocate_outputs(PROTO.infer_shape(config), x)
+    outs = _zeroed_outputs(PROTO.infer_shape(config), x.device)
     expand_x, dynamic_scales, assist, token_nums, ep_counts, tp_counts, expand_scales = outs
-    for out in outs[1:]:
-        out.zero_()   # expand_x, the big one, is written once below: rows, then zero padding
-    k = cfg.top_k
+    h, k = cfg.hidden, cfg.top_k
     plan = _plan(cfg, expert_ids, x_active_mask)
     lm = cfg.moe_local_experts
     send_counts = torch.bincount(plan["dst"] * lm + plan["local"], minlength=cfg.world * lm).view(cfg.world, lm)
     recv_counts = exchange_counts(NAME, exchange.ep, send_counts)
 
-    # Two exchanges: the payload rows as they are (no packing copy; received contiguous for the
-    # reorder below) and the small per-row fields packed.
-    layout = RowLayout(((torch.float32, 1),) * (quant_mode == QUANT_DYNAMIC)
+    layout = RowLayout(((x.dtype if quant_mode != QUANT_DYNAMIC else torch.int8, h),)
+                       + ((torch.float32, 1),) * (quant_mode == QUANT_DYNAMIC)
                        + ((torch.float32, 1),) * (expert_scales is not None) + ((torch.int32, 2),))
-    payload, fields = _pack(layout, plan, x, scales, expert_scales, quant_mode, k)
-    sends, recvs = send_counts.sum(1), recv_counts.sum(1)
-    received = exchange_rows(NAME, exchange.ep, payload, sends, recvs)
-    parts = layout.unpack(exchange_rows(NAME, exchange.ep, fields, sends, recvs))
+    send = _pack(layout, plan, x, scales, expert_scales, quant_mode, k, exchange.ep)
+    buf = exchange_rows(NAME, exchange.ep, send, send_counts.sum(1), recv_counts.sum(1))
+    parts = layout.unpack(buf)
 
     # Receive order is (source, local expert, token); the layout is (local expert, source, token).
     lo = cfg.local_experts
@@ -145,10 +144,9 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     source, local = code // lm, code % lm
     order = torch.argsort(local * cfg.world + source, stable=True)
     own = order.numel()
-    torch.index_select(received, 0, order, out=expand_x[:own])
-    expand_x[own:].zero_()
+    torch.index_select(parts[0], 0, order, out=expand_x[:own])
     if quant_mode == QUANT_DYNAMIC:
-        dynamic_scales[:own] = parts[0][order, 0]
+        dynamic_scales[:own] = parts[1][order, 0]
     if expert_scales is not None:
         expand_scales[:own] = parts[-2][order, 0]
     meta = parts[-1][order]
@@ -166,26 +164,42 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     return outs
 
 
+def _zeroed_outputs(specs: Sequence[OutSpec], device: torch.device) -> tuple[Tensor, ...]:
+    """Zero-filled tensors of ``specs`` (``infer_shape``'s). On CPU each is a ``calloc`` buffer
+    (numpy's zeros): the OS maps a large one's pages zero-filled when first touched, so the
+    padding rows past the received count, most of ``expand_x``, are never written (elsewhere, and
+    for empty tensors, which numpy gives stride 0, ``torch.zeros``)."""
+    def zeros(spec: OutSpec) -> Tensor:
+        nbytes = math.prod(spec.shape) * spec.dtype.itemsize
+        if device.type != "cpu" or nbytes == 0:
+            return torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+        return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(spec.dtype).view(spec.shape)
+
+    return tuple(zeros(spec) for spec in specs)
+
+
 def _pack(layout: RowLayout, plan: dict[str, Tensor], x: Tensor, scales: Optional[Tensor],
-          expert_scales: Optional[Tensor], quant_mode: int, k: int) -> tuple[Tensor, Tensor]:
-    """The send buffers, rows in send order: the payload ``(copies, H)`` (x's dtype, or int8 for
-    ``quant_mode`` 2) and ``(copies, layout.row_bytes)`` uint8 ``[dyn scale | expand scale | token, slot]``."""
+          expert_scales: Optional[Tensor], quant_mode: int, k: int, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """The send buffer ``(copies, layout.row_bytes)`` uint8: ``[payload | dyn scale | expand scale | token, slot]``,
+    in ``group``'s send staging (``_moe_exchange.staging_rows``)."""
     tok, slot = plan["tok"], plan["slot"]
-    parts: list[Tensor] = []
+    buf = layout.empty(tok.numel(), x.device, ("send", "" if group is None else group.group_name))
+    views = layout.unpack(buf)
     if quant_mode == QUANT_DYNAMIC:
         rows = x.index_select(0, tok).float()
         if scales is not None:
             rows = rows * scales.index_select(0, plan["scale_row"])
-        payload, dyn = dynamic_quant(rows)
-        parts.append(dyn.unsqueeze(1))
+        q, dyn = dynamic_quant(rows)
+        views[0].copy_(q)
+        views[1].copy_(dyn.unsqueeze(1))
     else:
-        payload = x.index_select(0, tok)
+        torch.index_select(x, 0, tok, out=views[0])
     if expert_scales is not None:
         moe = slot < k
         weight = expert_scales[tok, slot.clamp(max=k - 1)]
-        parts.append(torch.where(moe, weight, 0.0).unsqueeze(1))
-    parts.append(torch.stack([tok, slot], dim=1).int())
-    return payload, layout.pack(parts)
+        views[-2].copy_(torch.where(moe, weight, 0.0).unsqueeze(1))
+    views[-1].copy_(torch.stack([tok, slot], dim=1))
+    return buf
 
 
 def _write_prefix(out: Tensor, start: int, values: Tensor) -> None:
