@@ -70,7 +70,7 @@ def in_graph_order(nodes: Iterable[fx.Node]) -> list[fx.Node]:
 def insert_call(graph: fx.Graph, before: fx.Node, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
     """Insert ``target(*args, **kwargs)`` before ``before``, with ``meta["val"]`` from its fake kernel
     (run in the fake mode of the tensor arguments, or of ``before``'s value for an op without any,
-    e.g. ``prims.iota``)."""
+    e.g. ``aten.arange``)."""
     kwargs = kwargs or {}
     with graph.inserting_before(before):
         node = graph.call_function(target, args, kwargs)

@@ -85,7 +85,9 @@ class _Kept(Exception):
 
 
 def lower_local_ops(graph: fx.Graph) -> int:
-    """Inline the lowering of every local op node of a post-grad ``graph``; returns how many."""
+    """Inline the lowering of every local op node of ``graph`` (inductor's post-grad graph, or AOT's
+    joint graph of a training step), then split the weight concatenations; returns how many ops
+    were inlined."""
     lowered = 0
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in LOWERINGS]:
         if _inline(graph, node, LOWERINGS[node.target]):
@@ -271,11 +273,11 @@ def _inline(graph: fx.Graph, node: fx.Node, lowering: Callable[..., Any]) -> boo
     except _Kept:
         return False
     placeholders = traced.graph.find_nodes(op="placeholder")
-    existing = set(graph.nodes)
+    copies = dict(zip(placeholders, operands))       # graph_copy adds every copied node's copy
     with graph.inserting_before(node):
-        result = graph.graph_copy(traced.graph, dict(zip(placeholders, operands)))
-    for inserted in graph.nodes:
-        if inserted not in existing:
+        result = graph.graph_copy(traced.graph, copies)
+    for traced_node, inserted in copies.items():
+        if traced_node.op != "placeholder":
             inserted.meta[LOWERED] = True
     _replace_uses(node, result)
     graph.erase_node(node)
