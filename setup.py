@@ -14,6 +14,9 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "numpy", "pytest-timeout",
                  "onnx>=1.20", "onnxscript>=0.5", "onnxruntime>=1.22", "protobuf>=4.21"],
         # The MoE libraries the integration tests fuse, pinned: their graphs are what the passes read.
-        "integration": ["transformers==5.25.0", "spmd_types==0.2.3", "torch_checkpointing==0.1.1", "tyro==1.0.17"],
+        "integration": ["transformers==5.25.0", "spmd_types==0.2.3", "torch_checkpointing==0.1.1", "tyro==1.0.17",
+                        # deepspeed==0.19.8's (installed by .ci/setup without its dependencies)
+                        "einops==0.8.2", "hjson==3.1.0", "msgpack==1.2.4", "ninja==1.13.2", "psutil==7.2.2",
+                        "py-cpuinfo==9.0.0", "pydantic==2.14.4"],
     },
 )

@@ -36,6 +36,13 @@ def same_size(a: Any, b: Any) -> bool:
     return statically_known_true(a == b)
 
 
+def size_arithmetic(node: fx.Node) -> bool:
+    """``node`` computes a size (an int or SymInt: ``sym_size``, ``operator.mul`` of sizes...), not
+    tensor values."""
+    return node.op == "call_function" and isinstance(node.meta.get("val"), (int, torch.SymInt)) \
+        and not isinstance(node.meta.get("val"), bool)
+
+
 def strip_views(node: fx.Node) -> fx.Node:
     """The first node above ``node`` that is not a view."""
     while is_op(node, *VIEW_OPS):

@@ -36,7 +36,7 @@ from ._graph import is_op, strip_views, val
 from .collectives import Collective, collective_nodes, collective_value, find_collectives, group_rank, output_value
 from .context import PassContext, Refusal, attempt
 from .ffn_forms import FfnMatch, check_same_form, find_ffn_forms
-from .moe_block import MoeBlock, shared_addend, topk_layout, topk_source
+from .moe_block import MoeBlock, existing, shared_addend, topk_layout, topk_source
 from .vocabulary import VIEW_OPS
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -205,8 +205,8 @@ def _read_block(rs: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[Mo
     for gather, value in ((gx_gather, gx), (gids_gather, gids), (gw_gather, gw), (rs, routed)):
         nodes |= collective_nodes(gather, value)
     weights = gw_gather.input
-    return MoeBlock(PATTERN, rs.nodes[0], x, ids, lambda graph, before: weights, ordered, rs.group_name, world,
-                    rank, num_experts, out, shared, frozenset(nodes))
+    return MoeBlock(PATTERN, rs.nodes[0], x, existing(ids), val(ids).size(1), existing(weights), ordered,
+                    rs.group_name, world, rank, num_experts, out, shared, frozenset(nodes))
 
 
 def find_moe_allgather_ep(graph: fx.Graph, ctx: Optional[PassContext] = None) -> list[MoeBlock]:

@@ -37,6 +37,12 @@ guard's cost does not grow with the batch. A block whose ints do not resize cons
 
 A capacity that can drop tokens is refused: dispatch_v2 is dropless, so "capacity dropping stays
 capacity dropping" could not hold.
+
+DeepSpeed >= 0.19 writes the same block in the *slot form* (``scatter``/``index`` over a padded
+table instead of the einsums, argmax gating, a capacity read from the data): ``capacity_slots``
+reads and checks it. There, dropped routes are exact: they become the 2-D ``x_active_mask`` of
+dispatch_v2/combine_v2 (the library's own keep decision), so dropping stays dropping, on targets
+whose protos accept a 2-D mask.
 """
 from __future__ import annotations
 
@@ -47,19 +53,21 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from ._graph import ancestors, in_graph_order, insert_call, is_op, val, widening_cast
+from ._graph import ancestors, in_graph_order, insert_call, is_op, size_arithmetic, val, widening_cast
 from .collectives import Collective, as_collective, collective_nodes, find_collectives, group_rank, output_value
 from .context import PassContext, Refusal, attempt
-from .evaluate import FULL, Instance, NotReducible, evaluate, on_real_tensors, reduced_instance
+from .capacity_slots import check_slot_form, dies_with, is_slot_dispatch, read_slot_form
+from .evaluate import FULL, Instance, NotReducible, bind_unbacked, evaluate, on_real_tensors, reduced_instance
 from .ffn_forms import FfnMatch, check_same_form, find_ffn_forms
-from .moe_block import MoeBlock, shared_addend, topk_layout
-from .vocabulary import MULTILINEAR_OPS, ROW_MOVE_OPS
+from .moe_block import MoeBlock, existing, shared_addend, topk_layout
+from .vocabulary import ALLOCATION_OPS, MULTILINEAR_OPS, ROW_MOVE_OPS
 
 aten = torch.ops.aten
 PATTERN = "moe_capacity_a2a"
 ROUTING_SEEDS = 2   # random routings tried besides the extreme ones
 FULL_SIZE_LIMIT = 1 << 18   # S * E * C up to which the guards evaluate the graph at its own sizes
 REDUCED_TOKENS = 16         # the fewest tokens a reduced instance keeps
+ORDER_CAPACITY = 3          # the capacity the expert order is checked at when the graph reads it from the data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,10 +189,12 @@ def _expert_section(received: fx.Node, experts: dict[fx.Node, FfnMatch]
                 if all(match.out is not m.out for m in used):
                     used.append(match)
                     frontier.append(match.out)
-            elif is_op(user, *ROW_MOVE_OPS) or user.target is operator.getitem:
+            elif is_op(user, *ROW_MOVE_OPS) or user.target is operator.getitem or size_arithmetic(user):
                 if user not in section:
                     section.add(user)
                     frontier.append(user)
+            elif size_arithmetic(node) and is_op(user, *ALLOCATION_OPS):
+                continue    # an out= buffer sized from the rows (a data-dependent capacity): reads no values
             else:
                 raise Refusal(f"between the all_to_alls, {user.name} ({user.target}) is neither a row move nor "
                               "an expert FFN")
@@ -207,14 +217,14 @@ def _order_experts(received: fx.Node, back: Collective, used: list[FfnMatch], se
                    world: int, hidden: int, instance: Instance) -> list[FfnMatch]:
     """Check that row ``(p, i, c)`` of the received ``(W, L, C, H)`` goes through exactly one FFN
     and back to ``(p, i, c)`` (every row, on ``instance``); return the FFNs in local-expert order ``i``."""
-    local, numel = len(used), val(received).numel()
+    local = len(used)
+    shape, hidden = instance.shape(val(received).shape), instance.size(hidden)
+    numel = math.prod(shape)
     if numel % (world * local * hidden):
         raise Refusal(f"the received tokens {tuple(val(received).shape)} do not split into ({world}, {local}, C, {hidden})")
     for m in used:
-        if tuple(val(m.out).shape) != tuple(val(m.x).shape):
+        if instance.shape(val(m.out).shape) != instance.shape(val(m.x).shape):
             raise Refusal(f"the expert FFN {m.out.name} changes the row shape {tuple(val(m.x).shape)}")
-    shape, hidden = instance.shape(val(received).shape), instance.size(hidden)
-    numel = math.prod(shape)
     env: dict[fx.Node, object] = {received: torch.arange(numel, dtype=torch.float64).view(shape)}
     tags = {m.out: float((i + 1) * 2 * numel) for i, m in enumerate(used)}
     columns = torch.arange(hidden, dtype=torch.float64)
@@ -344,6 +354,8 @@ def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[M
     if not (a2a.equal_splits and back.equal_splits):
         raise Refusal("an all_to_all has unequal splits; the capacity layout sends E/W experts to each rank")
     world = a2a.group_size
+    if is_slot_dispatch(a2a.input):
+        return _read_slot_block(a2a, received, back, used, section)
     mask, x, dispatch_region, (s, e, c, h) = _dispatch_einsum(a2a)
     instance = _instance(mask, (s, e, c, h), world, len(used))
     try:
@@ -379,8 +391,41 @@ def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[M
     # The gating stays (the scales read it); the dispatch mask chain only the einsum read dies with it.
     nodes = (dispatch_region | section | combine_region | collective_nodes(a2a, received)
              | collective_nodes(back, returned) | {mask} | set(gating_nodes))
-    return MoeBlock(PATTERN, a2a.nodes[0], x, ids, _scales_builder(combine, ids), ordered, a2a.group_name, world,
-                    group_rank(a2a.group_name), e, out, shared, frozenset(nodes))
+    return MoeBlock(PATTERN, a2a.nodes[0], x, existing(ids), val(ids).size(1), _scales_builder(combine, ids), ordered,
+                    a2a.group_name, world, group_rank(a2a.group_name), e, out, shared, frozenset(nodes))
+
+
+def _read_slot_block(a2a: Collective, received: fx.Node, back: Collective, used: list[FfnMatch],
+                     section: set[fx.Node]) -> MoeBlock:
+    """The block whose dispatch is the slot form (``capacity_slots``); raises Refusal."""
+    world, local = a2a.group_size, len(used)
+    returned = output_value(back)
+    form = read_slot_form(a2a.input, returned)
+    k, tokens = val(form.slots).shape
+    experts, hidden = world * local, val(form.x).size(1)
+    if val(form.choices[0].args[0]).size(1) != experts:
+        raise Refusal(f"the routing chooses among {val(form.choices[0].args[0]).size(1)} experts but the {world} ranks "
+                      f"run {local} expert FFNs each")
+    capacity = val(a2a.input).size(1) if val(a2a.input).dim() == 3 else None
+    instance = FULL
+    if tokens * experts * hidden > FULL_SIZE_LIMIT:
+        bigs = (tokens,) + ((capacity,) if isinstance(capacity, int) else ())
+        instance = reduced_instance(bigs, (experts, hidden, world, local, k), REDUCED_TOKENS)
+    try:
+        rows = bind_unbacked([val(received).shape], ORDER_CAPACITY, instance)
+        ordered = _order_experts(received, back, used, section, world, hidden, rows)
+        check_same_form(ordered, "local experts")
+        check_slot_form(form, a2a.input, returned, experts, _routings, instance)
+    except NotReducible as error:
+        raise Refusal(f"the guards cannot evaluate this block ({error})") from error
+    dtype = val(form.x).dtype
+    if ordered[0].dtype != dtype or val(form.y).dtype != dtype:
+        raise Refusal(f"x is {dtype} but the experts run in {ordered[0].dtype} and the combine in {val(form.y).dtype}")
+    out, shared = shared_addend(form.y)
+    read = {form.x, form.keep, form.gates, *form.choices} | ({shared} if shared is not None else set())
+    return MoeBlock(PATTERN, a2a.nodes[0], form.x, form.expert_ids, k, form.transposed(form.gates), ordered,
+                    a2a.group_name, world, group_rank(a2a.group_name), experts, out, shared, dies_with(out, read),
+                    active_mask=form.transposed(form.keep))
 
 
 def find_moe_capacity_a2a(graph: fx.Graph, ctx: Optional[PassContext] = None) -> list[MoeBlock]:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -97,14 +98,19 @@ class Instance:
     bigs: tuple[int, ...] = ()
     smalls: tuple[int, ...] = ()
     factor: int = 1
+    # Values given to the graph's data-dependent sizes (unbacked symbols, e.g. a capacity read with
+    # ``.item()``): any value is one instance of the region.
+    bindings: tuple[tuple[Any, int], ...] = ()
 
     def size(self, n: int) -> int:
+        if isinstance(n, torch.SymInt):
+            n = _bound(n, self.bindings)
         if self.factor == 1 or isinstance(n, bool) or not isinstance(n, int):
             return n
         return n // self.factor ** self._batch_factors(abs(n))
 
     def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        return tuple(self.size(int(d)) for d in shape)
+        return tuple(self.size(d) if isinstance(d, torch.SymInt) else self.size(int(d)) for d in shape)
 
     def _batch_factors(self, n: int) -> int:
         """How many batch sizes ``n`` holds: 0 for a fixed size itself, else the most batch sizes
@@ -139,6 +145,23 @@ class Instance:
 
 
 FULL = Instance()
+
+
+def _bound(n: torch.SymInt, bindings: tuple[tuple[Any, int], ...]) -> int:
+    """``n``'s value with ``bindings`` given to its symbols (``NotReducible`` if one is unbound)."""
+    expr = sympy.sympify(sympy.sympify(n.node.expr).xreplace(dict(bindings)))
+    if expr.free_symbols:
+        raise NotReducible(f"the size {n} has no value in this instance (unbound {sorted(map(str, expr.free_symbols))})")
+    return int(expr)
+
+
+def bind_unbacked(shapes: Iterable[Sequence[Any]], value: int, instance: Instance = FULL) -> Instance:
+    """``instance`` with every free symbol of ``shapes``' sizes bound to ``value``."""
+    symbols = {s for shape in shapes for d in shape if isinstance(d, torch.SymInt)
+               for s in sympy.sympify(d.node.expr).free_symbols}
+    bound = {s for s, _ in instance.bindings}
+    extra = tuple((s, value) for s in sorted(symbols - bound, key=str))
+    return Instance(instance.bigs, instance.smalls, instance.factor, instance.bindings + extra)
 
 
 def reduced_instance(bigs: Sequence[int], smalls: Sequence[int], min_size: int) -> Instance:

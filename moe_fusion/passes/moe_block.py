@@ -27,6 +27,13 @@ from .vocabulary import VIEW_OPS
 
 aten, prims = torch.ops.aten, torch.ops.prims
 mf = torch.ops.moe_fusion
+# Builds a value of the rewrite in the graph: ``build(graph, before)`` inserts its nodes before ``before``.
+Builder = Callable[[fx.Graph, fx.Node], fx.Node]
+
+
+def existing(node: fx.Node) -> Builder:
+    """The builder of a value the graph already holds."""
+    return lambda graph, before: node
 
 
 def topk_source(node: fx.Node) -> fx.Node:
@@ -70,8 +77,9 @@ def shared_addend(routed: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
 class MoeBlock:
     """An expert-parallel MoE block proven equal to ``dispatch_v2 -> grouped FFN -> combine_v2``.
 
-    ``x`` ``(S, H)`` (or a view-compatible shape) local tokens; ``expert_ids`` ``(S, K)`` integer
-    top-k ids; ``scales`` builds the ``(S, K)`` weight of each (token, choice) in the graph;
+    ``x`` ``(S, H)`` (or a view-compatible shape) local tokens; ``expert_ids`` builds the ``(S, K)``
+    integer expert of each (token, choice) in the graph (``top_k`` = K), ``scales`` its weight and
+    ``active_mask`` (when routes may be dropped) its bool ``(S, K)`` "this route is computed";
     ``experts`` the FFNs of local experts ``0..L-1`` (global ``rank * L + i``); ``out`` the node the
     block's result replaces (the shared-expert add when ``shared`` is set); ``replaced`` the other
     nodes the rewrite makes dead, collectives included.
@@ -80,8 +88,9 @@ class MoeBlock:
     pattern: str
     anchor: fx.Node
     x: fx.Node
-    expert_ids: fx.Node
-    scales: Callable[[fx.Graph, fx.Node], fx.Node]
+    expert_ids: Builder
+    top_k: int
+    scales: Builder
     experts: list[FfnMatch]
     group_name: str
     world: int
@@ -90,6 +99,7 @@ class MoeBlock:
     out: fx.Node
     shared: Optional[fx.Node]
     replaced: frozenset[fx.Node]
+    active_mask: Optional[Builder] = None
 
     @property
     def nodes(self) -> frozenset[fx.Node]:
@@ -97,9 +107,10 @@ class MoeBlock:
 
     def describe(self) -> str:
         shared = ", shared expert as shared_expert_x" if self.shared is not None else ""
+        mask = ", dropped routes as a 2-D x_active_mask" if self.active_mask is not None else ""
         return (f"dispatch_v2 -> npu_ffn_grouped({self.experts[0].activation}, {len(self.experts)} local experts) -> "
                 f"combine_v2 over group {self.group_name!r} (W={self.world}, E={self.num_experts}, "
-                f"K={val(self.expert_ids).size(1)}{shared})")
+                f"K={self.top_k}{shared}{mask})")
 
     def replace_with(self, graph: fx.Graph) -> fx.Node:
         """Emit the fused ops before ``out`` and route its uses to them.
@@ -121,19 +132,19 @@ class MoeBlock:
         before = self.out
         with fused_ops_or_refusal(graph, "dispatch_v2 -> npu_ffn_grouped -> combine_v2"):
             x = self.x
-            tokens = val(self.expert_ids).size(0)
             if val(x).dim() != 2:
-                x = insert_call(graph, before, aten.view.default, (x, [tokens, val(x).size(-1)]))
-            ids = cast(graph, before, self.expert_ids, torch.int32)
+                x = insert_call(graph, before, aten.view.default, (x, [-1, val(x).size(-1)]))
+            ids = cast(graph, before, self.expert_ids(graph, before), torch.int32)
             scales = cast(graph, before, self.scales(graph, before), torch.float32)
             attrs = (self.group_name, self.world, self.rank, self.num_experts)
-            dispatch = insert_call(graph, before, mf.npu_moe_distribute_dispatch_v2.default, (x, ids) + attrs)
+            masked = {} if self.active_mask is None else {"x_active_mask": self.active_mask(graph, before)}
+            dispatch = insert_call(graph, before, mf.npu_moe_distribute_dispatch_v2.default, (x, ids) + attrs, masked)
             expand_x, assist, counts, ep_recv, tp_recv = (insert_getitem(graph, before, dispatch, i)
                                                           for i in (0, 2, 3, 4, 5))
             w1, w2, ffn_kwargs = ffn_operands(graph, before, self.experts, stacked=True)
             rows = insert_call(graph, before, mf.npu_ffn_grouped.default, (expand_x, w1, w2, self.experts[0].activation),
                                {"expert_tokens": counts, **ffn_kwargs})
-            kwargs = {"tp_send_counts": tp_recv}
+            kwargs = {"tp_send_counts": tp_recv, **masked}
             if self.shared is not None:
                 kwargs["shared_expert_x"] = self.shared
             fused = insert_call(graph, before, mf.npu_moe_distribute_combine_v2.default,

@@ -26,6 +26,8 @@ MULTILINEAR_OPS = MOVE_OPS + (aten.bmm.default, aten.mm.default, aten.mul.Tensor
 # Move whole rows between tensors (what lies between an all_to_all and the expert FFNs).
 ROW_MOVE_OPS = MOVE_OPS + (aten.split.Tensor, aten.split_with_sizes.default, aten.cat.default, aten.stack.default,
                            aten.select.int, aten.slice.Tensor)
+# Allocate a tensor of given sizes without reading any value.
+ALLOCATION_OPS = (aten.empty.memory_format, aten.new_empty.default)
 # Deterministic ops a compile-time constant (a key table) may be built from: no randomness, no inputs.
 CONSTANT_OPS = (prims.iota, aten.arange, aten.repeat, aten.expand, aten.clone, aten.remainder, aten.fmod, aten.div,
                 aten.floor_divide, aten.unsqueeze, aten.permute, aten.mul, aten.add, aten.sub, aten.neg,

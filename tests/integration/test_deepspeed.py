@@ -1,0 +1,100 @@
+"""DeepSpeed 0.19.8's ``deepspeed.moe.layer.MoE``, as installed from PyPI, unmodified, on real gloo
+ranks under ``moe_fusion.compile``: its sparse slot routing (``scatter``/``index`` dispatch over
+the expert-parallel all-to-all, ``index`` + gate combine; argmax gating, random token selection for
+k=1, Gumbel noise for k=2's second expert) becomes ``dispatch_v2 -> npu_ffn_grouped -> combine_v2``
+(``moe_capacity_a2a``'s slot form), dropped routes as the 2-D ``x_active_mask``; the residual MLP
+of ``use_residual`` becomes ``npu_ffn``. The oracle is the eager layer on the same random stream
+(the gates draw noise): output equal within fp32 rounding (bf16 roundings in the bf16 case).
+
+Shims (test side, ``deepspeed_shims``): DeepSpeed's CPU shared-memory op is not built, and
+deepspeed.comm adopts the gloo group.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from moe_fusion.launch import run_ranks  # noqa: E402
+
+HIDDEN, FFN, EXPERTS, TOKENS = 16, 32, 4, 16
+DISPATCH, COMBINE = "moe_fusion.npu_moe_distribute_dispatch_v2.default", "moe_fusion.npu_moe_distribute_combine_v2.default"
+A2A = "_c10d_functional.all_to_all_single.default"
+CASES = {  # name -> (world, MoE options, compiler, dtype)
+    "k1-dropless": (2, {"k": 1, "drop_tokens": False}, "eager", torch.float32),
+    "k2-dropless": (2, {"k": 2, "drop_tokens": False}, "eager", torch.float32),
+    "k1-capacity-drops": (2, {"k": 1, "drop_tokens": True, "capacity_factor": 1.0}, "eager", torch.float32),
+    "k2-capacity-drops": (2, {"k": 2, "drop_tokens": True, "capacity_factor": 1.0}, "eager", torch.float32),
+    "k2-residual": (2, {"k": 2, "drop_tokens": False, "use_residual": True}, "eager", torch.float32),
+    "k2-no-second-sampling": (2, {"k": 2, "drop_tokens": False, "top2_2nd_expert_sampling": False}, "eager",
+                              torch.float32),
+    # inductor draws random numbers its own way (not eager's stream): the case without Gumbel noise.
+    "k2-inductor": (2, {"k": 2, "drop_tokens": False, "top2_2nd_expert_sampling": False}, "inductor", torch.float32),
+    "k2-bf16": (2, {"k": 2, "drop_tokens": False}, "eager", torch.bfloat16),
+    "k2-ep4": (4, {"k": 2, "drop_tokens": False}, "eager", torch.float32),
+    "k1-capacity-ep4": (4, {"k": 1, "drop_tokens": True, "capacity_factor": 1.0}, "eager", torch.float32),
+}
+
+
+class Mlp(torch.nn.Module):
+    """The expert DeepSpeed copies per local expert: Linear -> ReLU -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(HIDDEN, FFN), torch.nn.Linear(FFN, HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
+    import moe_fusion
+    from moe_fusion.passes import FusionReport
+
+    from integration.deepspeed_shims import deepspeed_moe, init_deepspeed
+
+    init_deepspeed()
+    results = {}
+    for name in names:
+        _, options, compiler, dtype = CASES[name]
+        layer = deepspeed_moe(Mlp(), HIDDEN, EXPERTS, world, seed=0, rank=rank, min_capacity=4, **options).to(dtype)
+        layer.eval()
+        x = torch.randn(2, TOKENS // 2, HIDDEN, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
+        report = FusionReport()
+        torch._dynamo.reset()
+        compiled = moe_fusion.compile(layer, report=report, compiler=compiler)
+        with torch.no_grad():
+            torch.manual_seed(7)
+            eager = layer(x)[0]
+            torch.manual_seed(7)
+            fused = compiled(x)[0]
+        results[name] = {"eager": eager.float(), "fused": fused.float(), "events": [
+            (e.pattern, e.fused, e.detail) for e in report.events], "ops": dict(report.ops_after)}
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks() -> dict[int, list[dict[str, Any]]]:
+    by_world: dict[int, list[str]] = {}
+    for name, (world, *_) in CASES.items():
+        by_world.setdefault(world, []).append(name)
+    return {world: run_ranks(world, _run, names, timeout=600) for world, names in by_world.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_deepspeed_moe_fuses_and_equals_eager(ranks, name):
+    world, options, _, dtype = CASES[name]
+    for rank, result in enumerate(ranks[world]):
+        case = result[name]
+        fused = [d for p, ok, d in case["events"] if p == "moe_capacity_a2a" and ok]
+        assert len(fused) == 1, (rank, case["events"])
+        assert f"K={options['k']}" in fused[0] and "x_active_mask" in fused[0]
+        assert case["ops"].get(DISPATCH) == 1 and case["ops"].get(COMBINE) == 1 and A2A not in case["ops"], \
+            {k: v for k, v in case["ops"].items() if "moe_fusion" in k or "c10d" in k}
+        if options.get("use_residual"):
+            assert any(p == "ffn" and ok for p, ok, _ in case["events"]), case["events"]
+        tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(case["fused"], case["eager"], **tol, msg=lambda m, rank=rank: f"rank {rank}: {m}")
