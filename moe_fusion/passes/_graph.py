@@ -36,11 +36,11 @@ def same_size(a: Any, b: Any) -> bool:
     return statically_known_true(a == b)
 
 
-def size_arithmetic(node: fx.Node) -> bool:
-    """``node`` computes a size (an int or SymInt: ``sym_size``, ``operator.mul`` of sizes...), not
-    tensor values."""
-    return node.op == "call_function" and isinstance(node.meta.get("val"), (int, torch.SymInt)) \
-        and not isinstance(node.meta.get("val"), bool)
+def is_size(node: fx.Node) -> bool:
+    """``node`` holds a size (an int or SymInt: ``sym_size``, ``operator.mul`` of sizes, a count read
+    with ``.item()``), not tensor values."""
+    value = node.meta.get("val")
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
 
 
 def strip_views(node: fx.Node) -> fx.Node:

@@ -48,18 +48,20 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
 
-from ._graph import ancestors, in_graph_order, insert_call, is_op, size_arithmetic, val, widening_cast
+from ._graph import ancestors, in_graph_order, insert_call, is_op, is_size, val, widening_cast
 from .collectives import Collective, as_collective, collective_nodes, find_collectives, group_rank, output_value
 from .context import PassContext, Refusal, attempt
-from .capacity_slots import check_slot_form, dies_with, is_slot_dispatch, read_slot_form
+from .capacity_slots import check_slot_form, is_slot_dispatch, read_slot_form
 from .evaluate import FULL, Instance, NotReducible, bind_unbacked, evaluate, on_real_tensors, reduced_instance
 from .ffn_forms import FfnMatch, check_same_form, find_ffn_forms
-from .moe_block import MoeBlock, existing, shared_addend, topk_layout
+from .moe_block import Builder, MoeBlock, existing, shared_addend, topk_layout
+from .routing_eval import (argmax_choices, check_distinct, dies_with, leaf_value, region, run_routing, stacked_columns,
+                           transposed)
 from .vocabulary import ALLOCATION_OPS, MULTILINEAR_OPS, ROW_MOVE_OPS
 
 aten = torch.ops.aten
@@ -119,8 +121,8 @@ def _dispatch_einsum(a2a: Collective) -> tuple[fx.Node, fx.Node, set[fx.Node], t
     """``(mask, x, region, (S, E, C, H))`` of what may be ``einsum("sec,sm->ecm", mask, x)`` feeding
     ``a2a`` (its structure; ``_check_einsum`` checks the values)."""
     region, leaves = _multilinear_region(a2a.input, set())
-    # The mask is the operand computed from the routing (a top-k); the tokens are the other one.
-    masks = [n for n in leaves if val(n).dim() == 3 and any(is_op(a, aten.topk) for a in ancestors(n))]
+    # The mask is the operand computed from the routing (a top-k or argmaxes); the tokens are the other one.
+    masks = [n for n in leaves if val(n).dim() == 3 and any(is_op(a, aten.topk, aten.argmax) for a in ancestors(n))]
     if len(leaves) != 2 or len(masks) != 1:
         raise Refusal(f"the all_to_all input {a2a.input.name} is not einsum('sec,sm->ecm', mask, x) of a 3-D mask "
                       f"from the routing and the tokens (it reads {', '.join(n.name for n in leaves)})")
@@ -189,11 +191,11 @@ def _expert_section(received: fx.Node, experts: dict[fx.Node, FfnMatch]
                 if all(match.out is not m.out for m in used):
                     used.append(match)
                     frontier.append(match.out)
-            elif is_op(user, *ROW_MOVE_OPS) or user.target is operator.getitem or size_arithmetic(user):
+            elif is_op(user, *ROW_MOVE_OPS) or user.target is operator.getitem or is_size(user):
                 if user not in section:
                     section.add(user)
                     frontier.append(user)
-            elif size_arithmetic(node) and is_op(user, *ALLOCATION_OPS):
+            elif is_size(node) and is_op(user, *ALLOCATION_OPS):
                 continue    # an out= buffer sized from the rows (a data-dependent capacity): reads no values
             else:
                 raise Refusal(f"between the all_to_alls, {user.name} ({user.target}) is neither a row move nor "
@@ -206,7 +208,7 @@ def _expert_section(received: fx.Node, experts: dict[fx.Node, FfnMatch]
             raise Refusal(f"the expert FFN {match.out.name} reads {match.x.name}, not rows of the received tokens")
     for node in section:
         # A row from outside (padding, another tensor) would be returned as an expert output.
-        outside = [n.name for n in node.all_input_nodes if n not in inside]
+        outside = [n.name for n in node.all_input_nodes if n not in inside and not is_size(n)]
         if outside:
             raise Refusal(f"{node.name} between the all_to_alls also reads {', '.join(outside)}")
     return back[0], used, section
@@ -226,6 +228,9 @@ def _order_experts(received: fx.Node, back: Collective, used: list[FfnMatch], se
         if instance.shape(val(m.out).shape) != instance.shape(val(m.x).shape):
             raise Refusal(f"the expert FFN {m.out.name} changes the row shape {tuple(val(m.x).shape)}")
     env: dict[fx.Node, object] = {received: torch.arange(numel, dtype=torch.float64).view(shape)}
+    # Sizes read from outside (a capacity from the data) take their value in this instance.
+    env.update({n: instance.size(val(n)) for node in section for n in node.all_input_nodes
+                if n not in section and is_size(n)})
     tags = {m.out: float((i + 1) * 2 * numel) for i, m in enumerate(used)}
     columns = torch.arange(hidden, dtype=torch.float64)
     order = in_graph_order(section | {m.out for m in used})
@@ -313,12 +318,68 @@ def _check_dropless(topk: fx.Node, nodes: list[fx.Node], mask: fx.Node, combine:
                 raise Refusal(f"the capacity gating is not dropless one-slot routing: with {name}, {problem}")
 
 
-def _scales_builder(combine: fx.Node, topk_ids: fx.Node) -> Callable[[fx.Graph, fx.Node], fx.Node]:
+def _scales_builder(combine: fx.Node, ids: Builder) -> Builder:
     """``combine.sum(-1).gather(1, ids)``: each (token, choice)'s weight, exact (one non-zero slot)."""
     def build(graph: fx.Graph, before: fx.Node) -> fx.Node:
         per_expert = insert_call(graph, before, aten.sum.dim_IntList, (combine, [-1]))
-        return insert_call(graph, before, aten.gather.default, (per_expert, 1, topk_ids))
+        return insert_call(graph, before, aten.gather.default, (per_expert, 1, ids(graph, before)))
     return build
+
+
+def _kept_builder(mask: fx.Node, ids: Builder) -> Builder:
+    """``mask.sum(-1).gather(1, ids) != 0``: the (token, choice) routes the gating gave a slot."""
+    def build(graph: fx.Graph, before: fx.Node) -> fx.Node:
+        slots = insert_call(graph, before, aten.sum.dim_IntList, (mask, [-1]))
+        routed = insert_call(graph, before, aten.gather.default, (slots, 1, ids(graph, before)))
+        return insert_call(graph, before, aten.ne.Scalar, (routed, 0))
+    return build
+
+
+def _argmax_gating(mask: fx.Node, combine: fx.Node, sizes: tuple[int, int, int],
+                   instance: Instance) -> tuple[tuple[fx.Node, ...], bool]:
+    """``(choices, drops)`` of gating by successive argmaxes (fairscale's ``Top2Gate``): the argmax
+    of each route (the later ones masking the earlier choices), and whether the gating may leave a
+    route without a slot (then dispatched with a 2-D ``x_active_mask``); raises Refusal."""
+    s, e, c = sizes
+    k = sum(1 for n in ancestors(combine) if is_op(n, aten.argmax.default))
+    choices = argmax_choices(combine, k)
+    if any(choice not in ancestors(mask) for choice in choices):
+        raise Refusal(f"the combine weights {combine.name} and the dispatch mask {mask.name} derive from different "
+                      "argmax routings")
+    if tuple(val(choices[0].args[0]).shape) != (s, e):
+        raise Refusal(f"the argmax routing scores {tuple(val(choices[0].args[0]).shape)} are not the ({s}, {e}) of the "
+                      "capacity tensors")
+    check_distinct(choices, instance)
+    drops = _check_slots(choices, mask, combine, instance)
+    return choices, drops or c < s
+
+
+@on_real_tensors
+def _check_slots(choices: tuple[fx.Node, ...], mask: fx.Node, combine: fx.Node, instance: Instance) -> bool:
+    """On every routing of ``_routings``: the mask is 0/1, no slot holds two tokens, a route holds at
+    most one slot and only of its chosen expert, and no combine weight lies outside the token's
+    slots. Returns whether some route got no slot (dropped)."""
+    nodes, leaves = region([mask, combine], set(choices))
+    tokens, experts, _ = instance.shape(val(mask).shape)
+    gen = torch.Generator().manual_seed(4)
+    dropped = False
+    for name, ids in _routings(tokens, experts, len(choices)):
+        env: dict[fx.Node, object] = {leaf: leaf_value(leaf, instance, gen, experts) for leaf in leaves}
+        env.update({choice: ids[:, k].clone() for k, choice in enumerate(choices)})
+        run_routing(nodes, env, instance, 0)
+        dm, cw = env[mask].double(), env[combine].double()
+        chosen = torch.zeros(tokens, experts, dtype=torch.bool).scatter_(1, ids, True)
+        per_route = dm.sum(-1)
+        problems = [("a dispatch mask entry is not 0 or 1", bool(((dm != 0) & (dm != 1)).any())),
+                    ("a slot holds two tokens", bool((dm.sum(0) > 1).any())),
+                    ("a route holds two slots", bool((per_route > 1).any())),
+                    ("a token holds a slot of an expert it did not choose", bool(((per_route > 0) & ~chosen).any())),
+                    ("a combine weight lies outside the token's dispatched slots", bool(((cw != 0) & (dm == 0)).any()))]
+        for problem, found in problems:
+            if found:
+                raise Refusal(f"the argmax capacity gating is not one-slot routing: with {name}, {problem}")
+        dropped = dropped or bool((chosen & (per_route == 0)).any())
+    return dropped
 
 
 def _topk_indices(topk: fx.Node) -> fx.Node:
@@ -369,16 +430,19 @@ def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[M
         y, combine, combine_region = _combine_einsum(returned, (s, e, c, h))
         _check_einsum(y, combine_region, {"combine": combine, "returned": returned}, "sec,ecm->sm",
                       ("combine", "returned"), {"combine": (s, e, c), "returned": (e, c, h)}, instance)
-        topk, gating_nodes = _gating(mask, combine)
-        gate_experts, _ = topk_layout(topk)
-        if gate_experts != e or val(topk.args[0]).size(0) != s:
-            raise Refusal(f"the top-k chooses among {gate_experts} experts for {val(topk.args[0]).size(0)} tokens, "
-                          f"the capacity tensors have ({s}, {e}, C)")
-        # Dropless by counting: one expert receives at most S tokens, so C >= S slots always suffice.
-        if c < s:
-            raise Refusal(f"capacity C={c} < tokens per rank S={s}: an expert chosen by more than {c} tokens drops "
-                          "some, and dispatch_v2 is dropless")
-        _check_dropless(topk, gating_nodes, mask, combine, instance)
+        if not any(is_op(n, aten.topk) for n in ancestors(combine)):
+            choices, drops = _argmax_gating(mask, combine, (s, e, c), instance)
+        else:
+            topk, gating_nodes = _gating(mask, combine)
+            gate_experts, _ = topk_layout(topk)
+            if gate_experts != e or val(topk.args[0]).size(0) != s:
+                raise Refusal(f"the top-k chooses among {gate_experts} experts for {val(topk.args[0]).size(0)} "
+                              f"tokens, the capacity tensors have ({s}, {e}, C)")
+            # Dropless by counting: one expert receives at most S tokens, so C >= S slots always suffice.
+            if c < s:
+                raise Refusal(f"capacity C={c} < tokens per rank S={s}: an expert chosen by more than {c} tokens "
+                              "drops some, and dispatch_v2 is dropless")
+            _check_dropless(topk, gating_nodes, mask, combine, instance)
     except NotReducible as error:
         raise Refusal(f"the guards cannot run on a reduced instance of this block ({error}), and at its own sizes "
                       f"(S={s}, E={e}, C={c}) they would cost as much as the layer") from error
@@ -387,12 +451,18 @@ def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[M
         raise Refusal(f"x is {dtype} but the experts run in {ordered[0].dtype} and the combine in {val(y).dtype}")
 
     out, shared = shared_addend(y)
-    ids = _topk_indices(topk)
     # The gating stays (the scales read it); the dispatch mask chain only the einsum read dies with it.
     nodes = (dispatch_region | section | combine_region | collective_nodes(a2a, received)
-             | collective_nodes(back, returned) | {mask} | set(gating_nodes))
-    return MoeBlock(PATTERN, a2a.nodes[0], x, existing(ids), val(ids).size(1), _scales_builder(combine, ids), ordered,
-                    a2a.group_name, world, group_rank(a2a.group_name), e, out, shared, frozenset(nodes))
+             | collective_nodes(back, returned) | {mask})
+    if not any(is_op(n, aten.topk) for n in ancestors(combine)):
+        ids = stacked_columns(choices)
+        return MoeBlock(PATTERN, a2a.nodes[0], x, ids, len(choices), _scales_builder(combine, ids), ordered,
+                        a2a.group_name, world, group_rank(a2a.group_name), e, out, shared, frozenset(nodes),
+                        active_mask=_kept_builder(mask, ids) if drops else None)
+    ids = existing(_topk_indices(topk))
+    return MoeBlock(PATTERN, a2a.nodes[0], x, ids, topk.args[1],
+                    _scales_builder(combine, ids), ordered, a2a.group_name, world, group_rank(a2a.group_name), e, out,
+                    shared, frozenset(nodes | set(gating_nodes)))
 
 
 def _read_slot_block(a2a: Collective, received: fx.Node, back: Collective, used: list[FfnMatch],
@@ -423,9 +493,9 @@ def _read_slot_block(a2a: Collective, received: fx.Node, back: Collective, used:
         raise Refusal(f"x is {dtype} but the experts run in {ordered[0].dtype} and the combine in {val(form.y).dtype}")
     out, shared = shared_addend(form.y)
     read = {form.x, form.keep, form.gates, *form.choices} | ({shared} if shared is not None else set())
-    return MoeBlock(PATTERN, a2a.nodes[0], form.x, form.expert_ids, k, form.transposed(form.gates), ordered,
+    return MoeBlock(PATTERN, a2a.nodes[0], form.x, stacked_columns(form.choices), k, transposed(form.gates), ordered,
                     a2a.group_name, world, group_rank(a2a.group_name), experts, out, shared, dies_with(out, read),
-                    active_mask=form.transposed(form.keep))
+                    active_mask=transposed(form.keep))
 
 
 def find_moe_capacity_a2a(graph: fx.Graph, ctx: Optional[PassContext] = None) -> list[MoeBlock]:
