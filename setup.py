@@ -14,6 +14,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "numpy", "pytest-timeout",
                  "onnx>=1.20", "onnxscript>=0.5", "onnxruntime>=1.22", "protobuf>=4.21"],
         # The MoE libraries the integration tests fuse, pinned: their graphs are what the passes read.
-        "integration": ["transformers==5.25.0", "spmd_types==0.2.3", "torch_checkpointing==0.1.1", "tyro==1.0.17"],
+        "integration": ["transformers==5.25.0", "spmd_types==0.2.3", "torch_checkpointing==0.1.1", "tyro==1.0.17",
+                        "packaging>=24.2"],   # megatron-core==0.16.1 (installed --no-deps by .ci/setup) imports it
     },
 )
