@@ -101,7 +101,36 @@ def _run(rank: int, world: int) -> dict[str, Any]:
                 "eager": eager, "compiled": compiled, "ops": collections.Counter(report.ops_after),
                 "routed_copies": routed_copies, "fused": [e.detail for e in report.fused("module_route")],
                 "refused": [e.detail for e in report.refused("module_route")], "report": report.format()}
+    results["one-rank-differs"] = _one_rank_differs(rank)
     return results
+
+
+def _one_rank_differs(rank: int) -> dict[str, Any]:
+    """The swapped forward is made wrong on rank 1 only: rank 0's own check passes, yet both ranks
+    must undo the swap (agreed over the EP group) and both report why."""
+    from moe_fusion.passes import megatron_route, module_routes
+
+    def swap(layer: torch.nn.Module) -> Any:
+        undo = megatron_route.swap(layer)
+        if rank == 1:
+            routed = layer.forward
+            layer.forward = lambda *args, **kwargs: (routed(*args, **kwargs)[0] * 1.01, None)
+        return undo
+
+    real = module_routes.ROUTES
+    module_routes.ROUTES = tuple(module_routes.ModuleRoute(r.name, r.candidate, swap, r.agree)
+                                 if r.name == "megatron_moe" else r for r in real)
+    try:
+        layer = make_layer({"num_moe_experts": 2}, False).eval()     # one local expert: see CASES
+        x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank))
+        eager = _step(layer, layer, x, False)
+        report = FusionReport()
+        torch._dynamo.reset()
+        compiled = _step(layer, moe_fusion.compile(layer, report=report, compiler="eager"), x, False)
+    finally:
+        module_routes.ROUTES = real
+    return {"eager": eager, "compiled": compiled, "swapped": "forward" in vars(layer),
+            "refused": [e.detail for e in report.refused("module_route")], "report": report.format()}
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +163,12 @@ def test_refusal_reasons(ranks):
     for result in ranks:
         assert "erf" in result["erf-gelu", False]["refused"][0]
         assert "padding to capacity" in result["pad-to-capacity", False]["refused"][0]
+
+
+def test_a_rank_that_differs_undoes_the_route_on_every_rank(ranks):
+    for rank, result in enumerate(ranks):
+        case = result["one-rank-differs"]
+        assert not case["swapped"] and len(case["refused"]) == 1, case["report"]
+        why = case["refused"][0]
+        assert ("max difference" in why) if rank == 1 else ("not on another process" in why), why
+        torch.testing.assert_close(case["compiled"]["out"], case["eager"]["out"], rtol=1e-4, atol=1e-5)
