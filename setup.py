@@ -17,6 +17,7 @@ setup(
         "integration": ["transformers==5.25.0", "spmd_types==0.2.3", "torch_checkpointing==0.1.1", "tyro==1.0.17",
                         # deepspeed==0.19.8's (installed by .ci/setup without its dependencies)
                         "einops==0.8.2", "hjson==3.1.0", "msgpack==1.2.4", "ninja==1.13.2", "psutil==7.2.2",
-                        "py-cpuinfo==9.0.0", "pydantic==2.14.4"],
+                        "py-cpuinfo==9.0.0", "pydantic==2.14.4",
+                        "packaging>=24.2"],   # megatron-core==0.16.1 (installed --no-deps by .ci/setup) imports it
     },
 )

@@ -12,6 +12,15 @@ code it cannot capture:
   ``nonzero``) are switched to transformers' own ``grouped_mm`` implementation: the same math
   (tokens sorted by expert, one grouped matmul per projection), which the FFN pass fuses into
   ``npu_ffn_grouped``. The model's config is not touched (other modules keep their implementation).
+* ``megatron_moe`` (``megatron_route``): megatron-core's ``MoELayer`` with the all-to-all token
+  dispatcher, whose split sizes go through the host, gets a forward of the fused ops themselves:
+  its own router, then ``npu_moe_distribute_dispatch_v2`` -> ``npu_ffn_grouped`` ->
+  ``npu_moe_distribute_combine_v2`` over its EP group.
+
+A route that recognizes a module but cannot express it exactly raises ``Refusal`` from its
+``candidate``: the module keeps its forward and the report gives the reason. A route whose swapped
+forward communicates (``agree``) settles its first-call verdict with the other ranks of the
+module's group, so that a rank that swapped never meets one that did not.
 """
 from __future__ import annotations
 
@@ -23,7 +32,8 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .context import FusionEvent, FusionReport
+from . import megatron_route
+from .context import FusionEvent, FusionReport, Refusal
 
 PATTERN = "module_route"
 # (rtol, atol) of a swapped forward's agreement with the original on the first call: sums in
@@ -34,12 +44,16 @@ FP32_TOLERANCE = (1e-4, 1e-5)
 
 @dataclass(frozen=True)
 class ModuleRoute:
-    """``candidate(module)``: what the route would swap, for the report (None: not a candidate);
-    ``swap(module)``: installs the swapped forward and returns what undoes it."""
+    """``candidate(module)``: what the route would swap, for the report (None: not a candidate;
+    raises ``Refusal`` for a module it recognizes but cannot express);
+    ``swap(module)``: installs the swapped forward and returns what undoes it;
+    ``agree(module, ok)``: the verdict of every process sharing the module (called on each of them,
+    in the same module order), None for a route whose forward is local to the process."""
 
     name: str
     candidate: Callable[[torch.nn.Module], Optional[str]]
     swap: Callable[[torch.nn.Module], Callable[[], None]]
+    agree: Optional[Callable[[torch.nn.Module, bool], bool]] = None
 
 
 def _hf_grouped_experts_forward() -> Optional[Callable[..., Any]]:
@@ -66,19 +80,32 @@ def _hf_experts_swap(module: torch.nn.Module) -> Callable[[], None]:
     return lambda: delattr(module, "forward")
 
 
-ROUTES: tuple[ModuleRoute, ...] = (ModuleRoute("hf_experts", _hf_experts_candidate, _hf_experts_swap),)
+ROUTES: tuple[ModuleRoute, ...] = (
+    ModuleRoute("hf_experts", _hf_experts_candidate, _hf_experts_swap),
+    ModuleRoute("megatron_moe", megatron_route.candidate, megatron_route.swap, megatron_route.agree),
+)
 
 
 def candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, ModuleRoute, str]]:
     """``(path, module, route, what)`` of every module of ``model`` a route applies to."""
-    found = []
+    return _scan(model)[0]
+
+
+def _scan(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module, ModuleRoute, str]],
+                                           list[tuple[str, ModuleRoute, str]]]:
+    """The candidates of ``model`` and the ``(path, route, reason)`` of the modules a route refused."""
+    found, refused = [], []
     for path, module in model.named_modules():
         for route in ROUTES:
-            what = route.candidate(module)
+            try:
+                what = route.candidate(module)
+            except Refusal as why:
+                refused.append((path or type(model).__name__, route, str(why)))
+                break
             if what is not None:
                 found.append((path or type(model).__name__, module, route, what))
                 break
-    return found
+    return found, refused
 
 
 def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Optional[FusionReport]) -> None:
@@ -88,7 +115,9 @@ def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Opt
     The check leaves the random number generators as it found them (the model's own run draws
     what it would have drawn), and replays each module's call from the CPU generator state it
     started with, so a module drawing random numbers is compared on the same draws."""
-    found = candidates(model)
+    found, refused = _scan(model)
+    for path, route, why in refused:
+        _record(report, False, path, f"{route.name}: not routed: {why}")
     if not found:
         return
     with torch.random.fork_rng():
@@ -115,9 +144,14 @@ def _check_swaps(model: torch.nn.Module, args: tuple, kwargs: dict, report: Opti
         module_args, module_kwargs, want = calls[path]
         undo = route.swap(module)
         torch.set_rng_state(states[path])
-        with torch.no_grad():
-            got = module(*module_args, **module_kwargs)
-        difference = _difference(got, want)
+        try:
+            with torch.no_grad():
+                got = module(*module_args, **module_kwargs)
+            difference = _difference(got, want)
+        except Exception as error:      # noqa: BLE001  (reported, and the swap undone)
+            difference = f"raised {type(error).__name__}: {error}"
+        if route.agree is not None and not route.agree(module, difference is None) and difference is None:
+            difference = "equal here, but not on another process sharing the module"
         if difference is None:
             _record(report, True, path, f"{route.name}: {what} (module route, equal on the first call)")
         else:

@@ -1,0 +1,174 @@
+"""megatron-core 0.16.1's ``MoELayer`` (all-to-all token dispatcher, ``SequentialMLP`` experts with local
+linear layers, top-2 of 4 experts, fp32), as installed from PyPI, unmodified, on 2 gloo ranks with
+EP=2, under ``moe_fusion.compile``: the ``megatron_moe`` module route swaps in a forward of
+dispatch_v2 -> grouped FFN -> combine_v2 over the layer's EP group, and the compiled step equals the
+eager layer (the oracle: the same layer run eagerly before compiling), output and every parameter
+gradient. Layers the route cannot express are refused with the reason and keep their forward.
+
+The CPU shims Megatron needs (CUDA device / stream stand-ins) are test-side: ``megatron_shims``.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("megatron.core")
+
+import moe_fusion  # noqa: E402
+from moe_fusion.launch import run_ranks  # noqa: E402
+from moe_fusion.passes import FusionReport  # noqa: E402
+
+WORLD, EXPERTS, TOP_K, HIDDEN, FFN, SEQ, BATCH = 2, 4, 2, 16, 24, 6, 2
+DISPATCH, COMBINE, FFN_OP = ("moe_fusion.npu_moe_distribute_dispatch_v2.default",
+                             "moe_fusion.npu_moe_distribute_combine_v2.default", "moe_fusion.npu_ffn_grouped.default")
+# name -> (TransformerConfig overrides, shared experts, routed?). The refused layers have one local
+# expert: with more, the unrouted all-to-all dispatcher does not compile under moe_fusion.compile's
+# dynamo settings (capture_scalar_outputs makes sort_chunks_by_idxs' ``.tolist()`` unbacked ints,
+# which it then uses as list indices: "Could not extract specialized integer from data-dependent
+# expression"); plain torch.compile graph-breaks there instead.
+CASES: dict[str, tuple[dict, bool, bool]] = {
+    "swiglu": ({}, False, True),
+    "swiglu-shared": ({}, True, True),
+    "relu-bias-capacity": ({"gated_linear_unit": False, "activation_func": F.relu, "add_bias_linear": True,
+                            "moe_expert_capacity_factor": 0.75}, False, True),
+    "erf-gelu": ({"gated_linear_unit": False, "activation_func": F.gelu, "num_moe_experts": 2}, False, False),
+    "pad-to-capacity": ({"moe_expert_capacity_factor": 1.0, "moe_pad_expert_input_to_capacity": True,
+                         "num_moe_experts": 2}, False, False),
+}
+
+
+def make_layer(overrides: dict, shared: bool) -> torch.nn.Module:
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    options = dict(num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, ffn_hidden_size=FFN,
+                   moe_ffn_hidden_size=FFN, num_moe_experts=EXPERTS, moe_router_topk=TOP_K,
+                   moe_token_dispatcher_type="alltoall", expert_model_parallel_size=WORLD,
+                   use_cpu_initialization=True, add_bias_linear=False, gated_linear_unit=True,
+                   activation_func=F.silu, bias_activation_fusion=False, moe_router_load_balancing_type="none",
+                   params_dtype=torch.float32, moe_shared_expert_intermediate_size=FFN if shared else None)
+    options.update(overrides)
+    spec = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=options["num_moe_experts"],
+                                           moe_grouped_gemm=False)
+    layer = build_module(spec, config=TransformerConfig(**options))
+    gen = torch.Generator().manual_seed(3)      # the same router and shared experts on both ranks
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return layer
+
+
+def _step(layer: torch.nn.Module, run: Any, x: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
+    """One call of ``run`` (``layer`` or its compiled form): the output, and with ``train`` the
+    gradients of the input and of every parameter."""
+    if not train:
+        with torch.no_grad():
+            out, bias = run(x)
+        assert bias is None
+        return {"out": out}
+    x = x.clone().requires_grad_()
+    out, _ = run(x)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    grads = {"out": out.detach(), "x": x.grad}
+    grads.update({name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None})
+    layer.zero_grad(set_to_none=True)
+    return grads
+
+
+def _run(rank: int, world: int) -> dict[str, Any]:
+    from integration import megatron_shims
+
+    megatron_shims.install()
+    megatron_shims.init_parallel(world)
+    results = {}
+    for name, (overrides, shared, _) in CASES.items():
+        for train in (False, True):
+            layer = make_layer(overrides, shared).train(train)
+            x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank))
+            with torch.no_grad():
+                routed_copies = int(layer.router(x)[1].sum())     # fewer than SEQ*BATCH*TOP_K: tokens dropped
+            eager = _step(layer, layer, x, train)
+            report = FusionReport()
+            torch._dynamo.reset()
+            compiled = _step(layer, moe_fusion.compile(layer, report=report, compiler="eager"), x, train)
+            results[name, train] = {
+                "eager": eager, "compiled": compiled, "ops": collections.Counter(report.ops_after),
+                "routed_copies": routed_copies, "fused": [e.detail for e in report.fused("module_route")],
+                "refused": [e.detail for e in report.refused("module_route")], "report": report.format()}
+    results["one-rank-differs"] = _one_rank_differs(rank)
+    return results
+
+
+def _one_rank_differs(rank: int) -> dict[str, Any]:
+    """The swapped forward is made wrong on rank 1 only: rank 0's own check passes, yet both ranks
+    must undo the swap (agreed over the EP group) and both report why."""
+    from moe_fusion.passes import megatron_route, module_routes
+
+    def swap(layer: torch.nn.Module) -> Any:
+        undo = megatron_route.swap(layer)
+        if rank == 1:
+            routed = layer.forward
+            layer.forward = lambda *args, **kwargs: (routed(*args, **kwargs)[0] * 1.01, None)
+        return undo
+
+    real = module_routes.ROUTES
+    module_routes.ROUTES = tuple(module_routes.ModuleRoute(r.name, r.candidate, swap, r.agree)
+                                 if r.name == "megatron_moe" else r for r in real)
+    try:
+        layer = make_layer({"num_moe_experts": 2}, False).eval()     # one local expert: see CASES
+        x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank))
+        eager = _step(layer, layer, x, False)
+        report = FusionReport()
+        torch._dynamo.reset()
+        compiled = _step(layer, moe_fusion.compile(layer, report=report, compiler="eager"), x, False)
+    finally:
+        module_routes.ROUTES = real
+    return {"eager": eager, "compiled": compiled, "swapped": "forward" in vars(layer),
+            "refused": [e.detail for e in report.refused("module_route")], "report": report.format()}
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict[str, Any]]:
+    return run_ranks(WORLD, _run, timeout=300)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_megatron_moe_layer(ranks, name, train):
+    routed = CASES[name][2]
+    for rank, result in enumerate(ranks):
+        case = result[name, train]
+        if routed:
+            assert len(case["fused"]) == 1 and "megatron_moe" in case["fused"][0], case["report"]
+            assert case["ops"][DISPATCH] >= 1 and case["ops"][COMBINE] >= 1 and case["ops"][FFN_OP] >= 1, case["report"]
+        else:
+            assert not case["fused"] and len(case["refused"]) == 1, case["report"]
+            assert "megatron_moe: not routed" in case["refused"][0], case["report"]
+            assert case["ops"][DISPATCH] == 0, case["report"]
+        if "capacity" in name and routed:
+            assert case["routed_copies"] < SEQ * BATCH * TOP_K     # the capacity factor dropped copies
+        assert set(case["compiled"]) == set(case["eager"])
+        assert not train or len(case["eager"]) > 4     # output, x and the layer's parameters
+        for key, want in case["eager"].items():
+            torch.testing.assert_close(case["compiled"][key], want, rtol=1e-4, atol=1e-5, msg=f"rank {rank} {key}")
+
+
+def test_refusal_reasons(ranks):
+    for result in ranks:
+        assert "erf" in result["erf-gelu", False]["refused"][0]
+        assert "padding to capacity" in result["pad-to-capacity", False]["refused"][0]
+
+
+def test_a_rank_that_differs_undoes_the_route_on_every_rank(ranks):
+    for rank, result in enumerate(ranks):
+        case = result["one-rank-differs"]
+        assert not case["swapped"] and len(case["refused"]) == 1, case["report"]
+        why = case["refused"][0]
+        assert ("max difference" in why) if rank == 1 else ("not on another process" in why), why
+        torch.testing.assert_close(case["compiled"]["out"], case["eager"]["out"], rtol=1e-4, atol=1e-5)
