@@ -8,6 +8,11 @@ HF transformers (the ``integration`` extra): Mixtral, Qwen3-MoE and DeepSeek-V3 
 as it is); inference steps (no autograd) and training steps (forward + backward of a fixed loss).
 The variants alternate; the table gives spreads, the median paired ratio with its interval, and
 the verdict against the target (<= 1.0: fusing must not slow the block down).
+
+Expert-parallel layers on 4 gloo ranks (``--only ep``): DeepSpeed 0.19.8 ``MoE`` (k=2 dropless, k=1
+with capacity factor 1), fairscale 0.4.13 ``MOELayer`` + ``Top2Gate`` and Megatron-core 0.16.1
+``MoELayer`` (alltoall, SequentialMLP, SwiGLU), fp32, 2 experts per rank: ``moe_fusion.compile``
+vs plain ``torch.compile`` of an identical layer, each step timed on the slowest rank.
 """
 from __future__ import annotations
 
@@ -18,10 +23,12 @@ import torch
 
 from _timing import Row, argument_parser, print_table
 from moe_fusion.demo.timing import Comparison, interleave, wall_seconds
+from moe_fusion.launch import run_ranks
 import moe_fusion
 from moe_fusion.passes import FusionReport
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests" / "integration"),
+                str(Path(__file__).resolve().parents[1] / "tests")]
 from test_hf_transformers import BLOCKS, make_block  # noqa: E402  (the blocks the integration tests fuse)
 
 HIDDEN, INNER, TARGET = 1024, 1408, 1.0
@@ -52,17 +59,104 @@ def _measure(name: str, implementation: str, train: bool, repeats: int) -> tuple
     return Comparison(timed_fused, timed_plain), len(report.fused())
 
 
+EP_WORLD, EP_TOKENS, EP_LOCAL = 4, 512, 2      # ranks, tokens per rank, experts per rank
+
+
+def _expert_mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(HIDDEN, INNER), torch.nn.ReLU(), torch.nn.Linear(INNER, HIDDEN))
+
+
+def _deepspeed(rank: int, world: int, **options) -> torch.nn.Module:
+    from deepspeed_shims import deepspeed_moe, init_deepspeed
+
+    init_deepspeed()
+    return deepspeed_moe(_expert_mlp(), HIDDEN, world * EP_LOCAL, world, seed=0, rank=rank, min_capacity=4, **options)
+
+
+def _fairscale(rank: int, world: int) -> torch.nn.Module:
+    from fairscale.nn.moe import MOELayer, Top2Gate
+
+    torch.manual_seed(0)
+    gate = Top2Gate(HIDDEN, world * EP_LOCAL)
+    torch.manual_seed(1 + rank)
+    return MOELayer(gate, torch.nn.ModuleList([_expert_mlp() for _ in range(EP_LOCAL)]))
+
+
+def _megatron(rank: int, world: int) -> torch.nn.Module:
+    import megatron_shims
+    from test_megatron import make_layer
+
+    megatron_shims.install()
+    megatron_shims.init_parallel(world)
+    return make_layer({}, False, hidden=HIDDEN, ffn=INNER, experts=world * EP_LOCAL, world=world)
+
+
+EP_LAYERS = {  # name -> builder(rank, world): the layer, built alike on every call
+    "deepspeed k=2 dropless": lambda rank, world: _deepspeed(rank, world, k=2, drop_tokens=False),
+    "deepspeed k=1 capacity 1.0": lambda rank, world: _deepspeed(rank, world, k=1, drop_tokens=True,
+                                                                 capacity_factor=1.0),
+    "fairscale top2": _fairscale,
+    "megatron alltoall top2": _megatron,
+}
+
+
+def _measure_ep(rank: int, world: int, names: list[str], train: bool, repeats: int) -> dict:
+    """Per layer: fused vs plain inductor step times (slowest rank), and the fusions of rank 0."""
+    from moe_fusion.demo.timing import synced_seconds
+
+    out = {}
+    x = torch.randn(EP_TOKENS, 1, HIDDEN, generator=torch.Generator().manual_seed(rank), requires_grad=train)
+    weights = torch.linspace(-1, 1, x.numel()).view(x.shape)
+    for name in names:
+        fused_layer, plain_layer = EP_LAYERS[name](rank, world), EP_LAYERS[name](rank, world)
+        report = FusionReport()
+        torch._dynamo.reset()
+        fused = moe_fusion.compile(fused_layer, report=report)
+        plain = torch.compile(plain_layer, backend="inductor")
+
+        def step(run, layer=None) -> None:
+            with torch.set_grad_enabled(train):
+                out = run(x)
+                y = out[0] if isinstance(out, tuple) else out
+                if train:
+                    (y * weights).sum().backward()
+                    layer.zero_grad(set_to_none=True)
+
+        # fairscale's and DeepSpeed's gates build their noise distributions on their first call (a
+        # dict cache dynamo cannot replay: the first compile would break the graph there); an eager
+        # step builds them, as a training script's first steps would.
+        step(fused_layer, fused_layer), step(plain_layer, plain_layer)
+        step(fused, fused_layer), step(plain, plain_layer)      # compile outside the timing
+        timed = interleave((lambda: step(fused, fused_layer), lambda: step(plain, plain_layer)), repeats,
+                           timer=synced_seconds)
+        out[name] = (Comparison(*timed), sorted(e.pattern for e in report.fused()))
+    return out
+
+
 def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=15, help="timed steps of each variant")
+    parser.add_argument("--only", choices=("hf", "ep"), default=None, help="one part of the table (default: both)")
+    parser.add_argument("--inference-only", action="store_true", help="skip the training steps")
     args = parser.parse_args()
+    modes = (False,) if args.inference_only else (False, True)
     rows = []
-    for name in BLOCKS:
-        for implementation in TOKENS:
-            for train in (False, True):
-                timing, fusions = _measure(name, implementation, train, args.repeats)
-                rows.append(Row(f"hf {name} {implementation} {'train' if train else 'infer'} T={TOKENS[implementation]} H={HIDDEN} "
-                                f"I={INNER}: fused vs plain inductor ({fusions} fusions)", timing, TARGET))
+    if args.only in (None, "hf"):
+        for name in BLOCKS:
+            for implementation in TOKENS:
+                for train in modes:
+                    timing, fusions = _measure(name, implementation, train, args.repeats)
+                    rows.append(Row(f"hf {name} {implementation} {'train' if train else 'infer'} "
+                                    f"T={TOKENS[implementation]} H={HIDDEN} I={INNER}: fused vs plain inductor "
+                                    f"({fusions} fusions)", timing, TARGET))
+    if args.only in (None, "ep"):
+        for train in modes:
+            results = run_ranks(EP_WORLD, _measure_ep, list(EP_LAYERS), train, args.repeats, timeout=3600,
+                                pg_timeout=1200)[0]
+            for name, (timing, fused) in results.items():
+                rows.append(Row(f"{name} {'train' if train else 'infer'} EP={EP_WORLD} T={EP_TOKENS}/rank H={HIDDEN} "
+                                f"I={INNER} E={EP_WORLD * EP_LOCAL}: fused vs plain inductor ({', '.join(fused)})",
+                                timing, TARGET))
     print_table(rows)
 
 

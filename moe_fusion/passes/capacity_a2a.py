@@ -396,10 +396,19 @@ def _instance(mask: fx.Node, sizes: tuple[int, int, int, int], world: int, local
     if s * e * c <= FULL_SIZE_LIMIT:
         return FULL
     top_ks = {n.args[1] for n in ancestors(mask) if is_op(n, aten.topk)}
-    instance = reduced_instance((s, c), (e, h, world, local, *top_ks), REDUCED_TOKENS)
-    if instance is FULL:
-        raise NotReducible(f"S={s} and C={c} share no factor that leaves {REDUCED_TOKENS} tokens")
-    return instance
+    k = max(top_ks | {sum(1 for n in ancestors(mask) if is_op(n, aten.argmax.default))})
+    return _reduced((s, c), h, (e, world, local, k))
+
+
+def _reduced(batch: tuple[int, ...], hidden: int, fixed: tuple[int, ...]) -> Instance:
+    """The reduced instance dividing the batch sizes, and the hidden size with them when it can:
+    then a hidden size equal to a batch product (``H == E * C`` with powers of two) shrinks under
+    either reading, so the value cannot be misread."""
+    for bigs, smalls in (((*batch, hidden), fixed), (batch, (*fixed, hidden))):
+        instance = reduced_instance(bigs, smalls, REDUCED_TOKENS)
+        if instance is not FULL:
+            return instance
+    raise NotReducible(f"the batch sizes {batch} share no factor that leaves {REDUCED_TOKENS} tokens")
 
 
 def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[MoeBlock]:
@@ -477,11 +486,11 @@ def _read_slot_block(a2a: Collective, received: fx.Node, back: Collective, used:
         raise Refusal(f"the routing chooses among {val(form.choices[0].args[0]).size(1)} experts but the {world} ranks "
                       f"run {local} expert FFNs each")
     capacity = val(a2a.input).size(1) if val(a2a.input).dim() == 3 else None
-    instance = FULL
-    if tokens * experts * hidden > FULL_SIZE_LIMIT:
-        bigs = (tokens,) + ((capacity,) if isinstance(capacity, int) else ())
-        instance = reduced_instance(bigs, (experts, hidden, world, local, k), REDUCED_TOKENS)
     try:
+        instance = FULL
+        if tokens * experts * hidden > FULL_SIZE_LIMIT:
+            batch = (tokens,) + ((capacity,) if isinstance(capacity, int) else ())
+            instance = _reduced(batch, hidden, (experts, world, local, k))
         rows = bind_unbacked([val(received).shape], ORDER_CAPACITY, instance)
         ordered = _order_experts(received, back, used, section, world, hidden, rows)
         check_same_form(ordered, "local experts")

@@ -107,7 +107,10 @@ class Instance:
             n = _bound(n, self.bindings)
         if self.factor == 1 or isinstance(n, bool) or not isinstance(n, int):
             return n
-        return n // self.factor ** self._batch_factors(abs(n))
+        batches = self._batch_factors(abs(n))
+        if batches == 0 and n > 1 and self._batch_factors(n - 1):
+            return self.size(n - 1) + 1     # a batch size plus one: a padding row or a scratch slot
+        return n // self.factor ** batches
 
     def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(self.size(d) if isinstance(d, torch.SymInt) else self.size(int(d)) for d in shape)
@@ -138,10 +141,20 @@ class Instance:
         """``value`` (the node's result on this instance) has the node's shapes resized."""
         if self.factor == 1:
             return
-        expected = [self.shape(t.shape) for t in _tensors(val(node))]
+        expected = [self._checked_shape(t.shape) for t in _tensors(val(node))]
         got = [tuple(t.shape) for t in _tensors(value)]
-        if got != expected:
+        if len(got) != len(expected) or any(len(g) != len(e) or any(d is not None and d != h for h, d in zip(g, e))
+                                            for g, e in zip(got, expected)):
             raise NotReducible(f"{node.name} has shapes {got} on the reduced instance, {expected} expected")
+
+    def _checked_shape(self, shape: Sequence[Any]) -> tuple[Optional[int], ...]:
+        """``shape`` resized, None for a size read from the data (its value is whatever the
+        evaluation computes)."""
+        def resized(d: Any) -> Optional[int]:
+            if isinstance(d, torch.SymInt) and sympy.sympify(d.node.expr).free_symbols - {s for s, _ in self.bindings}:
+                return None
+            return self.size(d) if isinstance(d, torch.SymInt) else self.size(int(d))
+        return tuple(resized(d) for d in shape)
 
 
 FULL = Instance()

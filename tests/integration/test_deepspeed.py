@@ -37,14 +37,20 @@ CASES = {  # name -> (world, MoE options, compiler, dtype)
     "k2-ep4": (4, {"k": 2, "drop_tokens": False}, "eager", torch.float32),
     "k1-capacity-ep4": (4, {"k": 1, "drop_tokens": True, "capacity_factor": 1.0}, "eager", torch.float32),
 }
+# name -> (tokens per rank, hidden): blocks large enough that the guards evaluate a reduced instance,
+# with sizes that coincide (E * C == tokens, H == E * C / 2) as powers of two do.
+LARGE = {"k2-dropless-large": (2, {"k": 2, "drop_tokens": False}, "eager", torch.float32),
+         "k1-capacity-large": (2, {"k": 1, "drop_tokens": True, "capacity_factor": 1.0}, "eager", torch.float32)}
+LARGE_SIZES = (512, 256)
+CASES.update(LARGE)
 
 
 class Mlp(torch.nn.Module):
     """The expert DeepSpeed copies per local expert: Linear -> ReLU -> Linear."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(HIDDEN, FFN), torch.nn.Linear(FFN, HIDDEN)
+        self.fc1, self.fc2 = torch.nn.Linear(hidden, FFN), torch.nn.Linear(FFN, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
@@ -62,9 +68,10 @@ def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
     results = {}
     for name in names:
         _, options, compiler, dtype = CASES[name]
-        layer = deepspeed_moe(Mlp(), HIDDEN, EXPERTS, world, seed=0, rank=rank, min_capacity=4, **options).to(dtype)
-        layer.eval()
-        x = torch.randn(2, TOKENS // 2, HIDDEN, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
+        tokens, hidden = LARGE_SIZES if name in LARGE else (TOKENS, HIDDEN)
+        layer = deepspeed_moe(Mlp(hidden), hidden, EXPERTS, world, seed=0, rank=rank, min_capacity=4, **options)
+        layer = layer.to(dtype).eval()
+        x = torch.randn(2, tokens // 2, hidden, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
         report = FusionReport()
         torch._dynamo.reset()
         compiled = moe_fusion.compile(layer, report=report, compiler=compiler)

@@ -22,13 +22,15 @@ CASES = {  # name -> (world, compiler); fp32 (fairscale's gate does not run in b
     "ep2": (2, "eager"),
     "ep2-inductor": (2, "inductor"),
     "ep4": (4, "eager"),
+    "ep2-large": (2, "eager"),      # the guards evaluate a reduced instance; E * C == 2 * tokens == 4 * H
 }
+LARGE_SIZES = {"ep2-large": (512, 256)}   # name -> (tokens per rank, hidden)
 
 
 class Mlp(torch.nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(HIDDEN, FFN), torch.nn.Linear(FFN, HIDDEN)
+        self.fc1, self.fc2 = torch.nn.Linear(hidden, FFN), torch.nn.Linear(FFN, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
@@ -45,11 +47,12 @@ def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
     results = {}
     for name in names:
         _, compiler = CASES[name]
+        tokens, hidden = LARGE_SIZES.get(name, (TOKENS, HIDDEN))
         torch.manual_seed(0)
-        gate = Top2Gate(HIDDEN, EXPERTS)
+        gate = Top2Gate(hidden, EXPERTS)
         torch.manual_seed(1 + rank)
-        layer = MOELayer(gate, torch.nn.ModuleList([Mlp() for _ in range(EXPERTS // world)])).eval()
-        x = torch.randn(2, TOKENS // 2, HIDDEN, generator=torch.Generator().manual_seed(100 + rank))
+        layer = MOELayer(gate, torch.nn.ModuleList([Mlp(hidden) for _ in range(EXPERTS // world)])).eval()
+        x = torch.randn(2, tokens // 2, hidden, generator=torch.Generator().manual_seed(100 + rank))
         report = FusionReport()
         torch._dynamo.reset()
         compiled = moe_fusion.compile(layer, report=report, compiler=compiler)

@@ -41,18 +41,21 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
 }
 
 
-def make_layer(overrides: dict, shared: bool) -> torch.nn.Module:
+def make_layer(overrides: dict, shared: bool, hidden: int = HIDDEN, ffn: int = FFN, experts: int = EXPERTS,
+               world: int = WORLD) -> torch.nn.Module:
+    """Megatron's MoE layer (local specs, top-2 alltoall, SwiGLU unless ``overrides`` say otherwise),
+    weights drawn here (the same on every rank)."""
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    options = dict(num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, ffn_hidden_size=FFN,
-                   moe_ffn_hidden_size=FFN, num_moe_experts=EXPERTS, moe_router_topk=TOP_K,
-                   moe_token_dispatcher_type="alltoall", expert_model_parallel_size=WORLD,
+    options = dict(num_layers=1, hidden_size=hidden, num_attention_heads=2, ffn_hidden_size=ffn,
+                   moe_ffn_hidden_size=ffn, num_moe_experts=experts, moe_router_topk=TOP_K,
+                   moe_token_dispatcher_type="alltoall", expert_model_parallel_size=world,
                    use_cpu_initialization=True, add_bias_linear=False, gated_linear_unit=True,
                    activation_func=F.silu, bias_activation_fusion=False, moe_router_load_balancing_type="none",
-                   params_dtype=torch.float32, moe_shared_expert_intermediate_size=FFN if shared else None)
+                   params_dtype=torch.float32, moe_shared_expert_intermediate_size=ffn if shared else None)
     options.update(overrides)
     spec = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=options["num_moe_experts"],
                                            moe_grouped_gemm=False)
