@@ -77,7 +77,6 @@ def init_parallel(expert_model_parallel_size: int) -> None:
     """Megatron's parallel state over the initialized (gloo) default group: EP of the given size,
     no tensor/pipeline parallelism."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=expert_model_parallel_size)
