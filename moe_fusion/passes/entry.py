@@ -11,6 +11,14 @@ dispatch/FFN/combine chain into pieces no pass can see whole. ``compile`` turns 
 A library module whose code dynamo cannot capture whole gets an equivalent forward the passes can
 fuse (``module_routes``), applied on the model's first call and checked against the original on
 that call's inputs.
+
+Some code cannot be traced under those settings at all: a count read from the data and then used
+where Python needs its value (``x[i] for i in counts.tolist()``, Megatron's ``sort_chunks_by_idxs``)
+makes dynamo raise where its defaults would break the graph. Such a call is run again with dynamo's
+defaults, and so are the model's later calls (reported as a ``dynamo_settings`` event): the model
+compiles as ``torch.compile`` would compile it. The failed call may have run the compiled graphs
+before the failing frame once more (their collectives are matched: every rank fails at the same
+frame; random draws there are drawn again).
 """
 from __future__ import annotations
 
@@ -19,13 +27,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from . import module_routes
-from .context import FusionReport
+from .context import FusionEvent, FusionReport
 from .pipeline import backend
 
 # Dynamo settings in force while a model compiled by ``compile`` runs (and is traced).
 MOE_DYNAMO_CONFIG = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
+SETTINGS_EVENT = "dynamo_settings"
 
 
 def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: Optional[FusionReport] = None,
@@ -47,13 +57,25 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
     scoped = torch._dynamo.config.patch(MOE_DYNAMO_CONFIG)
     if not isinstance(compiled, OptimizedModule):
         return functools.wraps(model)(scoped(compiled))
-    compiled_forward, routed = scoped(compiled.forward), []
+    default_forward = compiled.forward
+    compiled_forward, routed, defaults = scoped(default_forward), [], []
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not routed:      # the first call: the module routes, checked on its inputs, before tracing
             module_routes.apply_checked(model, args, kwargs, report)
             routed.append(True)
-        return compiled_forward(*args, **kwargs)
+        if defaults:
+            return default_forward(*args, **kwargs)
+        try:
+            return compiled_forward(*args, **kwargs)
+        except GuardOnDataDependentSymNode as error:
+            defaults.append(True)
+            if report is not None:
+                reason = " ".join(str(error).split("For more information")[0].split())[:300]
+                report.events.append(FusionEvent(SETTINGS_EVENT, False, type(model).__name__,
+                                                 "the model does not trace with data-dependent counts captured, "
+                                                 f"compiled with dynamo's defaults instead ({reason})"))
+            return default_forward(*args, **kwargs)
 
     compiled.forward = forward
     return compiled
