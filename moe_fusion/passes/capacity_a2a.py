@@ -225,8 +225,9 @@ def _order_experts(received: fx.Node, back: Collective, used: list[FfnMatch], se
     if numel % (world * local * hidden):
         raise Refusal(f"the received tokens {tuple(val(received).shape)} do not split into ({world}, {local}, C, {hidden})")
     for m in used:
-        if instance.shape(val(m.out).shape) != instance.shape(val(m.x).shape):
-            raise Refusal(f"the expert FFN {m.out.name} changes the row shape {tuple(val(m.x).shape)}")
+        rows_in, rows_out = instance.shape(val(m.x).shape), instance.shape(val(m.out).shape)
+        if math.prod(rows_in) != math.prod(rows_out) or rows_in[-1] != rows_out[-1]:
+            raise Refusal(f"the expert FFN {m.out.name} changes the rows {tuple(val(m.x).shape)}")
     env: dict[fx.Node, object] = {received: torch.arange(numel, dtype=torch.float64).view(shape)}
     # Sizes read from outside (a capacity from the data) take their value in this instance.
     env.update({n: instance.size(val(n)) for node in section for n in node.all_input_nodes
@@ -243,7 +244,7 @@ def _order_experts(received: fx.Node, back: Collective, used: list[FfnMatch], se
         # An FFN works on whole token rows: its input rows must be rows of the received tensor.
         if not (torch.equal(rows - rows[:, :1], columns.expand_as(rows)) and bool((rows[:, 0] % hidden == 0).all())):
             raise Refusal(f"the rows fed to expert FFN {match.out.name} are not whole received token rows")
-        env[node] = env[match.x] + tags[node]
+        env[node] = (env[match.x] + tags[node]).reshape(instance.shape(val(node).shape))
     diff = (env[back.input].reshape(world, local, -1) - env[received].reshape(world, local, -1))
     by_tag = {tags[m.out]: m for m in used}
     ordered = []

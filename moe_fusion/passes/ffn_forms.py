@@ -198,12 +198,18 @@ def _linear_ending_at(node: fx.Node, through_views: bool = True) -> Optional[Lin
 
 
 def _second_linear(mm: fx.Node) -> Optional[Linear]:
-    """The FFN's second linear starting at ``mm``: its bias add is absorbed only when it follows
-    the mm directly, so the result is 2-D like npu_ffn's (a bias after a view stays in the graph)."""
+    """The FFN's second linear starting at ``mm``, with the bias add that follows it directly or
+    after views (``nn.Linear`` on N-D rows, as traced before autograd): then its result has the
+    views' shape, which the rewrite gives the fused op's ``(M, N2)`` back."""
     base = _mm(mm)
-    if base is None or base.bias is not None or base.offs is not None or base.ids is not None or len(mm.users) != 1:
+    if base is None or base.bias is not None or base.offs is not None or base.ids is not None:
         return base
-    with_bias = _linear_ending_at(next(iter(mm.users)), through_views=False)
+    node = mm
+    while len(node.users) == 1 and is_op(next(iter(node.users)), *VIEW_OPS):
+        node = next(iter(node.users))
+    if len(node.users) != 1:
+        return base
+    with_bias = _linear_ending_at(next(iter(node.users)))
     return with_bias if with_bias is not None and with_bias.nodes[0] is mm else base
 
 
@@ -400,6 +406,8 @@ class FfnMatch:
         """
         with fused_ops_or_refusal(graph, self.op):
             fused = self._emit(graph) if self.ids is None else self._emit_sorted(graph)
+            if tuple(val(fused).shape) != tuple(val(self.out).shape):     # a bias added after views
+                fused = insert_call(graph, self.out, aten.view.default, (fused, list(val(self.out).shape)))
         self.out.replace_all_uses_with(fused)
         return fused
 
