@@ -223,7 +223,8 @@ def _order_experts(received: fx.Node, back: Collective, used: list[FfnMatch], se
     shape, hidden = instance.shape(val(received).shape), instance.size(hidden)
     numel = math.prod(shape)
     if numel % (world * local * hidden):
-        raise Refusal(f"the received tokens {tuple(val(received).shape)} do not split into ({world}, {local}, C, {hidden})")
+        raise Refusal(f"the received tokens {tuple(val(received).shape)} do not split into "
+                      f"({world}, {local}, C, {hidden})")
     for m in used:
         rows_in, rows_out = instance.shape(val(m.x).shape), instance.shape(val(m.out).shape)
         if math.prod(rows_in) != math.prod(rows_out) or rows_in[-1] != rows_out[-1]:

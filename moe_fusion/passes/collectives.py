@@ -61,7 +61,8 @@ def waited_by(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _c10d_all_to_all(node: fx.Node) -> Optional[Collective]:
-    if not is_op(node, c10d.all_to_all_single):
+    # The differentiable form (funcol's ``all_to_all_single_autograd``) computes the same forward.
+    if not is_op(node, c10d.all_to_all_single, torch.ops._c10d_functional_autograd.all_to_all_single):
         return None
     wait = waited_by(node)
     if wait is None:

@@ -164,7 +164,8 @@ def _bound(n: torch.SymInt, bindings: tuple[tuple[Any, int], ...]) -> int:
     """``n``'s value with ``bindings`` given to its symbols (``NotReducible`` if one is unbound)."""
     expr = sympy.sympify(sympy.sympify(n.node.expr).xreplace(dict(bindings)))
     if expr.free_symbols:
-        raise NotReducible(f"the size {n} has no value in this instance (unbound {sorted(map(str, expr.free_symbols))})")
+        unbound = sorted(map(str, expr.free_symbols))
+        raise NotReducible(f"the size {n} has no value in this instance (unbound {unbound})")
     return int(expr)
 
 

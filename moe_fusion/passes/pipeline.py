@@ -41,6 +41,7 @@ from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from ..targets import get_target, target as target_scope
 from . import allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn, re_routing
+from .autograd_collectives import functional_all_to_alls
 from .lowering import lower_local_ops
 from .context import (FusionEvent, FusionReport, Match, PassContext, Refusal, TrainingCheck, count_ops,
                       lowered, training)
@@ -233,6 +234,7 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
         return None if route.untrainable is None else route.untrainable(op)
 
     try:
+        functional_all_to_alls(gm)    # all-to-all autograd Functions: functionalization cannot trace them
         traced = _functional_aten_graph(
             gm, example_inputs, select_decomp_table() if route.decompositions is None else route.decompositions)
         if route.prepare is not None:

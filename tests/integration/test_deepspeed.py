@@ -4,7 +4,9 @@ the expert-parallel all-to-all, ``index`` + gate combine; argmax gating, random 
 k=1, Gumbel noise for k=2's second expert) becomes ``dispatch_v2 -> npu_ffn_grouped -> combine_v2``
 (``moe_capacity_a2a``'s slot form), dropped routes as the 2-D ``x_active_mask``; the residual MLP
 of ``use_residual`` becomes ``npu_ffn``. The oracle is the eager layer on the same random stream
-(the gates draw noise): output equal within fp32 rounding (bf16 roundings in the bf16 case).
+(the gates draw noise): output equal within fp32 rounding (bf16 roundings in the bf16 case), and in
+the training cases the input and every parameter gradient too (DeepSpeed's ``_AllToAll`` autograd
+Function becomes torch's differentiable all-to-all before autograd: ``autograd_collectives``).
 
 Shims (test side, ``deepspeed_shims``): DeepSpeed's CPU shared-memory op is not built, and
 deepspeed.comm adopts the gloo group.
@@ -19,9 +21,11 @@ import torch
 pytest.importorskip("deepspeed")
 
 from moe_fusion.launch import run_ranks  # noqa: E402
+from step_results import step_results  # noqa: E402
 
 HIDDEN, FFN, EXPERTS, TOKENS = 16, 32, 4, 16
-DISPATCH, COMBINE = "moe_fusion.npu_moe_distribute_dispatch_v2.default", "moe_fusion.npu_moe_distribute_combine_v2.default"
+DISPATCH = "moe_fusion.npu_moe_distribute_dispatch_v2.default"
+COMBINE = "moe_fusion.npu_moe_distribute_combine_v2.default"
 A2A = "_c10d_functional.all_to_all_single.default"
 CASES = {  # name -> (world, MoE options, compiler, dtype)
     "k1-dropless": (2, {"k": 1, "drop_tokens": False}, "eager", torch.float32),
@@ -43,6 +47,12 @@ LARGE = {"k2-dropless-large": (2, {"k": 2, "drop_tokens": False}, "eager", torch
          "k1-capacity-large": (2, {"k": 1, "drop_tokens": True, "capacity_factor": 1.0}, "eager", torch.float32)}
 LARGE_SIZES = (512, 256)
 CASES.update(LARGE)
+# Training steps (forward and backward of a fixed loss): output, input and every parameter gradient.
+TRAINING = {"k2-dropless-train": (2, {"k": 2, "drop_tokens": False}, "eager", torch.float32),
+            "k1-capacity-train": (2, {"k": 1, "drop_tokens": True, "capacity_factor": 1.0}, "eager", torch.float32),
+            "k2-residual-train": (2, {"k": 2, "drop_tokens": False, "use_residual": True}, "eager", torch.float32),
+            "k2-inductor-train": (2, {"k": 2, "drop_tokens": False}, "inductor", torch.float32)}
+CASES.update(TRAINING)
 
 
 class Mlp(torch.nn.Module):
@@ -69,18 +79,18 @@ def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
     for name in names:
         _, options, compiler, dtype = CASES[name]
         tokens, hidden = LARGE_SIZES if name in LARGE else (TOKENS, HIDDEN)
+        train = name in TRAINING
         layer = deepspeed_moe(Mlp(hidden), hidden, EXPERTS, world, seed=0, rank=rank, min_capacity=4, **options)
-        layer = layer.to(dtype).eval()
+        layer = layer.to(dtype).train(train)
         x = torch.randn(2, tokens // 2, hidden, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
         report = FusionReport()
         torch._dynamo.reset()
         compiled = moe_fusion.compile(layer, report=report, compiler=compiler)
-        with torch.no_grad():
-            torch.manual_seed(7)
-            eager = layer(x)[0]
-            torch.manual_seed(7)
-            fused = compiled(x)[0]
-        results[name] = {"eager": eager.float(), "fused": fused.float(), "events": [
+        torch.manual_seed(7)
+        eager = step_results(layer, layer, x, train)
+        torch.manual_seed(7)
+        fused = step_results(layer, compiled, x, train)
+        results[name] = {"eager": [t.float() for t in eager], "fused": [t.float() for t in fused], "events": [
             (e.pattern, e.fused, e.detail) for e in report.events], "ops": dict(report.ops_after)}
     return results
 
@@ -101,9 +111,13 @@ def test_deepspeed_moe_fuses_and_equals_eager(ranks, name):
         fused = [d for p, ok, d in case["events"] if p == "moe_capacity_a2a" and ok]
         assert len(fused) == 1, (rank, case["events"])
         assert f"K={options['k']}" in fused[0] and "x_active_mask" in fused[0]
-        assert case["ops"].get(DISPATCH) == 1 and case["ops"].get(COMBINE) == 1 and A2A not in case["ops"], \
+        # A training step's report counts the graph before autograd and AOT's forward and backward.
+        calls = (lambda n: n >= 1) if name in TRAINING else (lambda n: n == 1)
+        assert calls(case["ops"].get(DISPATCH, 0)) and calls(case["ops"].get(COMBINE, 0)) and A2A not in case["ops"], \
             {k: v for k, v in case["ops"].items() if "moe_fusion" in k or "c10d" in k}
         if options.get("use_residual"):
             assert any(p == "ffn" and ok for p, ok, _ in case["events"]), case["events"]
+        assert len(case["fused"]) == len(case["eager"]) and (name not in TRAINING or len(case["eager"]) > 8)
         tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
-        torch.testing.assert_close(case["fused"], case["eager"], **tol, msg=lambda m, rank=rank: f"rank {rank}: {m}")
+        for i, (got, want) in enumerate(zip(case["fused"], case["eager"])):
+            torch.testing.assert_close(got, want, **tol, msg=lambda m, rank=rank, i=i: f"rank {rank} tensor {i}: {m}")
