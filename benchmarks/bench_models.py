@@ -37,18 +37,23 @@ HIDDEN, INNER, TARGET = 1024, 1408, 1.0
 TOKENS = {"grouped_mm": 512, "batched_mm": 8, "eager": 512}
 
 
+def _step(run, layer: torch.nn.Module, x: torch.Tensor, train: bool) -> None:
+    """One step of ``run`` (``layer`` or a compiled form of it): with ``train``, forward and backward of
+    a fixed loss, ``layer``'s gradients cleared after."""
+    with torch.set_grad_enabled(train):
+        out = run(x)
+        y = out[0] if isinstance(out, tuple) else out
+        if train:
+            (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+            layer.zero_grad(set_to_none=True)
+
+
 def _measure(name: str, implementation: str, train: bool, repeats: int) -> tuple[Comparison, int]:
     block = make_block(name, implementation, HIDDEN, INNER)
     x = torch.randn(TOKENS[implementation], 1, HIDDEN, requires_grad=train)
-    weights = torch.linspace(-1, 1, x.numel()).view(x.shape)
 
     def step(run) -> None:
-        with torch.set_grad_enabled(train):
-            out = run(x)
-            y = out[0] if isinstance(out, tuple) else out
-            if train:
-                (y * weights).sum().backward()
-                block.zero_grad(set_to_none=True)
+        _step(run, block, x, train)
 
     report = FusionReport()
     torch._dynamo.reset()
@@ -106,7 +111,6 @@ def _measure_ep(rank: int, world: int, names: list[str], train: bool, repeats: i
 
     out = {}
     x = torch.randn(EP_TOKENS, 1, HIDDEN, generator=torch.Generator().manual_seed(rank), requires_grad=train)
-    weights = torch.linspace(-1, 1, x.numel()).view(x.shape)
     for name in names:
         fused_layer, plain_layer = EP_LAYERS[name](rank, world), EP_LAYERS[name](rank, world)
         report = FusionReport()
@@ -114,13 +118,8 @@ def _measure_ep(rank: int, world: int, names: list[str], train: bool, repeats: i
         fused = moe_fusion.compile(fused_layer, report=report)
         plain = torch.compile(plain_layer, backend="inductor")
 
-        def step(run, layer=None) -> None:
-            with torch.set_grad_enabled(train):
-                out = run(x)
-                y = out[0] if isinstance(out, tuple) else out
-                if train:
-                    (y * weights).sum().backward()
-                    layer.zero_grad(set_to_none=True)
+        def step(run, layer: torch.nn.Module) -> None:
+            _step(run, layer, x, train)
 
         # fairscale's and DeepSpeed's gates build their noise distributions on their first call (a
         # dict cache dynamo cannot replay: the first compile would break the graph there); an eager

@@ -20,13 +20,10 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from moe_fusion.launch import run_ranks  # noqa: E402
+from integration.ranked_cases import ExpertMlp, assert_block_fused, assert_steps_equal, run_by_world  # noqa: E402
 from step_results import step_results  # noqa: E402
 
 HIDDEN, FFN, EXPERTS, TOKENS = 16, 32, 4, 16
-DISPATCH = "moe_fusion.npu_moe_distribute_dispatch_v2.default"
-COMBINE = "moe_fusion.npu_moe_distribute_combine_v2.default"
-A2A = "_c10d_functional.all_to_all_single.default"
 CASES = {  # name -> (world, MoE options, compiler, dtype)
     "k1-dropless": (2, {"k": 1, "drop_tokens": False}, "eager", torch.float32),
     "k2-dropless": (2, {"k": 2, "drop_tokens": False}, "eager", torch.float32),
@@ -55,17 +52,6 @@ TRAINING = {"k2-dropless-train": (2, {"k": 2, "drop_tokens": False}, "eager", to
 CASES.update(TRAINING)
 
 
-class Mlp(torch.nn.Module):
-    """The expert DeepSpeed copies per local expert: Linear -> ReLU -> Linear."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(hidden, FFN), torch.nn.Linear(FFN, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
     import moe_fusion
     from moe_fusion.passes import FusionReport
@@ -80,7 +66,8 @@ def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
         _, options, compiler, dtype = CASES[name]
         tokens, hidden = LARGE_SIZES if name in LARGE else (TOKENS, HIDDEN)
         train = name in TRAINING
-        layer = deepspeed_moe(Mlp(hidden), hidden, EXPERTS, world, seed=0, rank=rank, min_capacity=4, **options)
+        layer = deepspeed_moe(ExpertMlp(hidden, FFN), hidden, EXPERTS, world, seed=0, rank=rank, min_capacity=4,
+                              **options)
         layer = layer.to(dtype).train(train)
         x = torch.randn(2, tokens // 2, hidden, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
         report = FusionReport()
@@ -97,10 +84,7 @@ def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ranks() -> dict[int, list[dict[str, Any]]]:
-    by_world: dict[int, list[str]] = {}
-    for name, (world, *_) in CASES.items():
-        by_world.setdefault(world, []).append(name)
-    return {world: run_ranks(world, _run, names, timeout=600) for world, names in by_world.items()}
+    return run_by_world(CASES, _run)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -108,16 +92,8 @@ def test_deepspeed_moe_fuses_and_equals_eager(ranks, name):
     world, options, _, dtype = CASES[name]
     for rank, result in enumerate(ranks[world]):
         case = result[name]
-        fused = [d for p, ok, d in case["events"] if p == "moe_capacity_a2a" and ok]
-        assert len(fused) == 1, (rank, case["events"])
-        assert f"K={options['k']}" in fused[0] and "x_active_mask" in fused[0]
-        # A training step's report counts the graph before autograd and AOT's forward and backward.
-        calls = (lambda n: n >= 1) if name in TRAINING else (lambda n: n == 1)
-        assert calls(case["ops"].get(DISPATCH, 0)) and calls(case["ops"].get(COMBINE, 0)) and A2A not in case["ops"], \
-            {k: v for k, v in case["ops"].items() if "moe_fusion" in k or "c10d" in k}
+        assert_block_fused(case, rank, options["k"], name in TRAINING)
         if options.get("use_residual"):
             assert any(p == "ffn" and ok for p, ok, _ in case["events"]), case["events"]
-        assert len(case["fused"]) == len(case["eager"]) and (name not in TRAINING or len(case["eager"]) > 8)
         tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
-        for i, (got, want) in enumerate(zip(case["fused"], case["eager"])):
-            torch.testing.assert_close(got, want, **tol, msg=lambda m, rank=rank, i=i: f"rank {rank} tensor {i}: {m}")
+        assert_steps_equal(case["fused"], case["eager"], rank, name in TRAINING, **tol)

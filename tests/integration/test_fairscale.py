@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("fairscale")
 
-from moe_fusion.launch import run_ranks  # noqa: E402
+from integration.ranked_cases import ExpertMlp, assert_block_fused, assert_steps_equal, run_by_world  # noqa: E402
 from step_results import step_results  # noqa: E402
 
 HIDDEN, FFN, EXPERTS, TOKENS = 16, 32, 4, 16
@@ -31,15 +31,6 @@ CASES = {  # name -> (world, compiler); fp32 (fairscale's gate does not run in b
 }
 TRAINING = {"ep2-train", "ep2-inductor-train"}   # forward and backward: output, input and parameter gradients
 LARGE_SIZES = {"ep2-large": (512, 256)}   # name -> (tokens per rank, hidden)
-
-
-class Mlp(torch.nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(hidden, FFN), torch.nn.Linear(FFN, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
@@ -58,7 +49,8 @@ def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
         gate = Top2Gate(hidden, EXPERTS)
         torch.manual_seed(1 + rank)
         train = name in TRAINING
-        layer = MOELayer(gate, torch.nn.ModuleList([Mlp(hidden) for _ in range(EXPERTS // world)])).train(train)
+        experts = torch.nn.ModuleList([ExpertMlp(hidden, FFN) for _ in range(EXPERTS // world)])
+        layer = MOELayer(gate, experts).train(train)
         x = torch.randn(2, tokens // 2, hidden, generator=torch.Generator().manual_seed(100 + rank))
         report = FusionReport()
         torch._dynamo.reset()
@@ -74,10 +66,7 @@ def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ranks() -> dict[int, list[dict[str, Any]]]:
-    by_world: dict[int, list[str]] = {}
-    for name, (world, *_) in CASES.items():
-        by_world.setdefault(world, []).append(name)
-    return {world: run_ranks(world, _run, names, timeout=600) for world, names in by_world.items()}
+    return run_by_world(CASES, _run)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -85,16 +74,8 @@ def test_fairscale_moe_fuses_and_equals_eager(ranks, name):
     world, _ = CASES[name]
     for rank, result in enumerate(ranks[world]):
         case = result[name]
-        fused = [d for p, ok, d in case["events"] if p == "moe_capacity_a2a" and ok]
-        assert len(fused) == 1 and "K=2" in fused[0] and "x_active_mask" in fused[0], (rank, case["events"])
-        collectives = {k: v for k, v in case["ops"].items() if "c10d" in k}
-        # A training step's report counts the graph before autograd and AOT's forward and backward.
-        dispatches = case["ops"].get("moe_fusion.npu_moe_distribute_dispatch_v2.default", 0)
-        assert (dispatches >= 1 if name in TRAINING else dispatches == 1) and not collectives, (case["ops"],
-                                                                                               case["events"])
+        assert_block_fused(case, rank, 2, name in TRAINING)
+        assert not any("c10d" in k for k in case["ops"]), case["ops"]
         # No other pass took the dispatch einsum's bmm (it is the MoE block's, not a BMM-RS pair).
         assert not any(p == "bmm_reducescatter_alltoall" and ok for p, ok, _ in case["events"])
-        assert len(case["fused"]) == len(case["eager"]) and (name not in TRAINING or len(case["eager"]) > 8)
-        for i, (got, want) in enumerate(zip(case["fused"], case["eager"])):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5,
-                                       msg=lambda m, rank=rank, i=i: f"rank {rank} tensor {i}: {m}")
+        assert_steps_equal(case["fused"], case["eager"], rank, name in TRAINING, rtol=1e-5, atol=1e-5)
