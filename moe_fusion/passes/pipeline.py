@@ -131,8 +131,10 @@ def compile_context() -> tuple:
         return ()
     from torch.distributed.distributed_c10d import _world
 
-    groups = sorted((group.group_name, tuple(ranks)) for group, ranks in
-                    ((g, sorted(_world.pg_group_ranks[g])) for g in _world.pg_group_ranks))
+    # A rank outside a group created with ``new_group`` holds it as ``GroupMember.NON_GROUP_MEMBER``
+    # (an int, not a group): not one of this process's groups.
+    groups = sorted((group.group_name, tuple(sorted(ranks))) for group, ranks in _world.pg_group_ranks.items()
+                    if isinstance(group, dist.ProcessGroup))
     return dist.get_rank(), dist.get_world_size(), tuple(groups)
 
 

@@ -23,6 +23,7 @@ from .vocabulary import ALLOCATION_OPS
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
+SIZE_CHECK_OPS = (aten._assert_scalar, aten.sym_constrain_range_for_size, aten.sym_constrain_range)
 
 
 def argmax_choices(routed: fx.Node, k: int) -> tuple[fx.Node, ...]:
@@ -176,11 +177,14 @@ def dies_with(out: fx.Node, kept: set[fx.Node]) -> frozenset[fx.Node]:
     values the fused ops read)."""
     protected = set().union(*(ancestors(n) for n in kept)) if kept else set()
     dead = {out}
+    # Runtime checks of a size read from the data (``u0 >= 0``) do not keep it alive: they go with it.
+    checks = [n for n in out.graph.nodes if is_op(n, *SIZE_CHECK_OPS)]
     for node in reversed(list(out.graph.nodes)):
-        if node in dead or node in protected or node.op != "call_function":
+        if node in dead or node in protected or node.op != "call_function" or node in checks:
             continue
         # An unused buffer or size (an out= buffer whose copy the compiler dropped) dies with what it sizes.
         unused_shape = not node.users and (is_op(node, *ALLOCATION_OPS) or is_size(node))
-        if unused_shape or (node.users and all(user in dead for user in node.users)):
+        if unused_shape or (node.users and all(user in dead or user in checks for user in node.users)):
             dead.add(node)
+    dead |= {check for check in checks if all(n in dead for n in check.all_input_nodes)}
     return frozenset(dead - {out})

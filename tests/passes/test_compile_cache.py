@@ -80,3 +80,15 @@ def _uuid(rank: int, world: int) -> Any:
 @pytest.mark.parametrize("passes", [None, ("ffn",)])
 def test_a_report_bypasses_the_cache(passes):
     assert MoeFusionGraphPass(passes=passes, report=moe_fusion.FusionReport()).uuid() is None
+
+
+def _context_with_a_group_this_rank_is_not_in(rank: int, world: int) -> tuple:
+    dist.new_group([0])       # rank 1 holds it as GroupMember.NON_GROUP_MEMBER (DeepSpeed's EP groups do this)
+    return pipeline.compile_context()
+
+
+def test_cache_key_with_groups_this_rank_is_not_in():
+    """The key is computed (no crash) and names only the groups this rank is in."""
+    contexts = run_ranks(2, _context_with_a_group_this_rank_is_not_in, timeout=120)
+    assert len(contexts[0][2]) == len(contexts[1][2]) + 1     # rank 0 is in the new group, rank 1 is not
+    assert all(isinstance(name, str) for _, _, groups in contexts for name, _ in groups)
