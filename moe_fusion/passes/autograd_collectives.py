@@ -18,6 +18,7 @@ Anything else (another collective, a scale, a second output) is left as it is.
 """
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any, Optional
 
@@ -71,9 +72,13 @@ def _all_to_all(body: fx.GraphModule) -> Optional[tuple[Any, Any, str]]:
     return list(out_splits), list(in_splits), group
 
 
-def functional_all_to_alls(gm: fx.GraphModule) -> int:
-    """Rewrite each autograd-Function all-to-all of dynamo's graph ``gm`` (module docstring) into
-    torch's differentiable functional all-to-all, in place; returns how many."""
+def functional_all_to_alls(dynamo_gm: fx.GraphModule) -> fx.GraphModule:
+    """Dynamo's graph ``dynamo_gm`` with each autograd-Function all-to-all (module docstring) as
+    torch's differentiable functional all-to-all: a copy when there is one (``dynamo_gm`` itself
+    stays as dynamo made it, for AOT autograd should the traced graph be given up), else itself."""
+    if not any(n.target is torch.ops.higher_order.autograd_function_apply for n in dynamo_gm.graph.nodes):
+        return dynamo_gm
+    gm = copy.deepcopy(dynamo_gm)
     rewritten = 0
     for node in list(gm.graph.nodes):
         if node.target is not torch.ops.higher_order.autograd_function_apply:
@@ -108,6 +113,7 @@ def functional_all_to_alls(gm: fx.GraphModule) -> int:
             if not body.users:
                 gm.graph.erase_node(body)
         rewritten += 1
-    if rewritten:
-        gm.recompile()
-    return rewritten
+    if not rewritten:
+        return dynamo_gm
+    gm.recompile()
+    return gm

@@ -236,9 +236,9 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
         return None if route.untrainable is None else route.untrainable(op)
 
     try:
-        functional_all_to_alls(gm)    # all-to-all autograd Functions: functionalization cannot trace them
+        # All-to-all autograd Functions: functionalization cannot trace them.
         traced = _functional_aten_graph(
-            gm, example_inputs, select_decomp_table() if route.decompositions is None else route.decompositions)
+            functional_all_to_alls(gm), example_inputs, select_decomp_table() if route.decompositions is None else route.decompositions)
         if route.prepare is not None:
             route.prepare(traced.graph)
         with training(untrainable):
