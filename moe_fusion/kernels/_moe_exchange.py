@@ -11,8 +11,13 @@ on anything, or that rejected their inputs, still complete it, and every rank th
 * otherwise each field must be the same on every rank of its scope (the op itself, H, dtype, K,
   expert counts, modes, ...), else every rank raises the same disagreement error.
 
-Then the kernels exchange counts (``exchange_counts``: an all-gather, int64) and rows
-(``exchange_rows``: ``all_to_all_single`` with split sizes over a ``uint8`` buffer of packed rows,
+Over the EP group the vector also carries the call's **counts** (``agree``'s ``counts``: rows per
+destination rank and local expert, dispatch's and combine's count exchange) in an area of
+``counts_capacity(group size)`` int64 after the header, so the agreement and the count exchange are
+one all-gather. The area's size depends only on the group, never on the call; counts that do not fit
+(more than ``counts_capacity`` entries, a size every rank derives from agreed values) are left out
+and exchanged after the agreement by ``exchange_counts`` (an all-gather, int64). Then the kernels
+exchange rows (``exchange_rows``: ``all_to_all_single`` with split sizes over a ``uint8`` buffer of packed rows,
 ``RowLayout``, in send/receive staging buffers reused across calls, ``staging_rows``). A backend
 failure of any collective (a peer exited, stopped, or never called the op: gloo raises after the
 process group's timeout) becomes a ``GroupPeerError`` naming the op, the group and the ranks that
@@ -40,6 +45,7 @@ DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.floa
 OP_CODES = {"npu_moe_distribute_dispatch_v2": 1, "npu_moe_distribute_combine_v2": 2,
             "npu_moe_distribute_combine_add_rms_norm": 3}
 AGREEMENT_LEN = 32                 # int64 entries: [op code, status, field values..., zero padding]
+COUNTS_CAPACITY = 256              # int64 count entries an EP agreement vector carries (at least the group size)
 OK, REJECTED = 0, 1
 # Field scopes: which ranks must send the same value.
 EVERYWHERE, EP_ONLY, TP_ONLY, PER_RANK = "everywhere", "ep", "tp", "per-rank"
@@ -233,11 +239,24 @@ def dist_fields(cfg: DistConfig, tokens_arg: str, global_bs: int) -> list[Field]
     ]
 
 
-def _vector(op: str, status: int, fields: Sequence[Field], device: torch.device) -> Tensor:
+def counts_capacity(group_size: int) -> int:
+    """Count entries the EP agreement vector of a group of ``group_size`` ranks carries after its
+    header: a function of the group alone, so every member's vector has the same size."""
+    return max(COUNTS_CAPACITY, group_size)
+
+
+def _vector(op: str, status: int, fields: Sequence[Field], device: torch.device, area: int = 0,
+            counts: Optional[Tensor] = None) -> Tensor:
+    """``[op code, status, field values..., zero padding]`` (``AGREEMENT_LEN``), then an ``area`` of
+    int64 holding ``counts`` (flattened) followed by zeros."""
     values = [OP_CODES[op], status] + [f.value for f in fields]
     # A bug guard, not a user error: the vector's size must never depend on the call.
     assert len(values) <= AGREEMENT_LEN, f"{op}: {len(values)} agreement entries exceed {AGREEMENT_LEN}"
-    return torch.tensor(values + [0] * (AGREEMENT_LEN - len(values)), dtype=torch.int64, device=device)
+    vector = torch.zeros(AGREEMENT_LEN + area, dtype=torch.int64, device=device)
+    vector[:len(values)] = torch.tensor(values, dtype=torch.int64)
+    if counts is not None:
+        vector[AGREEMENT_LEN:AGREEMENT_LEN + counts.numel()] = counts.reshape(-1)
+    return vector
 
 
 def _op_name(code: int) -> str:
@@ -273,12 +292,15 @@ class Exchange:
     tp: Optional[dist.ProcessGroup]
 
     def agree(self, fields: Sequence[Field], error: Optional[OpValidationError], device: torch.device,
-              tp_check: Optional[Callable[[Tensor], Optional[OpValidationError]]] = None) -> tuple[Tensor, Tensor]:
+              tp_check: Optional[Callable[[Tensor], Optional[OpValidationError]]] = None,
+              counts: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """The agreement exchange (module docstring). ``error``: this rank's rejection, if any.
         ``tp_check(tp_rows)`` may reject the TP pair's rows (both ranks run it on the same rows).
+        ``counts``: int64 counts to carry in the EP vector's count area (``carries``; None: zeros).
 
-        Returns ``(ep_rows (W, AGREEMENT_LEN), tp_rows (2, AGREEMENT_LEN) or None)`` int64, field
-        ``i`` in column ``2 + i``; raises on every rank of both groups together otherwise.
+        Returns ``(ep_rows (W, AGREEMENT_LEN + area), tp_rows (2, AGREEMENT_LEN) or None)`` int64,
+        field ``i`` in column ``2 + i``, the count area (EP only) from column ``AGREEMENT_LEN``;
+        raises on every rank of both groups together otherwise.
         """
         status = OK if error is None else REJECTED
         tp_rows = None
@@ -293,7 +315,11 @@ class Exchange:
                     message = _disagreement(self.op, "group_tp", fields, tp_rows, t, TP_ONLY)
                     error = OpValidationError(message) if message else (tp_check(tp_rows) if tp_check else None)
         # A TP verdict travels in the EP status: both EP domains of the pair stop together.
-        vector = _vector(self.op, OK if error is None else REJECTED, fields, device)
+        area = 0 if self.ep is None else counts_capacity(self.ep.size())
+        if counts is not None:
+            assert counts.numel() <= area or self.ep is None, f"{self.op}: counts exceed the agreement's count area"
+            counts = counts if self.ep is not None else None
+        vector = _vector(self.op, OK if error is None else REJECTED, fields, device, area, counts)
         ep_rows = vector.unsqueeze(0) if self.ep is None else self._gather(self.ep, "group_ep", vector)
         rank = 0 if self.ep is None else self.ep.rank()
         message = _disagreement(self.op, "group_ep", [], ep_rows, rank, EP_ONLY)   # the op itself first
@@ -309,6 +335,23 @@ class Exchange:
         if message:
             raise OpValidationError(message)
         return ep_rows, tp_rows
+
+    def carries(self, entries: int) -> bool:
+        """Whether ``entries`` counts fit the EP agreement vector's count area (a group of one
+        exchanges nothing: always). Every rank decides alike when ``entries`` comes from agreed values."""
+        return self.ep is None or entries <= counts_capacity(self.ep.size())
+
+    def counts_after(self, ep_rows: Tensor, counts: Tensor) -> Tensor:
+        """What ``exchange_counts(op, ep, counts)`` returns, for ``counts`` ``(W, C)`` int64 of this
+        rank: read from ``agree``'s ``ep_rows`` when they carried every rank's counts (``carries``),
+        else exchanged now."""
+        counts = counts.to(torch.int64)
+        if self.ep is None:
+            return counts.contiguous()
+        if not self.carries(counts.numel()):
+            return exchange_counts(self.op, self.ep, counts)
+        every = ep_rows[:, AGREEMENT_LEN:AGREEMENT_LEN + counts.numel()].reshape(self.ep.size(), *counts.shape)
+        return every[:, self.ep.rank()].contiguous()
 
     def _gather(self, group: dist.ProcessGroup, arg: str, vector: Tensor) -> Tensor:
         seq = _mark_arrival(group)

@@ -6,10 +6,11 @@ Combine consumes only what the paired dispatch wrote (canonical layout, see
 
 1. agreement (``_moe_exchange.Exchange.agree``): one fixed-size all-gather over the TP pair (T == 2)
    then over the EP group carries every rank's verdict on its inputs, the attributes that shape
-   the rows and the TP pair's row counts (``_fields``), so every rank stops together;
+   the rows and the TP pair's row counts (``_fields``), so every rank stops together; the EP
+   all-gather also carries the rows going back to each source rank (the count exchange);
 2. TP (T == 2): one fp32 ``reduce_scatter_tensor`` adds the peer's copy of our rows (its rows
    ``[peer_own, peer_own + own)``) to ours; the sum is rounded to the ``expand_x`` dtype;
-   EP return: one count exchange (rows per source rank), one payload exchange of packed rows
+   EP return: one payload exchange of packed rows
    ``[row or int8 row + per-8-group scales | token, slot]`` (``RowLayout``; ``comm_quant_mode`` 2
    quantizes per group of 8 elements, SPEC §4.3);
 3. on the token's rank, in fp32: ``acc = sum_j w_j * row_j`` over slots ``j = 0..K-1`` (copy
@@ -31,8 +32,7 @@ from ..op_protos import moe_distribute_combine_add_rms_norm as rms_proto
 from ..op_protos import moe_distribute_combine_v2 as combine_proto
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ._precision import accumulator
-from ._moe_exchange import (PER_RANK, Field, RowLayout, dist_fields, exchange_counts, exchange_rows, open_exchange,
-                            peer_guard)
+from ._moe_exchange import PER_RANK, Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
@@ -156,13 +156,16 @@ def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tens
                                     inputs["ep_send_counts"], inputs["tp_send_counts"], inputs["x_active_mask"],
                                     inputs["elastic_info"])
     fields = _fields(cfg, comm_quant_mode, inputs["global_bs"], own, peer)
-    exchange.agree(fields, error, expand_x.device, _tp_counts_check(op, cfg.tp_rank, own, peer, len(fields)))
+    # Rows back to each source rank (checked in range by ``_local_error``): they ride on the
+    # agreement (W entries always fit its count area).
+    triples = assist[:3 * own].view(-1, 3).long()
+    send_counts = torch.bincount(triples[:, 0], minlength=cfg.world) if error is None else None
+    ep_rows, _ = exchange.agree(fields, error, expand_x.device, _tp_counts_check(op, cfg.tp_rank, own, peer, len(fields)),
+                                counts=None if send_counts is None else send_counts.unsqueeze(1))
+    recv_counts = exchange.counts_after(ep_rows, send_counts.unsqueeze(1))
 
     rows = _tp_reduce(op, exchange.tp, cfg, expand_x, own, peer) if cfg.tp_world == 2 else expand_x[:own]
-    triples = assist[:3 * rows.size(0)].view(-1, 3).long()
     order = torch.argsort(triples[:, 0], stable=True)
-    send_counts = torch.bincount(triples[:, 0], minlength=cfg.world)
-    recv_counts = exchange_counts(op, exchange.ep, send_counts.unsqueeze(1))
 
     staging = ("send", "" if exchange.ep is None else exchange.ep.group_name)
     meta = triples[order, 1:]

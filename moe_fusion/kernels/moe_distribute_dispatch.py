@@ -11,10 +11,14 @@ Per rank, vectorized over all (token, slot) copies:
 3. agreement (``_moe_exchange.Exchange.agree``): one fixed-size all-gather over the TP pair (T == 2)
    then over the EP group carries every rank's verdict on its inputs and the attributes that shape
    the rows (``_fields``), so every rank of both groups stops together on a rejection or a
-   disagreement;
-4. EP exchange: one count exchange (counts per destination and local expert), one payload
-   exchange of packed rows ``[payload | dynamic scale | expand scale | token, slot]``
-   (``RowLayout``: each field aligned to its element size);
+   disagreement; the EP all-gather also carries the counts per destination and local expert
+   and unique payload rows per destination (the count exchange; a separate all-gather after it
+   only when ``W * (L + 1)`` exceeds its count area);
+4. EP exchange: one payload exchange. Each destination's segment holds its payload rows
+   ``[payload | dynamic scale]`` (``RowLayout``), one per (destination, token) a token reaches
+   through any of its slots (one per copy with smooth ``scales``, whose payload depends on the
+   expert), then the meta words of its copies in send order ``[token, slot, payload row(, expand
+   scale bits)]`` int32, padded to whole rows; the receiver expands the rows per copy in step 5;
 5. receive layout: rows sorted local-expert-major, source-minor, token order kept;
 6. TP (T == 2): after the EP exchange the peer's rows are appended after ours with one count
    all-gather and one payload all-gather.
@@ -40,8 +44,7 @@ from ..errors import OpValidationError, fail
 from ..op_protos._proto import OutSpec
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ..op_protos.moe_distribute_dispatch_v2 import NAME, PROTO, QUANT_DYNAMIC, DispatchConfig
-from ._moe_exchange import (Field, RowLayout, dist_fields, exchange_counts, exchange_rows, open_exchange,
-                            peer_guard)
+from ._moe_exchange import Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard, staging_rows
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
@@ -60,7 +63,7 @@ def dynamic_quant(rows: Tensor) -> tuple[Tensor, Tensor]:
     return q, (amax.new_tensor(1.0) / ds).squeeze(1)
 
 
-def _plan(cfg: DistConfig, expert_ids: Tensor, x_active_mask: Optional[Tensor]) -> dict[str, Tensor]:
+def _plan(cfg: DistConfig, expert_ids: Tensor, x_active_mask: Optional[Tensor], dedup: bool = True) -> dict[str, Tensor]:
     """Every copy this rank sends, in send order: token, slot, destination rank, local expert and
     the smooth-scales row (``n_sh + e`` for MoE expert ``e``, ``q`` for shared expert ``q``)."""
     bs, k = expert_ids.shape
@@ -80,8 +83,21 @@ def _plan(cfg: DistConfig, expert_ids: Tensor, x_active_mask: Optional[Tensor]) 
         dst = torch.cat([dst, cfg.rank % r_sh + q * r_sh])
         local, scale_row = torch.cat([local, torch.zeros_like(q)]), torch.cat([scale_row, q])
     order = torch.argsort((dst * cfg.moe_local_experts + local) * max(bs, 1) + tok, stable=True)
-    return {"tok": tok[order], "slot": slot[order], "dst": dst[order], "local": local[order],
+    plan = {"tok": tok[order], "slot": slot[order], "dst": dst[order], "local": local[order],
             "scale_row": scale_row[order]}
+    # Payload rows: one per (destination, token) when the payload is the token row alone (``dedup``),
+    # else one per copy; ``unique_idx``: each copy's payload row within its destination's rows.
+    n = plan["tok"].numel()
+    key = plan["dst"] * max(bs, 1) + plan["tok"] if dedup else torch.arange(n, device=dev)
+    ukey, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    first = torch.zeros(ukey.numel(), dtype=torch.int64, device=dev)
+    first.scatter_(0, inverse.flip(0), torch.arange(n - 1, -1, -1, device=dev))   # a copy of each payload row
+    udst = plan["dst"][first]
+    unique_counts = torch.bincount(udst, minlength=cfg.world)
+    plan.update(unique_tok=plan["tok"][first], unique_scale_row=plan["scale_row"][first],
+                unique_counts=unique_counts, unique_idx=inverse - (unique_counts.cumsum(0) - unique_counts)[plan["dst"]],
+                copy_counts=torch.bincount(plan["dst"], minlength=cfg.world))
+    return plan
 
 
 def _local_error(cfg: DistConfig, expert_ids: Tensor, x_active_mask: Optional[Tensor],
@@ -121,35 +137,59 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     quant_mode, tp_world_size = config.quant_mode, cfg.tp_world
     exchange = open_exchange(NAME, group_ep, cfg.world, cfg.rank, group_tp, tp_world_size, cfg.tp_rank)
     error = _local_error(cfg, expert_ids, x_active_mask, elastic_info)
-    exchange.agree(_fields(config, expert_scales is not None, global_bs), error, x.device)
+    lm, world = cfg.moe_local_experts, cfg.world
+    plan = counts = None
+    if error is None:           # the plan reads the ids' values: only once they passed their checks
+        plan = _plan(cfg, expert_ids, x_active_mask, dedup=quant_mode != QUANT_DYNAMIC or scales is None)
+        copies = torch.bincount(plan["dst"] * lm + plan["local"], minlength=world * lm).view(world, lm)
+        counts = torch.cat([copies, plan["unique_counts"].unsqueeze(1)], dim=1)     # (W, L + 1)
+    # The counts ride on the agreement when they fit (W * (L + 1) entries: agreed values, so every
+    # rank decides alike), else they are exchanged after it (``Exchange.counts_after``).
+    carried = counts if counts is not None and exchange.carries(counts.numel()) else None
+    ep_rows, _ = exchange.agree(_fields(config, expert_scales is not None, global_bs), error, x.device,
+                                counts=carried)
+    recv_all = exchange.counts_after(ep_rows, counts)
+    recv_counts, recv_unique = recv_all[:, :lm], recv_all[:, lm]
 
     outs = _zeroed_outputs(PROTO.infer_shape(config), x.device)
     expand_x, dynamic_scales, assist, token_nums, ep_counts, tp_counts, expand_scales = outs
     h, k = cfg.hidden, cfg.top_k
-    plan = _plan(cfg, expert_ids, x_active_mask)
-    lm = cfg.moe_local_experts
-    send_counts = torch.bincount(plan["dst"] * lm + plan["local"], minlength=cfg.world * lm).view(cfg.world, lm)
-    recv_counts = exchange_counts(NAME, exchange.ep, send_counts)
 
-    layout = RowLayout(((x.dtype if quant_mode != QUANT_DYNAMIC else torch.int8, h),)
-                       + ((torch.float32, 1),) * (quant_mode == QUANT_DYNAMIC)
-                       + ((torch.float32, 1),) * (expert_scales is not None) + ((torch.int32, 2),))
-    send = _pack(layout, plan, x, scales, expert_scales, quant_mode, k, exchange.ep)
-    buf = exchange_rows(NAME, exchange.ep, send, send_counts.sum(1), recv_counts.sum(1))
-    parts = layout.unpack(buf)
+    payload = RowLayout(((x.dtype if quant_mode != QUANT_DYNAMIC else torch.int8, h),)
+                        + ((torch.float32, 1),) * (quant_mode == QUANT_DYNAMIC))
+    row_bytes = -(-payload.row_bytes // 4) * 4          # meta rows are int32 words
+    n_meta = 3 + (expert_scales is not None)            # token, slot, payload row[, expand scale bits]
+    send_rows = counts[:, lm] + _meta_rows(counts[:, :lm].sum(1), n_meta, row_bytes)
+    recv_rows = recv_unique + _meta_rows(recv_counts.sum(1), n_meta, row_bytes)
+    send = _pack(payload, row_bytes, n_meta, plan, counts[:, lm], send_rows, x, scales, expert_scales, quant_mode,
+                 k, exchange.ep)
+    buf = exchange_rows(NAME, exchange.ep, send, send_rows, recv_rows)
+
+    # Each source's segment: its unique payload rows, then its copies' meta words (send order).
+    starts = (recv_rows.cumsum(0) - recv_rows).tolist()
+    flat = buf.view(-1)
+    metas = []
+    for s_, (start, u, c) in enumerate(zip(starts, recv_unique.tolist(), recv_counts.sum(1).tolist())):
+        words = flat[(start + u) * row_bytes:(start + u) * row_bytes + c * n_meta * 4].view(torch.int32)
+        m = words.view(c, n_meta).clone()
+        m[:, 2] += start                                    # payload row in the whole receive buffer
+        metas.append(m)
+    meta_all = torch.cat(metas) if metas else torch.zeros((0, n_meta), dtype=torch.int32, device=x.device)
+    parts = payload.unpack(buf)
 
     # Receive order is (source, local expert, token); the layout is (local expert, source, token).
     lo = cfg.local_experts
-    code = torch.repeat_interleave(torch.arange(cfg.world * lm, device=x.device), recv_counts.reshape(-1))
+    code = torch.repeat_interleave(torch.arange(world * lm, device=x.device), recv_counts.reshape(-1))
     source, local = code // lm, code % lm
-    order = torch.argsort(local * cfg.world + source, stable=True)
+    order = torch.argsort(local * world + source, stable=True)
     own = order.numel()
-    torch.index_select(parts[0], 0, order, out=expand_x[:own])
+    meta = meta_all[order]
+    prow = meta[:, 2].long()
+    torch.index_select(parts[0], 0, prow, out=expand_x[:own])
     if quant_mode == QUANT_DYNAMIC:
-        dynamic_scales[:own] = parts[1][order, 0]
+        dynamic_scales[:own] = parts[1][prow, 0]
     if expert_scales is not None:
-        expand_scales[:own] = parts[-2][order, 0]
-    meta = parts[-1][order]
+        expand_scales[:own] = meta[:, 3].view(torch.float32)
     assist[:3 * own] = torch.stack([source[order].int(), meta[:, 0], meta[:, 1]], dim=1).reshape(-1)
 
     per_expert = recv_counts[:, :lo].t()                             # (L, W) rows per (local expert, source)
@@ -178,27 +218,50 @@ def _zeroed_outputs(specs: Sequence[OutSpec], device: torch.device) -> tuple[Ten
     return tuple(zeros(spec) for spec in specs)
 
 
-def _pack(layout: RowLayout, plan: dict[str, Tensor], x: Tensor, scales: Optional[Tensor],
-          expert_scales: Optional[Tensor], quant_mode: int, k: int, group: Optional[dist.ProcessGroup]) -> Tensor:
-    """The send buffer ``(copies, layout.row_bytes)`` uint8: ``[payload | dyn scale | expand scale | token, slot]``,
-    in ``group``'s send staging (``_moe_exchange.staging_rows``)."""
+def _meta_rows(copies: Tensor, n_meta: int, row_bytes: int) -> Tensor:
+    """Rows of ``row_bytes`` holding ``copies`` meta entries of ``n_meta`` int32 each (per rank)."""
+    return -(-(copies * (n_meta * 4)) // row_bytes)
+
+
+def _pack(payload: RowLayout, row_bytes: int, n_meta: int, plan: dict[str, Tensor], unique_counts: Tensor,
+          send_rows: Tensor, x: Tensor, scales: Optional[Tensor], expert_scales: Optional[Tensor], quant_mode: int,
+          k: int, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """The send buffer ``(rows, row_bytes)`` uint8, in ``group``'s send staging
+    (``_moe_exchange.staging_rows``): per destination rank, its unique payload rows ``[payload |
+    dyn scale]`` (one per token, or per copy with smooth scales), then the meta words of its copies
+    in send order ``[token, slot, payload row in the segment(, expand scale bits)]``."""
     tok, slot = plan["tok"], plan["slot"]
-    buf = layout.empty(tok.numel(), x.device, ("send", "" if group is None else group.group_name))
-    views = layout.unpack(buf)
+    total = int(send_rows.sum())
+    buf = staging_rows("send", "" if group is None else group.group_name, total, row_bytes, x.device)
+    for start, end in payload.gaps + ((payload.row_bytes, row_bytes),):     # bytes no field covers: zeros
+        if end > start:
+            buf[:, start:end].zero_()
+    views = payload.unpack(buf)
+    utok, uidx = plan["unique_tok"], plan["unique_idx"]
     if quant_mode == QUANT_DYNAMIC:
-        rows = x.index_select(0, tok).float()
+        rows = x.index_select(0, utok).float()
         if scales is not None:
-            rows = rows * scales.index_select(0, plan["scale_row"])
+            rows = rows * scales.index_select(0, plan["unique_scale_row"])
         q, dyn = dynamic_quant(rows)
-        views[0].copy_(q)
-        views[1].copy_(dyn.unsqueeze(1))
-    else:
-        torch.index_select(x, 0, tok, out=views[0])
+    meta = torch.stack([tok.int(), slot.int(), uidx.int()], dim=1)
     if expert_scales is not None:
         moe = slot < k
-        weight = expert_scales[tok, slot.clamp(max=k - 1)]
-        views[-2].copy_(torch.where(moe, weight, 0.0).unsqueeze(1))
-    views[-1].copy_(torch.stack([tok, slot], dim=1))
+        weight = torch.where(moe, expert_scales[tok, slot.clamp(max=k - 1)], 0.0).to(torch.float32)
+        meta = torch.cat([meta, weight.view(torch.int32).unsqueeze(1)], dim=1)
+    flat = buf.view(-1)
+    row, first, copy_first = 0, 0, 0
+    copies = plan["copy_counts"].tolist()
+    for u, c, r in zip(unique_counts.tolist(), copies, send_rows.tolist()):
+        if u:
+            if quant_mode == QUANT_DYNAMIC:
+                views[0][row:row + u].copy_(q[first:first + u])
+                views[1][row:row + u].copy_(dyn[first:first + u].unsqueeze(1))
+            else:
+                torch.index_select(x, 0, utok[first:first + u], out=views[0][row:row + u])
+        words = flat[(row + u) * row_bytes:(row + r) * row_bytes].view(torch.int32)
+        words[:c * n_meta].copy_(meta[copy_first:copy_first + c].reshape(-1))
+        words[c * n_meta:].zero_()
+        row, first, copy_first = row + r, first + u, copy_first + c
     return buf
 
 
