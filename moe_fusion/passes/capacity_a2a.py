@@ -343,8 +343,7 @@ def _argmax_gating(mask: fx.Node, combine: fx.Node, sizes: tuple[int, int, int],
     of each route (the later ones masking the earlier choices), and whether the gating may leave a
     route without a slot (then dispatched with a 2-D ``x_active_mask``); raises Refusal."""
     s, e, c = sizes
-    k = sum(1 for n in ancestors(combine) if is_op(n, aten.argmax.default))
-    choices = argmax_choices(combine, k)
+    choices = argmax_choices(combine)
     if any(choice not in ancestors(mask) for choice in choices):
         raise Refusal(f"the combine weights {combine.name} and the dispatch mask {mask.name} derive from different "
                       "argmax routings")
@@ -441,9 +440,7 @@ def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[M
         y, combine, combine_region = _combine_einsum(returned, (s, e, c, h))
         _check_einsum(y, combine_region, {"combine": combine, "returned": returned}, "sec,ecm->sm",
                       ("combine", "returned"), {"combine": (s, e, c), "returned": (e, c, h)}, instance)
-        if not any(is_op(n, aten.topk) for n in ancestors(combine)):
-            choices, drops = _argmax_gating(mask, combine, (s, e, c), instance)
-        else:
+        if any(is_op(n, aten.topk) for n in ancestors(combine)):
             topk, gating_nodes = _gating(mask, combine)
             gate_experts, _ = topk_layout(topk)
             if gate_experts != e or val(topk.args[0]).size(0) != s:
@@ -454,6 +451,12 @@ def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[M
                 raise Refusal(f"capacity C={c} < tokens per rank S={s}: an expert chosen by more than {c} tokens "
                               "drops some, and dispatch_v2 is dropless")
             _check_dropless(topk, gating_nodes, mask, combine, instance)
+            # The gating stays (the scales read it); the dispatch mask chain only the einsum read dies with it.
+            ids, k, kept, gating = existing(_topk_indices(topk)), topk.args[1], None, set(gating_nodes)
+        else:
+            choices, drops = _argmax_gating(mask, combine, (s, e, c), instance)
+            ids, k, gating = stacked_columns(choices), len(choices), set()
+            kept = _kept_builder(mask, ids) if drops else None
     except NotReducible as error:
         raise Refusal(f"the guards cannot run on a reduced instance of this block ({error}), and at its own sizes "
                       f"(S={s}, E={e}, C={c}) they would cost as much as the layer") from error
@@ -462,18 +465,10 @@ def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[M
         raise Refusal(f"x is {dtype} but the experts run in {ordered[0].dtype} and the combine in {val(y).dtype}")
 
     out, shared = shared_addend(y)
-    # The gating stays (the scales read it); the dispatch mask chain only the einsum read dies with it.
     nodes = (dispatch_region | section | combine_region | collective_nodes(a2a, received)
-             | collective_nodes(back, returned) | {mask})
-    if not any(is_op(n, aten.topk) for n in ancestors(combine)):
-        ids = stacked_columns(choices)
-        return MoeBlock(PATTERN, a2a.nodes[0], x, ids, len(choices), _scales_builder(combine, ids), ordered,
-                        a2a.group_name, world, group_rank(a2a.group_name), e, out, shared, frozenset(nodes),
-                        active_mask=_kept_builder(mask, ids) if drops else None)
-    ids = existing(_topk_indices(topk))
-    return MoeBlock(PATTERN, a2a.nodes[0], x, ids, topk.args[1],
-                    _scales_builder(combine, ids), ordered, a2a.group_name, world, group_rank(a2a.group_name), e, out,
-                    shared, frozenset(nodes | set(gating_nodes)))
+             | collective_nodes(back, returned) | {mask} | gating)
+    return MoeBlock(PATTERN, a2a.nodes[0], x, ids, k, _scales_builder(combine, ids), ordered, a2a.group_name, world,
+                    group_rank(a2a.group_name), e, out, shared, frozenset(nodes), active_mask=kept)
 
 
 def _read_slot_block(a2a: Collective, received: fx.Node, back: Collective, used: list[FfnMatch],

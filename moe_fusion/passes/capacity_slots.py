@@ -45,7 +45,6 @@ from .routing_eval import argmax_choices, check_distinct, leaf_value, region, ru
 from .vocabulary import VIEW_OPS
 
 aten = torch.ops.aten
-c10d = torch.ops._c10d_functional
 CAPACITY_RAISE = 2   # how much larger than this rank's own maximum count another rank's is taken
 
 
@@ -126,7 +125,10 @@ def read_slot_form(a2a_input: fx.Node, returned: fx.Node) -> SlotForm:
     if tuple(val(keep).shape) != (k, tokens) or tuple(val(gates).shape) != (k, tokens) or tokens != val(x).size(0):
         raise Refusal(f"the slots {tuple(val(slots).shape)}, keep {tuple(val(keep).shape)} and gates "
                       f"{tuple(val(gates).shape)} are not (K, S) for the {val(x).size(0)} tokens")
-    return SlotForm(x, argmax_choices(slots, k), keep, slots, gates, y)
+    choices = argmax_choices(slots)
+    if len(choices) != k:
+        raise Refusal(f"the {k} routes per token derive from {len(choices)} argmaxes, not one per route")
+    return SlotForm(x, choices, keep, slots, gates, y)
 
 
 @on_real_tensors
@@ -136,9 +138,7 @@ def check_slot_form(form: SlotForm, a2a_input: fx.Node, returned: fx.Node, num_e
     expert choices, distinct per token) and two capacities; raises Refusal."""
     check_distinct(form.choices, instance)
     stops = {form.x, returned, *form.choices}
-    nodes, leaves = region([a2a_input, form.y], stops)
-    if any(is_op(n, c10d.all_to_all_single, c10d.all_gather_into_tensor, c10d.reduce_scatter_tensor) for n in nodes):
-        raise Refusal("the routing runs a collective other than the capacity's all-reduce")
+    nodes, leaves = region([a2a_input, form.y], stops)    # run_routing refuses any other collective
     after_return = [n for n in nodes if returned in ancestors(n)]
     before_return = [n for n in nodes if n not in set(after_return)]
     tokens, hidden = instance.shape(val(form.x).shape)

@@ -24,11 +24,12 @@ from .vocabulary import ALLOCATION_OPS
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 SIZE_CHECK_OPS = (aten._assert_scalar, aten.sym_constrain_range_for_size, aten.sym_constrain_range)
+COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
 
 
-def argmax_choices(routed: fx.Node, k: int) -> tuple[fx.Node, ...]:
-    """The K argmaxes over the experts ``routed`` derives from (route k's expert before any drop),
-    in graph order; raises Refusal."""
+def argmax_choices(routed: fx.Node) -> tuple[fx.Node, ...]:
+    """The argmaxes over the experts ``routed`` derives from (one per route: its expert before any
+    drop), in graph order; raises Refusal."""
     found = in_graph_order(n for n in ancestors(routed) if is_op(n, aten.argmax.default))
     for node in found:
         scores = val(node.args[0])
@@ -36,8 +37,6 @@ def argmax_choices(routed: fx.Node, k: int) -> tuple[fx.Node, ...]:
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         if scores.dim() != 2 or dim not in (1, -1) or keepdim:
             raise Refusal(f"the routing's {node.name} is not an argmax over the experts of a 2-D gate")
-    if len(found) != k:
-        raise Refusal(f"the {k} routes per token derive from {len(found)} argmaxes, not one per route")
     return tuple(found)
 
 
@@ -105,8 +104,6 @@ def region(targets: list[fx.Node], stops: set[fx.Node]) -> tuple[list[fx.Node], 
         seen.add(node)
         if node.op == "placeholder" or (node not in from_stops and node in from_inputs):
             leaves.append(node)
-        elif node.op == "get_attr":
-            nodes.append(node)
         else:
             nodes.append(node)
             stack.extend(node.all_input_nodes)
@@ -148,8 +145,8 @@ def run_routing(nodes: list[fx.Node], env: dict[fx.Node, Any], instance: Instanc
             env[node] = env[node.args[0]] + raise_capacity
         elif is_op(node, c10d.wait_tensor):
             env[node] = env[node.args[0]]
-        elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "_c10d_functional":
-            raise Refusal(f"the routing runs the collective {node.name}")
+        elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace in COLLECTIVE_NAMESPACES:
+            raise Refusal(f"the routing runs the collective {node.name}")   # evaluating it would communicate
         elif float_cast(node) and isinstance(env.get(node.args[0]), torch.Tensor):
             env[node] = env[node.args[0]]
         else:
@@ -178,7 +175,7 @@ def dies_with(out: fx.Node, kept: set[fx.Node]) -> frozenset[fx.Node]:
     protected = set().union(*(ancestors(n) for n in kept)) if kept else set()
     dead = {out}
     # Runtime checks of a size read from the data (``u0 >= 0``) do not keep it alive: they go with it.
-    checks = [n for n in out.graph.nodes if is_op(n, *SIZE_CHECK_OPS)]
+    checks = {n for n in out.graph.nodes if is_op(n, *SIZE_CHECK_OPS)}
     for node in reversed(list(out.graph.nodes)):
         if node in dead or node in protected or node.op != "call_function" or node in checks:
             continue

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 
 from moe_fusion.launch import run_ranks
+from step_results import step_results
 
 DISPATCH = "moe_fusion.npu_moe_distribute_dispatch_v2.default"
 COMBINE = "moe_fusion.npu_moe_distribute_combine_v2.default"
@@ -21,6 +22,23 @@ class ExpertMlp(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+def eager_and_fused(layer: torch.nn.Module, x: torch.Tensor, train: bool, compiler: str) -> dict[str, Any]:
+    """One step of ``layer`` eagerly and under ``moe_fusion.compile`` from the same random stream (the
+    gates draw noise): ``step_results`` of each (as fp32), the report's events and its ops after."""
+    import moe_fusion
+    from moe_fusion.passes import FusionReport
+
+    report = FusionReport()
+    torch._dynamo.reset()
+    compiled = moe_fusion.compile(layer, report=report, compiler=compiler)
+    torch.manual_seed(7)
+    eager = step_results(layer, layer, x, train)
+    torch.manual_seed(7)
+    fused = step_results(layer, compiled, x, train)
+    return {"eager": [t.float() for t in eager], "fused": [t.float() for t in fused], "ops": dict(report.ops_after),
+            "events": [(e.pattern, e.fused, e.detail) for e in report.events]}
 
 
 def run_by_world(cases: dict[str, tuple], fn: Callable[..., Any], timeout: float = 600) -> dict[int, list]:

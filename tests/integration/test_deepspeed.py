@@ -20,8 +20,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from integration.ranked_cases import ExpertMlp, assert_block_fused, assert_steps_equal, run_by_world  # noqa: E402
-from step_results import step_results  # noqa: E402
+from integration.ranked_cases import (ExpertMlp, assert_block_fused, assert_steps_equal, eager_and_fused,  # noqa: E402
+                                      run_by_world)
 
 HIDDEN, FFN, EXPERTS, TOKENS = 16, 32, 4, 16
 CASES = {  # name -> (world, MoE options, compiler, dtype)
@@ -53,9 +53,6 @@ CASES.update(TRAINING)
 
 
 def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
-    import moe_fusion
-    from moe_fusion.passes import FusionReport
-
     from integration.deepspeed_shims import deepspeed_moe, init_deepspeed
 
     init_deepspeed()
@@ -70,15 +67,7 @@ def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
                               **options)
         layer = layer.to(dtype).train(train)
         x = torch.randn(2, tokens // 2, hidden, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
-        report = FusionReport()
-        torch._dynamo.reset()
-        compiled = moe_fusion.compile(layer, report=report, compiler=compiler)
-        torch.manual_seed(7)
-        eager = step_results(layer, layer, x, train)
-        torch.manual_seed(7)
-        fused = step_results(layer, compiled, x, train)
-        results[name] = {"eager": [t.float() for t in eager], "fused": [t.float() for t in fused], "events": [
-            (e.pattern, e.fused, e.detail) for e in report.events], "ops": dict(report.ops_after)}
+        results[name] = eager_and_fused(layer, x, train, compiler)
     return results
 
 

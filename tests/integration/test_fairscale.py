@@ -17,8 +17,8 @@ import torch
 
 pytest.importorskip("fairscale")
 
-from integration.ranked_cases import ExpertMlp, assert_block_fused, assert_steps_equal, run_by_world  # noqa: E402
-from step_results import step_results  # noqa: E402
+from integration.ranked_cases import (ExpertMlp, assert_block_fused, assert_steps_equal, eager_and_fused,  # noqa: E402
+                                      run_by_world)
 
 HIDDEN, FFN, EXPERTS, TOKENS = 16, 32, 4, 16
 CASES = {  # name -> (world, compiler); fp32 (fairscale's gate does not run in bf16)
@@ -36,9 +36,6 @@ LARGE_SIZES = {"ep2-large": (512, 256)}   # name -> (tokens per rank, hidden)
 def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
     from fairscale.nn.moe import MOELayer, Top2Gate
 
-    import moe_fusion
-    from moe_fusion.passes import FusionReport
-
     # The gate draws Gumbel noise: inductor must draw it as eager does for the outputs to compare.
     torch._inductor.config.fallback_random = True
     results = {}
@@ -52,15 +49,7 @@ def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
         experts = torch.nn.ModuleList([ExpertMlp(hidden, FFN) for _ in range(EXPERTS // world)])
         layer = MOELayer(gate, experts).train(train)
         x = torch.randn(2, tokens // 2, hidden, generator=torch.Generator().manual_seed(100 + rank))
-        report = FusionReport()
-        torch._dynamo.reset()
-        compiled = moe_fusion.compile(layer, report=report, compiler=compiler)
-        torch.manual_seed(7)
-        eager = step_results(layer, layer, x, train)
-        torch.manual_seed(7)
-        fused = step_results(layer, compiled, x, train)
-        results[name] = {"eager": eager, "fused": fused, "ops": dict(report.ops_after),
-                         "events": [(e.pattern, e.fused, e.detail) for e in report.events]}
+        results[name] = eager_and_fused(layer, x, train, compiler)
     return results
 
 
