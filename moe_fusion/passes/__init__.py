@@ -4,6 +4,7 @@
 every pattern module follows. Lower modules (``vocabulary``, ``_graph``, ``collectives``,
 ``_layout``, ``activations``, ``evaluate``, ``ffn_forms``, ``emit``, ``moe_block``) hold what
 passes share; no pass imports another. ``lowering`` compiles the fused local ops for inductor;
+``agreement`` makes the ranks of a group keep or undo their collective rewrites together;
 ``entry.compile`` is the one-call entry point (``moe_fusion.compile``).
 """
 from .context import FusionEvent, FusionReport, Match, PassContext, Refusal

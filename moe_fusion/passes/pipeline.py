@@ -24,6 +24,7 @@ count into ``torch._dynamo.utils.counters["moe_fusion"]``.
 """
 from __future__ import annotations
 
+import contextvars
 import pathlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -40,7 +41,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from ..targets import get_target, target as target_scope
-from . import allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn, re_routing
+from . import agreement, allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn, re_routing
 from .autograd_collectives import functional_all_to_alls
 from .lowering import lower_local_ops
 from .context import (FusionEvent, FusionReport, Match, PassContext, Refusal, TrainingCheck, count_ops,
@@ -51,24 +52,31 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class FusionPass:
-    """One pattern family: its report name and its ``find_<pattern>``."""
+    """One pattern family: its report name, its ``find_<pattern>``, and whether its rewrites replace
+    collectives (then every rank of their groups must make them too: ``agreement``)."""
 
     name: str
     find: Callable[[fx.Graph, Optional[PassContext]], Sequence[Match]]
+    collective: bool = False
 
 
 PIPELINE: tuple[FusionPass, ...] = (
     # Whole expert-parallel MoE blocks first: they consume their expert FFNs.
-    FusionPass(allgather_ep.PATTERN, allgather_ep.find_moe_allgather_ep),
-    FusionPass(capacity_a2a.PATTERN, capacity_a2a.find_moe_capacity_a2a),
-    FusionPass(alltoall_allgather_bmm.PATTERN, alltoall_allgather_bmm.find_alltoall_allgather_bmm),
-    FusionPass(bmm_reducescatter_alltoall.PATTERN, bmm_reducescatter_alltoall.find_bmm_reducescatter_alltoall),
+    FusionPass(allgather_ep.PATTERN, allgather_ep.find_moe_allgather_ep, collective=True),
+    FusionPass(capacity_a2a.PATTERN, capacity_a2a.find_moe_capacity_a2a, collective=True),
+    FusionPass(alltoall_allgather_bmm.PATTERN, alltoall_allgather_bmm.find_alltoall_allgather_bmm, collective=True),
+    FusionPass(bmm_reducescatter_alltoall.PATTERN, bmm_reducescatter_alltoall.find_bmm_reducescatter_alltoall,
+               collective=True),
     # After every pass that may consume matmul chains as a whole.
     FusionPass(ffn.PATTERN, ffn.find_ffn),
     # Independent of the others.
     FusionPass(re_routing.PATTERN, re_routing.find_re_routing),
 )
 PASSES: dict[str, FusionPass] = {p.name: p for p in PIPELINE}
+# The report's pattern name for a graph whose ranks did not agree on their collective rewrites.
+AGREEMENT = "rank_agreement"
+# The graph ``backend()`` has inductor compile (None elsewhere): its FX graph cache key depends on it.
+_compiling: contextvars.ContextVar[Optional[fx.Graph]] = contextvars.ContextVar("moe_fusion_compiling", default=None)
 
 
 def apply_pass(graph: fx.Graph, ctx: PassContext, fusion_pass: FusionPass) -> int:
@@ -100,27 +108,53 @@ def apply_pass(graph: fx.Graph, ctx: PassContext, fusion_pass: FusionPass) -> in
 
 def run_fusion_passes(graph: fx.Graph, *, target: str = "portable", passes: Optional[Sequence[str]] = None,
                       report: Optional[FusionReport] = None) -> FusionReport:
-    """Run the named passes (default: all, in pipeline order) on ``graph`` in place."""
+    """Run the named passes (default: all, in pipeline order) on ``graph`` in place. In a multi-rank
+    process, rewrites of collectives stand only if every rank of their groups made the same
+    (``agreement``); otherwise they are all undone, on every rank, and the report says why."""
     names = [p.name for p in PIPELINE] if passes is None else list(passes)
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise ValueError(f"moe_fusion: unknown passes {unknown}; known: {list(PASSES)}")
     report = report if report is not None else FusionReport()
-    ctx = PassContext(target, report)
     report.ops_before.update(count_ops(graph))
+    outcome = FusionReport()
+    if holds_round(graph, names):
+        saved, before = agreement.snapshot(graph), agreement.collective_calls(graph)
+        _run_passes(graph, target, names, outcome)
+        verdict = agreement.agree(before, agreement.collective_calls(graph))
+        if not verdict.fuse:
+            undone = [e for e in outcome.fused() if PASSES[e.pattern].collective]
+            agreement.restore(graph, saved)
+            outcome = FusionReport()
+            _run_passes(graph, target, [n for n in names if not PASSES[n].collective], outcome)
+            outcome.events += [FusionEvent(e.pattern, False, e.where, f"undone by the rank agreement: {verdict.reason} "
+                                                                      f"(this rank had fused: {e.detail})")
+                               for e in undone]
+            outcome.events.append(FusionEvent(AGREEMENT, False, "graph", verdict.reason))
+    else:
+        _run_passes(graph, target, names, outcome)
+    for event in outcome.events:
+        counters["moe_fusion"][f"{'fused' if event.fused else 'refused'}_{event.pattern}"] += 1
+    report.events += outcome.events
+    graph.lint()
+    report.ops_after.update(count_ops(graph))
+    return report
+
+
+def holds_round(graph: fx.Graph, names: Sequence[str]) -> bool:
+    """The passes ``names`` run on ``graph`` end with a rank agreement round (``agreement``)."""
+    return any(PASSES[n].collective for n in names) and agreement.passes_exchange(graph)
+
+
+def _run_passes(graph: fx.Graph, target: str, names: Sequence[str], report: FusionReport) -> None:
+    ctx = PassContext(target, report)
     with target_scope(target):   # fused ops validate against the compile target's limits
         for fusion_pass in (p for p in PIPELINE if p.name in names):
-            before = len(report.events)
             if graph.owning_module is not None:
                 GraphTransformObserver(graph.owning_module, fusion_pass.name, subsystem="moe_fusion").apply_graph_pass(
                     lambda g: apply_pass(g, ctx, fusion_pass))
             else:
                 apply_pass(graph, ctx, fusion_pass)
-            for event in report.events[before:]:
-                counters["moe_fusion"][f"{'fused' if event.fused else 'refused'}_{event.pattern}"] += 1
-    graph.lint()
-    report.ops_after.update(count_ops(graph))
-    return report
 
 
 def compile_context() -> tuple:
@@ -170,8 +204,11 @@ class MoeFusionGraphPass(CustomGraphPass):
 
     def uuid(self) -> Optional[Any]:
         """The FX graph cache key: sources, target, passes, this process's groups and ranks, lowering."""
-        # A report must see every graph, so a run that collects one bypasses the FX graph cache.
-        if self.report is not None:
+        # A report must see every graph, so a run that collects one bypasses the FX graph cache; so
+        # does a graph with collectives in a multi-rank process (or one not known): a rank served
+        # from the cache would skip the agreement round its peers wait in.
+        collective = any(PASSES[name].collective for name in (self.passes or PASSES))
+        if self.report is not None or (collective and agreement.passes_exchange(_compiling.get())):
             return None
         return source_hash(), self.target, self.passes, compile_context(), self.lower
 
@@ -222,11 +259,12 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
     should differentiate (see the module docstring). Traced on the fake values dynamo used for
     ``example_inputs``, as ``route`` says. A rewrite inserting an op without an autograd formula,
     or one whose backward the backend cannot compile, is refused with the reason. Returns ``gm``
-    itself, and says why in the report, when the graph cannot be traced this way
-    (functionalization does not handle every graph: custom autograd Functions, some in-place
+    itself when nothing fused, and (saying why in the report) when the graph cannot be traced this
+    way (functionalization does not handle every graph: custom autograd Functions, some in-place
     ops): those graphs train unfused, never wrongly."""
     report = graph_pass.report
     trial = FusionReport()
+    rounds = agreement.rounds_held()
 
     def untrainable(op: Any) -> Optional[str]:
         if not isinstance(op, torch._ops.OpOverload) or op.namespace != "moe_fusion":
@@ -247,13 +285,20 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
         reason = " ".join(str(error).split())[:300]
         _record(report, f"fused nothing before autograd: the graph does not trace as a functional ATen graph "
                         f"({type(error).__name__}: {reason})")
+        names = [p.name for p in PIPELINE] if graph_pass.passes is None else graph_pass.passes
+        if agreement.rounds_held() == rounds and holds_round(gm.graph, names):
+            # The peers that traced this graph wait in its round: abort it with them, and keep
+            # this rank's later rounds in step with theirs.
+            agreement.agree(agreement.collective_calls(gm.graph), agreement.UNFUSABLE)
         return gm
-    _restore_differentiable_casts(traced.graph)
-    traced.recompile()
     if report is not None:
         report.events.extend(trial.events)
         report.ops_before.update(trial.ops_before)
         report.ops_after.update(trial.ops_after)
+    if not trial.fused():
+        return gm       # AOT autograd differentiates dynamo's graph as it would without moe_fusion
+    _restore_differentiable_casts(traced.graph)
+    traced.recompile()
     return traced
 
 
@@ -272,11 +317,19 @@ def _functional_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], de
 
 
 def _restore_differentiable_casts(graph: fx.Graph) -> None:
-    """``prims.convert_element_type`` (inductor's decomposition of ``_to_copy``) has no autograd
-    formula: AOT autograd must see the ``aten._to_copy`` it came from."""
+    """Ops without an autograd formula that functionalization and inductor's decompositions leave,
+    as the differentiable ops AOT autograd would have seen: ``prims.convert_element_type`` (the
+    decomposition of ``_to_copy``) as ``aten._to_copy``; a same-shape ``aten.copy(dst, src)`` (an
+    in-place ``dst.copy_(src)``, e.g. an out= collective's result handed over) as ``src`` cast to
+    ``dst``'s dtype, whose gradient is ``copy_``'s."""
     for node in graph.find_nodes(op="call_function", target=torch.ops.prims.convert_element_type.default):
         node.target = torch.ops.aten._to_copy.default
         node.args, node.kwargs = node.args[:1], {"dtype": node.args[1]}
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.copy.default):
+        dst, src = node.args[:2]
+        if dst.meta["val"].shape == src.meta["val"].shape:
+            node.target = torch.ops.aten._to_copy.default
+            node.args, node.kwargs = (src,), {"dtype": dst.meta["val"].dtype}
 
 
 def _record(report: Optional[FusionReport], detail: str) -> None:
@@ -325,6 +378,10 @@ def backend(target: Optional[str] = None, passes: Optional[Sequence[str]] = None
     def compile_fused(gm: fx.GraphModule, example_inputs: list) -> Any:
         if needs_autograd(example_inputs):
             gm = fuse_before_autograd(gm, example_inputs, graph_pass)
-        return compile_graph(gm, example_inputs)
+        token = _compiling.set(gm.graph)
+        try:
+            return compile_graph(gm, example_inputs)
+        finally:
+            _compiling.reset(token)
 
     return compile_fused

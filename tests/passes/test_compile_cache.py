@@ -2,8 +2,9 @@
 
 The MoE rewrites bake this rank's ``ep_rank_id`` (and the group's members) into the graph, so the
 pass's ``uuid()`` (part of inductor's cache key) must differ where the fused graphs do. Reproduces
-the reported failure: two runs of the same ranks sharing one ``TORCHINDUCTOR_CACHE_DIR``, the
-second served from the cache, must both be right on every rank.
+the reported failure: two runs of the same ranks sharing one ``TORCHINDUCTOR_CACHE_DIR`` must both
+be right on every rank. Graphs with collectives bypass the cache (every rank must hold their rank
+agreement round, ``passes.agreement``); local graphs are served from it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ PATTERNS = {"capacity": "moe_capacity_a2a", "allgather": "moe_allgather_ep"}
 
 
 def _run(rank: int, world: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"local": _local_ffn()}
     for name, pattern in PATTERNS.items():
         layer = LAYERS[name](HIDDEN, FFN_HIDDEN, 2 * world, 2, ep_group=dist.group.WORLD, seed=5)
         x = tokens(rank, TOKENS, HIDDEN, torch.float32, "balanced")
@@ -40,6 +41,20 @@ def _run(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def _local_ffn() -> dict[str, Any]:
+    """A graph without collectives, compiled in the same multi-rank process."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN_HIDDEN), torch.nn.ReLU(), torch.nn.Linear(FFN_HIDDEN, HIDDEN))
+    x = torch.randn(TOKENS, HIDDEN)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        close = torch.allclose(torch.compile(mlp, backend=moe_fusion.backend(), fullgraph=True)(x), mlp(x),
+                               rtol=1e-5, atol=1e-5)
+    return {"close": close, "fused": counters["moe_fusion"]["fused_ffn"],
+            "cache_hits": counters["inductor"]["fxgraph_cache_hit"]}
+
+
 def test_second_run_from_a_shared_cache_is_right_on_every_rank(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     first = run_ranks(WORLD, _run, timeout=400)
@@ -47,8 +62,12 @@ def test_second_run_from_a_shared_cache_is_right_on_every_rank(tmp_path, monkeyp
     for rank in range(WORLD):
         for name in PATTERNS:
             assert first[rank][name] == {"close": True, "fused": 1, "cache_hits": 0}, (rank, name, first[rank][name])
-            # Served from the cache (the pass did not run again), and still this rank's graph.
-            assert second[rank][name] == {"close": True, "fused": 0, "cache_hits": 1}, (rank, name, second[rank][name])
+            # A graph with collectives bypasses the cache: every rank runs the passes again and
+            # holds the agreement round its peers wait in (a rank served from the cache would not).
+            assert second[rank][name] == {"close": True, "fused": 1, "cache_hits": 0}, (rank, name, second[rank][name])
+        assert first[rank]["local"] == {"close": True, "fused": 1, "cache_hits": 0}, (rank, first[rank]["local"])
+        # A local graph is served from the cache (the pass did not run again), still right.
+        assert second[rank]["local"] == {"close": True, "fused": 0, "cache_hits": 1}, (rank, second[rank]["local"])
 
 
 def test_cache_key_covers_sources_ranks_and_groups(monkeypatch):
@@ -74,7 +93,8 @@ def test_cache_key_differs_per_rank():
 
 
 def _uuid(rank: int, world: int) -> Any:
-    return MoeFusionGraphPass().uuid()
+    assert MoeFusionGraphPass().uuid() is None     # collective passes, on a graph not known: no cache
+    return MoeFusionGraphPass(passes=("ffn",)).uuid()
 
 
 @pytest.mark.parametrize("passes", [None, ("ffn",)])

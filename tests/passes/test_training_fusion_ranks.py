@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from moe_fusion.demo.deepspeed_layer import TrainableDeepSpeedMoE
-from moe_fusion.demo.moe_layers import TrainableAllGatherEPMoE, TrainableCapacityAllToAllMoE
+from moe_fusion.demo.moe_layers import CapacityAllToAllMoE, TrainableAllGatherEPMoE, TrainableCapacityAllToAllMoE
 from moe_fusion.demo.run import ep_tp_groups
 from moe_fusion.launch import run_ranks
 from moe_fusion.passes import FusionReport, MoeFusionGraphPass, backend
@@ -123,3 +123,27 @@ def test_deepspeed_style_training_step_fuses_the_bmm_pair(deepspeed_ranks, name)
         assert len(case["eager"]) == 7    # output, x, wg, w1, w2, b1, b2
         for key, want in case["eager"].items():
             torch.testing.assert_close(case["compiled"][key], want, rtol=2e-5, atol=2e-5, msg=f"rank {rank} {key}")
+
+
+def _in_place_collectives(rank: int, world: int) -> dict[str, Any]:
+    """The capacity layer written with ``dist.all_to_all_single(out, x)`` (no autograd in eager: its
+    eager step is no reference), trained with only its expert FFNs fused, against plain AOT autograd."""
+    layer = CapacityAllToAllMoE(HIDDEN, FFN_HIDDEN, 2 * world, 2, ep_group=dist.group.WORLD, seed=5)
+    x = tokens(rank, TOKENS, HIDDEN, torch.float32, "balanced")
+    torch._dynamo.reset()
+    plain = _step(layer, torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False), x)
+    report = FusionReport()
+    torch._dynamo.reset()
+    fused = _step(layer, torch.compile(layer, backend=backend(passes=["ffn"], report=report, compiler="eager"),
+                                       fullgraph=True, dynamic=False), x)
+    return {"plain": plain, "fused": fused, "patterns": sorted({e.pattern for e in report.fused()})}
+
+
+def test_in_place_collectives_train_like_plain_aot_when_only_the_ffns_fuse():
+    """Functionalization turns the out= collective's hand-over into ``aten.copy``, which has no
+    autograd formula: before, this compile failed ("derivative for aten::copy is not implemented")."""
+    for rank, result in enumerate(run_ranks(WORLD, _in_place_collectives, timeout=400)):
+        assert result["patterns"] == ["ffn"], rank
+        assert set(result["plain"]) == set(result["fused"])
+        for key, want in result["plain"].items():
+            torch.testing.assert_close(result["fused"][key], want, rtol=2e-5, atol=2e-5, msg=f"rank {rank} {key}")

@@ -1,0 +1,121 @@
+"""Ranks agree on their collective rewrites: a rank that fused never meets one that did not.
+
+Real gloo ranks. The round itself (``agreement.agree``): equal posts fuse, a differing post aborts
+everyone, a rank that never posts or posts after its peer gave up aborts everyone. Then through
+``torch.compile``: a block one rank refuses (its pass list lacks the pattern) is undone on the rank
+that fused it, both run the unfused graph and equal eager, and the reports say why.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moe_fusion
+from moe_fusion.demo.moe_layers import TrainableCapacityAllToAllMoE
+from moe_fusion.launch import run_ranks
+from moe_fusion.passes import PIPELINE, agreement, pipeline
+
+from moe_dispatch_combine_variants import LAYERS, tokens
+
+A2A = (("_c10d_functional.all_to_all_single.default", (2,)),)
+FUSED = (("moe_fusion.npu_moe_distribute_dispatch_v2.default", (2,)),)
+
+
+def _round(rank: int, world: int, after_by_rank: dict, delay_by_rank: dict, skip_first: tuple) -> list[tuple]:
+    """Two rounds (graphs with one and two fused calls), as each rank's arguments say: ``(fuse,
+    reason)`` of each round this rank held."""
+    os.environ[agreement.TIMEOUT_ENV] = "3"
+    before = A2A
+    verdicts = []
+    for number in range(2):
+        if number == 0 and rank in skip_first:
+            continue
+        time.sleep(delay_by_rank.get(rank, 0.0))
+        after = after_by_rank.get(rank, FUSED) * (number + 1)
+        verdict = agreement.agree(before, after)
+        verdicts.append((verdict.fuse, verdict.reason))
+    return verdicts
+
+
+def test_equal_posts_fuse_on_every_rank():
+    results = run_ranks(2, _round, {}, {}, (), timeout=120)
+    assert results == [[(True, ""), (True, "")]] * 2
+
+
+def test_one_rank_rewriting_otherwise_aborts_every_rank():
+    results = run_ranks(2, _round, {1: A2A}, {}, (), timeout=120)
+    for rank, verdicts in enumerate(results):
+        assert [fuse for fuse, _ in verdicts] == [False, False], rank
+    assert "ranks [1] of 2 made other collective rewrites" in results[0][0][1]
+    assert "ranks [0] of 2 made other collective rewrites" in results[1][0][1]
+
+
+def test_a_rank_missing_a_round_aborts_its_peer_and_every_later_round():
+    # Rank 1 skips the first graph: its round on the second meets rank 0's post for the first, they
+    # differ, and rank 0's round on the second times out. Out of step, every round aborts.
+    results = run_ranks(2, _round, {}, {}, (1,), timeout=120)
+    assert [fuse for fuse, _ in results[0]] == [False, False]
+    assert [fuse for fuse, _ in results[1]] == [False]
+    assert "made other collective rewrites" in results[0][0][1]
+    assert "ranks [1] of 2 did not reach this graph's agreement round within 3 s" in results[0][1][1]
+
+
+def test_a_peer_posting_after_the_timeout_adopts_the_abort():
+    # Rank 1 posts the same calls as rank 0, but after rank 0 gave up: it sees every post equal,
+    # yet the verdict rank 0 wrote first is everyone's.
+    results = run_ranks(2, _round, {}, {1: 5.0}, (), timeout=120)
+    assert [fuse for fuse, _ in results[0]] == [False, False]
+    assert [fuse for fuse, _ in results[1]] == [False, False]
+    assert "another rank did not see every rank make the same rewrites" in results[1][0][1]
+
+
+HIDDEN, FFN_HIDDEN, TOKEN_COUNT = 16, 24, 8
+
+
+def _compile(rank: int, world: int, refusing_rank: int, train: bool) -> dict[str, Any]:
+    """The capacity block compiled on every rank, with its pattern left out on ``refusing_rank``
+    (for training, the layer written with differentiable collectives: ``dist``'s have no autograd)."""
+    layer_type = TrainableCapacityAllToAllMoE if train else LAYERS["capacity"]
+    layer = layer_type(HIDDEN, FFN_HIDDEN, 2 * world, 2, ep_group=dist.group.WORLD, seed=5)
+    x = tokens(rank, TOKEN_COUNT, HIDDEN, torch.float32, "balanced").requires_grad_(train)
+    passes = [p.name for p in PIPELINE if rank != refusing_rank or p.name != "moe_capacity_a2a"]
+    report = moe_fusion.FusionReport()
+    compiled = torch.compile(layer, backend=moe_fusion.backend(passes=passes, report=report, compiler="eager"),
+                             fullgraph=True, dynamic=False)
+    with torch.set_grad_enabled(train):
+        eager = layer(x)
+        fused = compiled(x)
+    close = torch.allclose(fused, eager, rtol=1e-5, atol=1e-5)
+    if train:
+        eager_grad, = torch.autograd.grad(eager.sum(), x)
+        fused_grad, = torch.autograd.grad(fused.sum(), x)
+        close = close and torch.allclose(fused_grad, eager_grad, rtol=1e-5, atol=1e-5)
+    return {"close": close, "fused": sorted(e.pattern for e in report.fused()),
+            "refused": [(e.pattern, e.detail) for e in report.refused()
+                        if e.pattern in ("moe_capacity_a2a", pipeline.AGREEMENT)]}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_a_block_one_rank_refuses_is_undone_on_every_rank(train):
+    results = run_ranks(2, _compile, 1, train, timeout=400)
+    for rank, result in enumerate(results):
+        assert result["close"], rank
+        assert "moe_capacity_a2a" not in result["fused"], rank
+        assert any(pattern == pipeline.AGREEMENT and "made other collective rewrites" in detail
+                   for pattern, detail in result["refused"]), (rank, result["refused"])
+    assert any(pattern == "moe_capacity_a2a" and detail.startswith("undone by the rank agreement")
+               for pattern, detail in results[0]["refused"]), results[0]["refused"]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_a_block_every_rank_fuses_stays_fused(train):
+    results = run_ranks(2, _compile, -1, train, timeout=400)
+    for rank, result in enumerate(results):
+        assert result["close"], rank
+        assert "moe_capacity_a2a" in result["fused"], rank
+        assert not [r for r in result["refused"] if r[0] == pipeline.AGREEMENT], (rank, result["refused"])
