@@ -1,11 +1,15 @@
-"""Module route ``megatron_moe``: megatron-core's ``MoELayer`` (0.16) with the all-to-all token dispatcher
-and ``SequentialMLP`` experts, as dispatch_v2 -> grouped FFN -> combine_v2 over its EP group.
+"""Module route ``megatron_moe``: megatron-core's ``MoELayer`` (0.16) with the all-to-all or the all-gather
+token dispatcher and ``SequentialMLP`` experts, as dispatch_v2 -> grouped FFN -> combine_v2 over its EP
+group.
 
 Megatron's all-to-all dispatcher cannot be captured as one graph (split sizes read to the host as
 numpy arrays for ``all_to_all_single``, ``.tolist()`` of the per-expert counts, CUDA side streams
-for the device-to-host copies). The swapped forward keeps the layer's own router call
-(``self.route``: gating, top-k, token dropping, aux losses) and shared experts, and replaces the
-dispatcher and experts with the fused ops:
+for the device-to-host copies); its all-gather dispatcher (every rank gathers every token, runs its
+local experts on the ones routed to them, reduce-scatters the weighted outputs back) permutes with
+``.item()``-sized sorts and ``masked_select``. Without tensor parallelism both compute the same
+per-token sum of the routed experts' outputs weighted by their probs. The swapped forward keeps the
+layer's own router call (``self.route``: gating, top-k, token dropping, aux losses) and shared
+experts, and replaces the dispatcher and experts with the fused ops:
 
 * ``expert_ids`` ``(T, K)``: the experts of each token's ``routing_map`` row (top-k of the map);
   ``expert_scales``: ``probs`` at those experts. Megatron's expert MLP multiplies the activation by
@@ -39,6 +43,8 @@ import torch.nn.functional as F
 from .context import Refusal
 
 LAYER = ("megatron.core.transformer.moe.moe_layer", "MoELayer")
+# The dispatchers the route replaces -> their name in the report.
+DISPATCHERS = {"MoEAlltoAllTokenDispatcher": "alltoall", "MoEAllGatherTokenDispatcher": "allgather"}
 
 
 def is_megatron_moe_layer(module: torch.nn.Module) -> bool:
@@ -92,8 +98,8 @@ def _layer_refusal(layer: torch.nn.Module) -> Optional[str]:
     """Why the swapped forward would not compute what ``layer`` computes, or None."""
     config = layer.config
     dispatcher = type(layer.token_dispatcher).__name__
-    if dispatcher != "MoEAlltoAllTokenDispatcher":
-        return f"token dispatcher {dispatcher} (the route replaces MoEAlltoAllTokenDispatcher)"
+    if dispatcher not in DISPATCHERS:
+        return f"token dispatcher {dispatcher} (the route replaces {' and '.join(DISPATCHERS)})"
     if type(layer.experts).__name__ != "SequentialMLP":
         return f"experts {type(layer.experts).__name__} (the route reads SequentialMLP's local MLPs)"
     if layer.attn_tp_group.size() > 1 or layer.token_dispatcher.tp_size > 1:
@@ -135,7 +141,8 @@ def candidate(module: torch.nn.Module) -> Optional[str]:
         raise Refusal(why)
     act = _activation(module.experts.config)
     shared = ", shared experts added" if module.shared_experts is not None else ""
-    return (f"Megatron MoELayer (alltoall, SequentialMLP x{module.num_local_experts}) -> "
+    dispatcher = DISPATCHERS[type(module.token_dispatcher).__name__]
+    return (f"Megatron MoELayer ({dispatcher}, SequentialMLP x{module.num_local_experts}) -> "
             f"npu_moe_distribute_dispatch_v2 / npu_ffn_grouped({act}) / npu_moe_distribute_combine_v2 "
             f"over EP {module.ep_group.size()}{shared}")
 

@@ -1,4 +1,4 @@
-"""megatron-core 0.16.1's ``MoELayer`` (all-to-all token dispatcher, ``SequentialMLP`` experts with local
+"""megatron-core 0.16.1's ``MoELayer`` (all-to-all or all-gather token dispatcher, ``SequentialMLP`` experts with local
 linear layers, top-2 of 4 experts, fp32), as installed from PyPI, unmodified, on 2 gloo ranks with
 EP=2, under ``moe_fusion.compile``: the ``megatron_moe`` module route swaps in a forward of
 dispatch_v2 -> grouped FFN -> combine_v2 over the layer's EP group, and the compiled step equals the
@@ -33,6 +33,7 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "swiglu-shared": ({}, True, True),
     "relu-bias-capacity": ({"gated_linear_unit": False, "activation_func": F.relu, "add_bias_linear": True,
                             "moe_expert_capacity_factor": 0.75}, False, True),
+    "allgather-shared": ({"moe_token_dispatcher_type": "allgather"}, True, True),
     "erf-gelu": ({"gated_linear_unit": False, "activation_func": F.gelu}, False, False),
     "pad-to-capacity": ({"moe_expert_capacity_factor": 1.0, "moe_pad_expert_input_to_capacity": True,
                          "num_moe_experts": 2}, False, False),
