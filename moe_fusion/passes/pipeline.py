@@ -109,7 +109,7 @@ def apply_pass(graph: fx.Graph, ctx: PassContext, fusion_pass: FusionPass) -> in
 def run_fusion_passes(graph: fx.Graph, *, target: str = "portable", passes: Optional[Sequence[str]] = None,
                       report: Optional[FusionReport] = None) -> FusionReport:
     """Run the named passes (default: all, in pipeline order) on ``graph`` in place. In a multi-rank
-    process, rewrites of collectives stand only if every rank of their groups made the same
+    process, rewrites of collectives stand only if every rank of the job made the same
     (``agreement``); otherwise they are all undone, on every rank, and the report says why."""
     names = [p.name for p in PIPELINE] if passes is None else list(passes)
     unknown = [n for n in names if n not in PASSES]
@@ -123,14 +123,7 @@ def run_fusion_passes(graph: fx.Graph, *, target: str = "portable", passes: Opti
         _run_passes(graph, target, names, outcome)
         verdict = agreement.agree(before, agreement.collective_calls(graph))
         if not verdict.fuse:
-            undone = [e for e in outcome.fused() if PASSES[e.pattern].collective]
-            agreement.restore(graph, saved)
-            outcome = FusionReport()
-            _run_passes(graph, target, [n for n in names if not PASSES[n].collective], outcome)
-            outcome.events += [FusionEvent(e.pattern, False, e.where, f"undone by the rank agreement: {verdict.reason} "
-                                                                      f"(this rank had fused: {e.detail})")
-                               for e in undone]
-            outcome.events.append(FusionEvent(AGREEMENT, False, "graph", verdict.reason))
+            outcome = _undo_collective_rewrites(graph, saved, target, names, outcome, verdict.reason)
     else:
         _run_passes(graph, target, names, outcome)
     for event in outcome.events:
@@ -139,6 +132,23 @@ def run_fusion_passes(graph: fx.Graph, *, target: str = "portable", passes: Opti
     graph.lint()
     report.ops_after.update(count_ops(graph))
     return report
+
+
+def _undo_collective_rewrites(graph: fx.Graph, saved: fx.Graph, target: str, names: Sequence[str],
+                              first: FusionReport, reason: str) -> FusionReport:
+    """``graph`` restored from ``saved`` and fused by the local passes only; the report of that, the
+    first run's collective refusals, its collective fusions as undone, and the agreement's ``reason``."""
+    agreement.restore(graph, saved)
+    collective = {p.name for p in PIPELINE if p.collective}
+    outcome = FusionReport()
+    _run_passes(graph, target, [n for n in names if n not in collective], outcome)
+    for event in first.events:
+        if event.pattern in collective:
+            outcome.events.append(event if not event.fused else FusionEvent(
+                event.pattern, False, event.where,
+                f"undone by the rank agreement: {reason} (this rank had fused: {event.detail})"))
+    outcome.events.append(FusionEvent(AGREEMENT, False, "graph", reason))
+    return outcome
 
 
 def holds_round(graph: fx.Graph, names: Sequence[str]) -> bool:
