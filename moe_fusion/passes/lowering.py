@@ -103,6 +103,26 @@ aten = torch.ops.aten
 _MATMULS = (aten.mm.default, torch.ops.moe_fusion._segment_mm.default)
 
 
+def _bias(matmul: fx.Node) -> Optional[fx.Node]:
+    """The ``(E, N)`` bias node ``_segment_mm`` adds to its product, else None."""
+    if matmul.target is not torch.ops.moe_fusion._segment_mm.default:
+        return None
+    return matmul.args[3] if len(matmul.args) > 3 else matmul.kwargs.get("bias")
+
+
+def _with_columns(graph: fx.Graph, matmul: fx.Node, start: int, end: int) -> tuple[tuple, dict]:
+    """``matmul``'s arguments after ``(a, w)``, its bias (if any) cut to the columns ``start:end``."""
+    rest, kwargs = list(matmul.args[2:]), dict(matmul.kwargs)
+    bias = _bias(matmul)
+    if bias is not None:
+        piece = _call(graph, aten.slice.Tensor, (bias, 1, start, end))
+        if len(matmul.args) > 3:
+            rest[1] = piece
+        else:
+            kwargs["bias"] = piece
+    return tuple(rest), kwargs
+
+
 @dataclass(frozen=True)
 class _ConcatenatedWeight:
     """A matmul's weight built as ``permute(cat(pieces, dim), perm)`` (or ``cat`` alone): the
@@ -220,7 +240,8 @@ def _split_columns(graph: fx.Graph, matmul: fx.Node, weight: _ConcatenatedWeight
     for user, bounds in readers.items():
         with graph.inserting_before(user):
             piece = weight.piece_weight(graph, weight.bounds.index(bounds))
-            replacement = _call(graph, matmul.target, (matmul.args[0], piece, *matmul.args[2:]), matmul.kwargs)
+            rest, kwargs = _with_columns(graph, matmul, *bounds)
+            replacement = _call(graph, matmul.target, (matmul.args[0], piece, *rest), kwargs)
         user.replace_all_uses_with(replacement)
         graph.erase_node(user)
     graph.erase_node(matmul)
@@ -228,8 +249,8 @@ def _split_columns(graph: fx.Graph, matmul: fx.Node, weight: _ConcatenatedWeight
 
 
 def _split_contraction(graph: fx.Graph, matmul: fx.Node, weight: _ConcatenatedWeight) -> bool:
-    if weight.axis != -2:
-        return False
+    if weight.axis != -2 or _bias(matmul) is not None:
+        return False        # (a bias would be added once per part)
     a = matmul.args[0]
     with graph.inserting_before(matmul):
         total = None
