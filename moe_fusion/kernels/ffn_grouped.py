@@ -31,18 +31,35 @@ def _segment_ends(expert_tokens: Tensor, tokens_index_flag: bool) -> Tensor:
 
 def _grouped_mm_kernel(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``moe_fusion::_segment_mm``: see ``segment_mm``."""
-    return _segment_epilogue(_grouped_mm(a, w, ends), ends, bias)
+    return _segment_epilogue(_grouped_mm(a, w, ends), _bounds(ends), bias)
 
 
-def _segment_epilogue(y: Tensor, ends: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _listed_mm_kernel(a: Tensor, w: list[Tensor], ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``moe_fusion::_segment_mm_list``: ``segment_mm`` with the experts' ``(K, N)`` weights as a list
+    (views of the model's own parameters: no ``(E, K, N)`` stack is built), by one ``mm`` per
+    segment on host-read ends, the products ``torch._grouped_mm`` computes on the CPU bit for bit.
+    ``passes.lowering.unstack_segment_weights`` puts it in place of ``_segment_mm`` of a stack."""
+    acc = accumulator(a.dtype)
+    bounds = _bounds(ends)
+    y = a.new_empty((a.size(0), w[0].size(1)), dtype=acc)
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        torch.mm(a[start:end].to(acc), w[e].to(acc), out=y[start:end])
+    return _segment_epilogue(y, bounds, bias)
+
+
+def _bounds(ends: Tensor) -> list[int]:
+    """``[0, ends...]``: the segments' row bounds, read on the host."""
+    return [0, *ends.tolist()]
+
+
+def _segment_epilogue(y: Tensor, bounds: list[int], bias: Optional[Tensor]) -> Tensor:
     """``y`` ``(M, N)`` fp32/fp64, in place: ``bias[e]`` (``(E, N)``, widened to ``y``'s dtype) added
-    to expert ``e``'s rows, the rows past ``ends[-1]`` zeroed. Reads ``ends`` on the host."""
-    bounds = [0, *ends.tolist()]
+    to the rows ``bounds[e]:bounds[e + 1]``, the rows past ``bounds[-1]`` zeroed."""
     if bias is not None:
         wide = bias.to(y.dtype)
         for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
             y[start:end] += wide[e]
-    y[bounds[-1]:] = 0
+    y[bounds[-1]:].zero_()
     return y
 
 
@@ -81,6 +98,8 @@ def _grouped_outer_kernel(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
 # around the pointwise code it generates (``passes.lowering``).
 LIBRARY.define("_segment_mm(Tensor a, Tensor w, Tensor ends, Tensor? bias=None) -> Tensor")
 LIBRARY.impl("_segment_mm", _grouped_mm_kernel, "CompositeExplicitAutograd")
+LIBRARY.define("_segment_mm_list(Tensor a, Tensor[] w, Tensor ends, Tensor? bias=None) -> Tensor")
+LIBRARY.impl("_segment_mm_list", _listed_mm_kernel, "CompositeExplicitAutograd")
 LIBRARY.define("_segment_outer(Tensor a, Tensor b, Tensor ends) -> Tensor")
 LIBRARY.impl("_segment_outer", _grouped_outer_kernel, "CompositeExplicitAutograd")
 
@@ -88,6 +107,11 @@ LIBRARY.impl("_segment_outer", _grouped_outer_kernel, "CompositeExplicitAutograd
 @torch.library.register_fake("moe_fusion::_segment_mm", lib=LIBRARY)
 def _segment_mm_fake(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return a.new_empty((a.size(0), w.size(2)), dtype=accumulator(a.dtype))
+
+
+@torch.library.register_fake("moe_fusion::_segment_mm_list", lib=LIBRARY)
+def _segment_mm_list_fake(a: Tensor, w: list[Tensor], ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return a.new_empty((a.size(0), w[0].size(1)), dtype=accumulator(a.dtype))
 
 
 @torch.library.register_fake("moe_fusion::_segment_outer", lib=LIBRARY)
