@@ -3,9 +3,10 @@
 Both matmuls are ``moe_fusion::_segment_mm`` ops (``torch._grouped_mm`` with int32 segment ends
 computed on the device), which add each expert's bias to its rows and zero the rows past the last
 segment: the graph around them (the activation) has no row-dependent code, and the op, opaque to
-inductor, reads the segment ends on the host to touch only the rows that are real. Numerics are ``npu_ffn``'s (SPEC §5.4): fp32
-matmuls, activation in fp32, ``CAST_ROUND`` to the storage dtype after the activation (fp16
-rounding of mm1 with ``inner_precise=1``), round-to-nearest-even at the output.
+inductor, reads the segment ends on the host to touch only the rows that are real. Numerics are
+``npu_ffn``'s (SPEC §5.4): fp32 matmuls, activation in fp32, ``CAST_ROUND`` to the storage dtype
+after the activation (fp16 rounding of mm1 with ``inner_precise=1``), round-to-nearest-even at the
+output.
 """
 from __future__ import annotations
 
