@@ -191,16 +191,12 @@ def _ffn_grouped_backward_kernel(grad_y: Tensor, x: Tensor, weight1: Tensor, wei
     ends = _segment_ends(expert_tokens, tokens_index_flag)
     rows = torch.arange(x.size(0), device=x.device, dtype=torch.int32)
     expert_of_row = torch.searchsorted(ends, rows, right=True)
-    counted = (expert_of_row < experts).unsqueeze(1)
-    acc = accumulator(x.dtype)
-    gy = torch.where(counted, grad_y.to(acc), 0.0)         # rows past the counts are 0 in the forward
-    h = segment_mm(x, weight1, ends)
-    if bias1 is not None:
-        h = h + torch.cat([bias1.to(acc), bias1.new_zeros((1, bias1.size(1)), dtype=acc)])[expert_of_row]
-    a, gh = activation_vjp(activation.lower(), h, segment_mm(gy, weight2.transpose(1, 2), ends))
+    gy = grad_y.to(accumulator(x.dtype))       # only read inside the segments (rows past: expert E)
+    h = segment_mm(x, weight1, ends, bias1)
+    ga = segment_mm(gy, weight2.transpose(1, 2), ends)      # rows past the segments: 0, so gh's are
+    a, gh = activation_vjp(activation.lower(), h, ga)
     a = _round_like_forward(a, x.dtype, fp16_intermediate)
-    gh = torch.where(counted, gh, 0.0)
-    gx = torch.where(counted, segment_mm(gh, weight1.transpose(1, 2), ends), 0.0)
+    gx = segment_mm(gh, weight1.transpose(1, 2), ends)
     return (gx, _weight_gradient(x, gh, ends, weight1), _weight_gradient(a, gy, ends, weight2),
             _per_expert_sum(gh, expert_of_row, experts), _per_expert_sum(gy, expert_of_row, experts))
 

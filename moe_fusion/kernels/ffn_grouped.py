@@ -1,11 +1,12 @@
 """Reference kernel of ``npu_ffn_grouped``: ``npu_ffn``'s float modes with the expert counts as a tensor.
 
-Vectorized over rows, with no read of the counts on the host: both matmuls are
-``torch._grouped_mm`` calls with int32 segment ends computed on the device, the per-row biases
-are gathered by each row's expert index (``searchsorted`` of the row number in the ends), and rows
-past the last segment are zeroed with a mask. Numerics are ``npu_ffn``'s (SPEC §5.4): fp32
-matmuls, activation in fp32, ``CAST_ROUND`` to the storage dtype after the activation (fp16
-rounding of mm1 with ``inner_precise=1``), round-to-nearest-even at the output.
+Both matmuls are ``moe_fusion::_segment_mm`` ops (``torch._grouped_mm`` with int32 segment ends
+computed on the device), which add each expert's bias to its rows and zero the rows past the last
+segment: the graph around them (the activation) has no row-dependent code, and the op, opaque to
+inductor, reads the segment ends on the host to touch only the rows that are real. Numerics are
+``npu_ffn``'s (SPEC §5.4): fp32 matmuls, activation in fp32, ``CAST_ROUND`` to the storage dtype
+after the activation (fp16 rounding of mm1 with ``inner_precise=1``), round-to-nearest-even at the
+output.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from ..meta import LIBRARY
 from ..op_protos.ffn_grouped import FfnGroupedConfig, validate_values
-from ._precision import accumulator, widen
+from ._precision import accumulator
 from .ffn import round_to, apply_activation, cast_round_
 
 Tensor = torch.Tensor
@@ -29,8 +30,42 @@ def _segment_ends(expert_tokens: Tensor, tokens_index_flag: bool) -> Tensor:
     return ends.to(torch.int32)
 
 
-def _grouped_mm_kernel(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+def _grouped_mm_kernel(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``moe_fusion::_segment_mm``: see ``segment_mm``."""
+    return _segment_epilogue(_grouped_mm(a, w, ends), _bounds(ends), bias)
+
+
+def _listed_mm_kernel(a: Tensor, w: list[Tensor], ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``moe_fusion::_segment_mm_list``: ``segment_mm`` with the experts' ``(K, N)`` weights as a list
+    (views of the model's own parameters: no ``(E, K, N)`` stack is built), by one ``mm`` per
+    segment on host-read ends, the products ``torch._grouped_mm`` computes on the CPU bit for bit.
+    ``passes.lowering.unstack_segment_weights`` puts it in place of ``_segment_mm`` of a stack."""
+    acc = accumulator(a.dtype)
+    bounds = _bounds(ends)
+    y = a.new_empty((a.size(0), w[0].size(1)), dtype=acc)
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        torch.mm(a[start:end].to(acc), w[e].to(acc), out=y[start:end])
+    return _segment_epilogue(y, bounds, bias)
+
+
+def _bounds(ends: Tensor) -> list[int]:
+    """``[0, ends...]``: the segments' row bounds, read on the host."""
+    return [0, *ends.tolist()]
+
+
+def _segment_epilogue(y: Tensor, bounds: list[int], bias: Optional[Tensor]) -> Tensor:
+    """``y`` ``(M, N)`` fp32/fp64, in place: ``bias[e]`` (``(E, N)``, widened to ``y``'s dtype) added
+    to the rows ``bounds[e]:bounds[e + 1]``, the rows past ``bounds[-1]`` zeroed."""
+    if bias is not None:
+        wide = bias.to(y.dtype)
+        for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            y[start:end] += wide[e]
+    y[bounds[-1]:].zero_()
+    return y
+
+
+def _grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+    """fp32 (fp64) ``a[s_e:s_{e+1}] @ w[e]`` ``(M, N)`` row-major, rows past ``ends[-1]`` unspecified."""
     if a.dtype == torch.float64:
         return _dense_grouped_mm(a, w.double(), ends)
     k, n = w.shape[1:]
@@ -49,6 +84,8 @@ def _grouped_outer_kernel(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     """``moe_fusion::_segment_outer``: see ``segment_outer``."""
     k, n = a.size(1), b.size(1)
     if a.dtype == torch.float64:
+        rows = int(ends[-1]) if ends.numel() else 0     # rows past the segments are not read
+        a, b = a[:rows], b[:rows]
         return torch.einsum("me,mk,mn->ekn", segment_mask(a, ends), a, b.double())
     pad_k, pad_n = -k % ALIGN, -n % ALIGN
     a = row_major(F.pad(a.float(), (0, pad_k)) if pad_k else a.float())
@@ -60,15 +97,22 @@ def _grouped_outer_kernel(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
 # ``torch._grouped_mm``'s fake kernel accepts bf16 only, so its fp32 calls cannot be traced: the two
 # grouped matmuls are ops of their own, with fake kernels, which inductor calls as extern kernels
 # around the pointwise code it generates (``passes.lowering``).
-LIBRARY.define("_segment_mm(Tensor a, Tensor w, Tensor ends) -> Tensor")
+LIBRARY.define("_segment_mm(Tensor a, Tensor w, Tensor ends, Tensor? bias=None) -> Tensor")
 LIBRARY.impl("_segment_mm", _grouped_mm_kernel, "CompositeExplicitAutograd")
+LIBRARY.define("_segment_mm_list(Tensor a, Tensor[] w, Tensor ends, Tensor? bias=None) -> Tensor")
+LIBRARY.impl("_segment_mm_list", _listed_mm_kernel, "CompositeExplicitAutograd")
 LIBRARY.define("_segment_outer(Tensor a, Tensor b, Tensor ends) -> Tensor")
 LIBRARY.impl("_segment_outer", _grouped_outer_kernel, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("moe_fusion::_segment_mm", lib=LIBRARY)
-def _segment_mm_fake(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+def _segment_mm_fake(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return a.new_empty((a.size(0), w.size(2)), dtype=accumulator(a.dtype))
+
+
+@torch.library.register_fake("moe_fusion::_segment_mm_list", lib=LIBRARY)
+def _segment_mm_list_fake(a: Tensor, w: list[Tensor], ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return a.new_empty((a.size(0), w[0].size(1)), dtype=accumulator(a.dtype))
 
 
 @torch.library.register_fake("moe_fusion::_segment_outer", lib=LIBRARY)
@@ -76,16 +120,17 @@ def _segment_outer_fake(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     return a.new_empty((ends.size(0), a.size(1), b.size(1)), dtype=accumulator(a.dtype))
 
 
-def segment_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
-    """fp32 ``a[s_e:s_{e+1}] @ w[e]`` per segment ``(M, N)`` for ``a`` ``(M, K)``, ``w`` ``(E, K, N)``
-    and int32 cumulative ``ends`` ``(E,)``; rows past ``ends[-1]`` are unspecified.
+def segment_mm(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """fp32 ``a[s_e:s_{e+1}] @ w[e] + bias[e]`` per segment ``(M, N)`` for ``a`` ``(M, K)``, ``w``
+    ``(E, K, N)``, int32 cumulative ``ends`` ``(E,)`` and optional ``bias`` ``(E, N)`` (any float
+    dtype, added in fp32 after the product); rows past ``ends[-1]`` are 0.
 
     ``torch._grouped_mm`` needs 16-byte aligned strides: K and N are zero-padded to multiples of 4
     (a no-op for the usual sizes), which adds zero products and drops the padded columns. ``w`` may
     be a transposed view (stacked ``nn.Linear`` weights): it is read in place, not copied.
     fp64 ``a`` (which ``_grouped_mm`` lacks) gives fp64 by ``_dense_grouped_mm``.
     """
-    return torch.ops.moe_fusion._segment_mm(a, w, ends)
+    return torch.ops.moe_fusion._segment_mm(a, w, ends, bias)
 
 
 def segment_outer(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
@@ -115,14 +160,6 @@ def row_major(t: Tensor) -> Tensor:
     return t.contiguous() if t.numel() else t.new_empty(t.shape)
 
 
-def _row_bias(bias: Optional[Tensor], expert_of_row: Tensor) -> Optional[Tensor]:
-    """``bias[expert_of_row]`` ``(M, N)`` fp32; rows of expert ``E`` (padding) get zeros."""
-    if bias is None:
-        return None
-    padded = torch.cat([widen(bias, bias.dtype), bias.new_zeros((1, bias.size(1)), dtype=accumulator(bias.dtype))])
-    return padded.index_select(0, expert_of_row)
-
-
 def npu_ffn_grouped(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight2: Tensor, activation: str, *,
                     expert_tokens: Tensor, bias1: Optional[Tensor] = None, bias2: Optional[Tensor] = None,
                     **_: object) -> Tensor:
@@ -136,26 +173,16 @@ def npu_ffn_grouped(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight
 def grouped_ffn(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight2: Tensor, expert_tokens: Tensor,
                 bias1: Optional[Tensor], bias2: Optional[Tensor]) -> Tensor:
     """The computation of ``npu_ffn_grouped`` on counts already checked: no read of any value on
-    the host, so it traces (inductor's lowering of the op, ``passes.lowering``)."""
+    the host outside the ``_segment_mm`` ops, so it traces (inductor's lowering of the op,
+    ``passes.lowering``)."""
     store = x.dtype
     act = config.activation
     ends = _segment_ends(expert_tokens, config.tokens_index_flag)
-    rows = torch.arange(x.size(0), device=x.device, dtype=torch.int32)
-    expert_of_row = torch.searchsorted(ends, rows, right=True)          # (M,) in [0, E]; E = padding row
-    counted = (expert_of_row < ends.numel()).unsqueeze(1)
-    h = segment_mm(x, weight1, ends)
-    b1 = _row_bias(bias1, expert_of_row)
-    if b1 is not None:
-        h = h + b1
+    h = segment_mm(x, weight1, ends, bias1)
     if store == torch.float16 and config.inner_precise == 1:
         # High-performance fp16: mm1 and the activation in fp16, as the device does.
         h = apply_activation(act, round_to(h, torch.float16))
         h = round_to(h, torch.float16)
     else:
         h = cast_round_(apply_activation(act, h), store)
-    y = segment_mm(h, weight2, ends)
-    b2 = _row_bias(bias2, expert_of_row)
-    if b2 is not None:
-        y = y + b2
-    y = torch.where(counted, y, 0.0)
-    return y.to(store)
+    return segment_mm(h, weight2, ends, bias2).to(store)

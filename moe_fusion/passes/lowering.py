@@ -86,8 +86,8 @@ class _Kept(Exception):
 
 def lower_local_ops(graph: fx.Graph) -> int:
     """Inline the lowering of every local op node of ``graph`` (inductor's post-grad graph, or AOT's
-    joint graph of a training step), then split the weight concatenations; returns how many ops
-    were inlined."""
+    joint graph of a training step), then split the weight concatenations and read the expert
+    weight stacks' pieces in place; returns how many ops were inlined."""
     lowered = 0
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in LOWERINGS]:
         if _inline(graph, node, LOWERINGS[node.target]):
@@ -95,12 +95,33 @@ def lower_local_ops(graph: fx.Graph) -> int:
     if lowered:
         graph.eliminate_dead_code()
     split_concatenated_weights(graph)
+    unstack_segment_weights(graph)
     return lowered
 
 
 aten = torch.ops.aten
 # Matmuls ``op(a, w, *rest)`` of ``a`` ``(M, K)`` and ``w`` ``(..., K, N)`` into ``(M, N)``.
 _MATMULS = (aten.mm.default, torch.ops.moe_fusion._segment_mm.default)
+
+
+def _bias(matmul: fx.Node) -> Optional[fx.Node]:
+    """The ``(E, N)`` bias node ``_segment_mm`` adds to its product, else None."""
+    if matmul.target is not torch.ops.moe_fusion._segment_mm.default:
+        return None
+    return matmul.args[3] if len(matmul.args) > 3 else matmul.kwargs.get("bias")
+
+
+def _with_columns(graph: fx.Graph, matmul: fx.Node, start: int, end: int) -> tuple[tuple, dict]:
+    """``matmul``'s arguments after ``(a, w)``, its bias (if any) cut to the columns ``start:end``."""
+    rest, kwargs = list(matmul.args[2:]), dict(matmul.kwargs)
+    bias = _bias(matmul)
+    if bias is not None:
+        piece = _call(graph, aten.slice.Tensor, (bias, 1, start, end))
+        if len(matmul.args) > 3:
+            rest[1] = piece
+        else:
+            kwargs["bias"] = piece
+    return tuple(rest), kwargs
 
 
 @dataclass(frozen=True)
@@ -220,7 +241,8 @@ def _split_columns(graph: fx.Graph, matmul: fx.Node, weight: _ConcatenatedWeight
     for user, bounds in readers.items():
         with graph.inserting_before(user):
             piece = weight.piece_weight(graph, weight.bounds.index(bounds))
-            replacement = _call(graph, matmul.target, (matmul.args[0], piece, *matmul.args[2:]), matmul.kwargs)
+            rest, kwargs = _with_columns(graph, matmul, *bounds)
+            replacement = _call(graph, matmul.target, (matmul.args[0], piece, *rest), kwargs)
         user.replace_all_uses_with(replacement)
         graph.erase_node(user)
     graph.erase_node(matmul)
@@ -228,8 +250,8 @@ def _split_columns(graph: fx.Graph, matmul: fx.Node, weight: _ConcatenatedWeight
 
 
 def _split_contraction(graph: fx.Graph, matmul: fx.Node, weight: _ConcatenatedWeight) -> bool:
-    if weight.axis != -2:
-        return False
+    if weight.axis != -2 or _bias(matmul) is not None:
+        return False        # (a bias would be added once per part)
     a = matmul.args[0]
     with graph.inserting_before(matmul):
         total = None
@@ -241,6 +263,49 @@ def _split_contraction(graph: fx.Graph, matmul: fx.Node, weight: _ConcatenatedWe
     matmul.replace_all_uses_with(total)
     graph.erase_node(matmul)
     return True
+
+
+def unstack_segment_weights(graph: fx.Graph) -> int:
+    """Never build an ``(E, K, N)`` stack of expert weights for a ``_segment_mm``: the FFN pass stacks
+    per-expert ``nn.Linear`` weights (``emit.stack_parts``: ``permute(cat([unsqueeze(W_e, 0), ...]),
+    perm)``), a copy of every expert's weight per step. Each ``_segment_mm`` of such a stack becomes
+    ``_segment_mm_list`` of the experts' own weights (views; the same products bit for bit), and a
+    stack no other node reads is dropped. Returns how many matmuls were rewritten."""
+    rewritten = 0
+    for matmul in graph.find_nodes(op="call_function", target=torch.ops.moe_fusion._segment_mm.default):
+        pieces = _expert_pieces(matmul.args[1])
+        if pieces is None:
+            continue
+        with graph.inserting_before(matmul):
+            weights = [p if order == [0, 1] else _call(graph, aten.permute.default, (p, order)) for p, order in pieces]
+            listed = _call(graph, torch.ops.moe_fusion._segment_mm_list.default,
+                           (matmul.args[0], weights, *matmul.args[2:]), matmul.kwargs)
+        matmul.replace_all_uses_with(listed)
+        graph.erase_node(matmul)
+        rewritten += 1
+    if rewritten:
+        graph.eliminate_dead_code()
+    return rewritten
+
+
+def _expert_pieces(weight: Any) -> "list[tuple[fx.Node, list[int]]] | None":
+    """``[(W_e, order), ...]`` when ``weight`` ``(E, K, N)`` is ``permute(cat([unsqueeze(W_e, 0), ...]),
+    perm)`` (or the ``cat`` alone) with the experts' dim first: expert ``e``'s ``(K, N)`` weight is
+    ``W_e.permute(order)``. Else None."""
+    perm = [0, 1, 2]
+    while isinstance(weight, fx.Node) and weight.target is aten.permute.default:    # out[i] = in[p[i]]
+        inner = list(weight.args[1])
+        weight, perm = weight.args[0], [inner[i] % 3 for i in perm]
+    if not (isinstance(weight, fx.Node) and weight.target is aten.cat.default and perm[0] == 0):
+        return None
+    if (weight.args[1] if len(weight.args) > 1 else 0) != 0:
+        return None
+    pieces = []
+    for row in weight.args[0]:
+        if not (isinstance(row, fx.Node) and row.target is aten.unsqueeze.default and row.args[1] == 0):
+            return None
+        pieces.append((row.args[0], [perm[1] - 1, perm[2] - 1]))
+    return pieces
 
 
 def _inline(graph: fx.Graph, node: fx.Node, lowering: Callable[..., Any]) -> bool:

@@ -17,7 +17,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import moe_fusion
 from moe_fusion.passes import FusionReport, backend
-from moe_fusion.passes.lowering import split_concatenated_weights
+from moe_fusion.kernels.ffn_grouped import segment_mm
+from moe_fusion.passes.lowering import split_concatenated_weights, unstack_segment_weights
 from step_results import step_results
 
 H, INNER, ROWS = 16, 32, 12
@@ -156,3 +157,27 @@ def test_a_weight_concatenated_along_the_contraction_becomes_a_sum():
     gm.recompile()
     assert torch.ops.aten.cat.default not in _targets(gm)
     torch.testing.assert_close(gm(a, w0, w1), fn(a, w0, w1))
+
+
+def test_a_stack_of_expert_linear_weights_is_read_in_place():
+    """``_segment_mm`` of the FFN pass's stack of ``nn.Linear`` weights (``emit.stack_parts``:
+    ``cat`` of ``unsqueeze``, permuted) reads the experts' weights as a list: no stack is built, the
+    products are the same bit for bit, the bias is added per segment and the rows past the last
+    segment are 0."""
+    g = torch.Generator().manual_seed(0)
+    a, weights = torch.randn(9, 6, generator=g), [torch.randn(5, 6, generator=g) for _ in range(3)]
+    bias, ends = torch.randn(3, 5, generator=g), torch.tensor([2, 2, 7], dtype=torch.int32)
+
+    def fn(a, w0, w1, w2, bias, ends):
+        stacked = torch.cat([w.unsqueeze(0) for w in (w0, w1, w2)]).permute(0, 2, 1)
+        return segment_mm(a, stacked, ends, bias)
+
+    gm = _traced(fn, a, *weights, bias, ends)
+    assert unstack_segment_weights(gm.graph) == 1
+    gm.recompile()
+    assert torch.ops.aten.cat.default not in _targets(gm)
+    assert torch.ops.moe_fusion._segment_mm.default not in _targets(gm)
+    got = gm(a, *weights, bias, ends)
+    assert torch.equal(got, fn(a, *weights, bias, ends))
+    want = torch.cat([a[0:2] @ weights[0].t() + bias[0], a[2:7] @ weights[2].t() + bias[2], torch.zeros(2, 5)])
+    torch.testing.assert_close(got, want)
