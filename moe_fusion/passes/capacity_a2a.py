@@ -55,7 +55,7 @@ import torch.fx as fx
 
 from ._graph import ancestors, in_graph_order, insert_call, is_op, is_size, val, widening_cast
 from .collectives import Collective, as_collective, collective_nodes, find_collectives, group_rank, output_value
-from .context import PassContext, Refusal, attempt
+from .context import FusionReport, PassContext, Refusal, attempt
 from .capacity_slots import check_slot_form, is_slot_dispatch, read_slot_form
 from .evaluate import FULL, Instance, NotReducible, bind_unbacked, evaluate, on_real_tensors, reduced_instance
 from .ffn_forms import FfnMatch, check_same_form, find_ffn_forms
@@ -412,11 +412,38 @@ def _reduced(batch: tuple[int, ...], hidden: int, fixed: tuple[int, ...]) -> Ins
     raise NotReducible(f"the batch sizes {batch} share no factor that leaves {REDUCED_TOKENS} tokens")
 
 
-def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch]) -> Optional[MoeBlock]:
+def _refused_expert(received: fx.Node, refused: dict[fx.Node, str]) -> Optional[str]:
+    """Why the block is not fused when the rows ``received`` reach an FFN the FFN forms refused (the
+    second matmul ``refused`` maps to its reason) whose output goes back to an all_to_all by row
+    moves only, as an expert's does; None otherwise (a dense MLP after the combine is no expert)."""
+    for second, reason in refused.items():
+        if received not in ancestors(second):
+            continue
+        stack, seen = [second], set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for user in node.users:
+                found = as_collective(user)
+                if found is not None and found.kind == "all_to_all" and found.input is node:
+                    return (f"the rows it receives go through {second.name}, an expert FFN the fused ops cannot "
+                            f"compute: {reason}")
+                if is_op(user, *ROW_MOVE_OPS) or user.target is operator.getitem:
+                    stack.append(user)
+    return None
+
+
+def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch], refused: dict[fx.Node, str]) -> Optional[MoeBlock]:
     """The capacity MoE block whose dispatch all_to_all is ``a2a``; None when ``a2a`` feeds no
-    expert FFN (not a candidate); raises Refusal."""
+    expert FFN (not a candidate); raises Refusal (also when its experts are FFNs the FFN forms
+    refused, ``refused``: second matmul -> reason)."""
     received = output_value(a2a)
     if not _reaches_an_expert(received, experts):
+        why = _refused_expert(received, refused)
+        if why is not None:
+            raise Refusal(why)
         return None
     back, used, section = _expert_section(received, experts)
     # One EP group with equal splits: chunk p of dim 0 (experts [p*L, (p+1)*L)) goes to rank p.
@@ -538,10 +565,13 @@ def find_moe_capacity_a2a(graph: fx.Graph, ctx: Optional[PassContext] = None) ->
 
     The gating stays; the dispatch mask chain it fed dies and is erased.
     """
-    experts = {m.out: m for m in find_ffn_forms(graph)}
+    not_ffns = FusionReport()
+    experts = {m.out: m for m in find_ffn_forms(graph, PassContext(ctx.target if ctx else "portable", not_ffns))}
+    by_name = {node.name: node for node in graph.nodes}
+    refused = {by_name[e.where]: e.detail for e in not_ffns.refused()}
     blocks = []
     for a2a in find_collectives(graph, "all_to_all"):
-        block = attempt(ctx, PATTERN, a2a.nodes[0], lambda: _read_block(a2a, experts))
+        block = attempt(ctx, PATTERN, a2a.nodes[0], lambda: _read_block(a2a, experts, refused))
         if block is not None:
             blocks.append(block)
     return blocks

@@ -20,6 +20,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 
+from moe_fusion.launch import run_ranks  # noqa: E402
+
 from integration.ranked_cases import (ExpertMlp, assert_block_fused, assert_steps_equal, eager_and_fused,  # noqa: E402
                                       run_by_world)
 
@@ -86,3 +88,29 @@ def test_deepspeed_moe_fuses_and_equals_eager(ranks, name):
             assert any(p == "ffn" and ok for p, ok, _ in case["events"]), case["events"]
         tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
         assert_steps_equal(case["fused"], case["eager"], rank, name in TRAINING, **tol)
+
+
+class ErfGeluExpert(ExpertMlp):
+    """Linear -> exact (erf) GELU -> Linear: npu_ffn_grouped's gelu is the tanh form."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def _erf_gelu_block(rank: int, world: int) -> dict[str, Any]:
+    from integration.deepspeed_shims import deepspeed_moe, init_deepspeed
+
+    init_deepspeed()
+    layer = deepspeed_moe(ErfGeluExpert(HIDDEN, FFN), HIDDEN, EXPERTS, world, seed=0, rank=rank, min_capacity=4,
+                          k=2, drop_tokens=False).eval()
+    x = torch.randn(2, TOKENS // 2, HIDDEN, generator=torch.Generator().manual_seed(100 + rank))
+    return eager_and_fused(layer, x, False, "eager")
+
+
+def test_a_block_with_experts_the_op_cannot_compute_is_refused_with_the_reason():
+    """Before, the block was no candidate at all: the report named only the experts' FFN refusals."""
+    for rank, case in enumerate(run_ranks(2, _erf_gelu_block, timeout=300)):
+        blocks = [(ok, detail) for pattern, ok, detail in case["events"] if pattern == "moe_capacity_a2a"]
+        assert len(blocks) == 1 and not blocks[0][0], (rank, case["events"])
+        assert "an expert FFN the fused ops cannot compute" in blocks[0][1] and "erf" in blocks[0][1], blocks
+        assert_steps_equal(case["fused"], case["eager"], rank, False, rtol=1e-5, atol=1e-5)

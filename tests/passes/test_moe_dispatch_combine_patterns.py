@@ -95,6 +95,20 @@ def test_capacity_a2a_fused(group, layer, shared):
     assert after["aten.topk.default"] == 1 and after["aten.gather.default"] == 1
 
 
+def test_capacity_block_with_erf_gelu_experts_is_refused_with_the_reason(group, monkeypatch):
+    """Experts whose FFN the op cannot compute (erf GELU: npu_ffn_grouped's gelu is the tanh form)
+    are no FFN form, so the block used to be no candidate at all, and the report was silent about it."""
+    import torch.nn.functional as F
+    from moe_fusion.demo import moe_layers
+
+    monkeypatch.setitem(moe_layers.ACTIVATIONS, "gelu", F.gelu)       # the exact (erf) GELU
+    before, after, report = fuse("capacity", activation="gelu")
+    assert_unchanged(before, after)
+    reasons = [e.detail for e in report.refused("moe_capacity_a2a")]
+    assert len(reasons) == 1, report.format()       # the dispatch all_to_all; the return one is no candidate
+    assert "an expert FFN the fused ops cannot compute" in reasons[0] and "erf" in reasons[0], reasons
+
+
 def test_glu_experts_fused(group):
     _, after, report = fuse("capacity", activation="swiglu")
     assert report.fused("moe_capacity_a2a") and after[FFN] == 1
