@@ -192,3 +192,18 @@ def test_empty_input_with_numpy_strides():
     assert y.shape == (0, 8)
     y.sum().backward()
     assert not w1.grad.any() and not w2.grad.any()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_segment_ops_opcheck(bias):
+    """The grouped FFN's internal segment ops: fake kernels agree with the real ones (shapes,
+    strides, dtypes), with an odd K and N (padded to 16 bytes inside), an empty segment and rows
+    past the last segment."""
+    g = torch.Generator().manual_seed(0)
+    a, ends = torch.randn(9, 7, generator=g), torch.tensor([2, 2, 7], dtype=torch.int32)
+    w = torch.randn(3, 7, 5, generator=g)
+    b = torch.randn(3, 5, generator=g) if bias else None
+    ops = torch.ops.moe_fusion
+    torch.library.opcheck(ops._segment_mm.default, (a, w, ends, b))
+    torch.library.opcheck(ops._segment_mm_list.default, (a, list(w.unbind(0)), ends, b))
+    torch.library.opcheck(ops._segment_outer.default, (a, torch.randn(9, 5, generator=g), ends))

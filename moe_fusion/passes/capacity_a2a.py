@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -157,18 +158,20 @@ def _combine_einsum(returned: fx.Node, sizes: tuple[int, int, int, int]) -> tupl
     return y, combine, region
 
 
+def _row_moves_from(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node reached from it through row moves (``ROW_MOVE_OPS``, getitem)."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(u for u in current.users if is_op(u, *ROW_MOVE_OPS) or u.target is operator.getitem)
+    return seen
+
+
 def _reaches_an_expert(received: fx.Node, experts: dict[fx.Node, FfnMatch]) -> bool:
     """Some expert FFN reads rows of ``received`` through row moves: the all_to_all is a candidate."""
-    inputs = {m.x for m in experts.values()}
-    stack, seen = [received], set()
-    while stack:
-        node = stack.pop()
-        if node in inputs:
-            return True
-        if node not in seen:
-            seen.add(node)
-            stack.extend(u for u in node.users if is_op(u, *ROW_MOVE_OPS) or u.target is operator.getitem)
-    return False
+    return not _row_moves_from(received).isdisjoint(m.x for m in experts.values())
 
 
 def _expert_section(received: fx.Node, experts: dict[fx.Node, FfnMatch]
@@ -412,33 +415,45 @@ def _reduced(batch: tuple[int, ...], hidden: int, fixed: tuple[int, ...]) -> Ins
     raise NotReducible(f"the batch sizes {batch} share no factor that leaves {REDUCED_TOKENS} tokens")
 
 
-def _refused_expert(received: fx.Node, refused: dict[fx.Node, str]) -> Optional[str]:
-    """Why the block is not fused when the rows ``received`` reach an FFN the FFN forms refused (the
-    second matmul ``refused`` maps to its reason) whose output goes back to an all_to_all by row
-    moves only, as an expert's does; None otherwise (a dense MLP after the combine is no expert)."""
-    for second, reason in refused.items():
-        if received not in ancestors(second):
-            continue
-        stack, seen = [second], set()
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            for user in node.users:
-                found = as_collective(user)
-                if found is not None and found.kind == "all_to_all" and found.input is node:
-                    return (f"the rows it receives go through {second.name}, an expert FFN the fused ops cannot "
-                            f"compute: {reason}")
-                if is_op(user, *ROW_MOVE_OPS) or user.target is operator.getitem:
-                    stack.append(user)
+@dataclass(frozen=True)
+class RefusedExpert:
+    """An expert-placed FFN the FFN forms refused: its second matmul, what it reads, and why."""
+
+    second: fx.Node
+    reads: set[fx.Node]
+    reason: str
+
+
+def _ffns_and_refused_experts(graph: fx.Graph, ctx: Optional[PassContext]
+                              ) -> tuple[dict[fx.Node, FfnMatch], list[RefusedExpert]]:
+    """The graph's FFNs by output node, and the FFNs the FFN forms refused whose output goes to an
+    all_to_all by row moves only, as an expert's does (a dense MLP after the combine does not)."""
+    not_ffns = FusionReport()
+    experts = {m.out: m for m in find_ffn_forms(graph, PassContext(ctx.target if ctx else "portable", not_ffns))}
+    by_name = {node.name: node for node in graph.nodes}
+    sent = {c.input for c in find_collectives(graph, "all_to_all")}
+    refused = []
+    for event in not_ffns.refused():
+        second = by_name[event.where]
+        if not sent.isdisjoint(_row_moves_from(second)):
+            refused.append(RefusedExpert(second, ancestors(second), event.detail))
+    return experts, refused
+
+
+def _refused_expert(received: fx.Node, refused: list[RefusedExpert]) -> Optional[str]:
+    """Why the block is not fused when the rows ``received`` go through a refused expert FFN."""
+    for expert in refused:
+        if received in expert.reads:
+            return (f"the rows it receives go through {expert.second.name}, an expert FFN the fused ops cannot "
+                    f"compute: {expert.reason}")
     return None
 
 
-def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch], refused: dict[fx.Node, str]) -> Optional[MoeBlock]:
+def _read_block(a2a: Collective, experts: dict[fx.Node, FfnMatch], refused: list[RefusedExpert]
+                ) -> Optional[MoeBlock]:
     """The capacity MoE block whose dispatch all_to_all is ``a2a``; None when ``a2a`` feeds no
     expert FFN (not a candidate); raises Refusal (also when its experts are FFNs the FFN forms
-    refused, ``refused``: second matmul -> reason)."""
+    refused, ``refused``)."""
     received = output_value(a2a)
     if not _reaches_an_expert(received, experts):
         why = _refused_expert(received, refused)
@@ -565,10 +580,7 @@ def find_moe_capacity_a2a(graph: fx.Graph, ctx: Optional[PassContext] = None) ->
 
     The gating stays; the dispatch mask chain it fed dies and is erased.
     """
-    not_ffns = FusionReport()
-    experts = {m.out: m for m in find_ffn_forms(graph, PassContext(ctx.target if ctx else "portable", not_ffns))}
-    by_name = {node.name: node for node in graph.nodes}
-    refused = {by_name[e.where]: e.detail for e in not_ffns.refused()}
+    experts, refused = _ffns_and_refused_experts(graph, ctx)
     blocks = []
     for a2a in find_collectives(graph, "all_to_all"):
         block = attempt(ctx, PATTERN, a2a.nodes[0], lambda: _read_block(a2a, experts, refused))

@@ -73,6 +73,7 @@ PIPELINE: tuple[FusionPass, ...] = (
     FusionPass(re_routing.PATTERN, re_routing.find_re_routing),
 )
 PASSES: dict[str, FusionPass] = {p.name: p for p in PIPELINE}
+COLLECTIVE_PASSES = frozenset(p.name for p in PIPELINE if p.collective)
 # The report's pattern name for a graph whose ranks did not agree on their collective rewrites.
 AGREEMENT = "rank_agreement"
 # The graph ``backend()`` has inductor compile (None elsewhere): its FX graph cache key depends on it.
@@ -139,11 +140,10 @@ def _undo_collective_rewrites(graph: fx.Graph, saved: fx.Graph, target: str, nam
     """``graph`` restored from ``saved`` and fused by the local passes only; the report of that, the
     first run's collective refusals, its collective fusions as undone, and the agreement's ``reason``."""
     agreement.restore(graph, saved)
-    collective = {p.name for p in PIPELINE if p.collective}
     outcome = FusionReport()
-    _run_passes(graph, target, [n for n in names if n not in collective], outcome)
+    _run_passes(graph, target, [n for n in names if n not in COLLECTIVE_PASSES], outcome)
     for event in first.events:
-        if event.pattern in collective:
+        if event.pattern in COLLECTIVE_PASSES:
             outcome.events.append(event if not event.fused else FusionEvent(
                 event.pattern, False, event.where,
                 f"undone by the rank agreement: {reason} (this rank had fused: {event.detail})"))
@@ -151,9 +151,10 @@ def _undo_collective_rewrites(graph: fx.Graph, saved: fx.Graph, target: str, nam
     return outcome
 
 
-def holds_round(graph: fx.Graph, names: Sequence[str]) -> bool:
-    """The passes ``names`` run on ``graph`` end with a rank agreement round (``agreement``)."""
-    return any(PASSES[n].collective for n in names) and agreement.passes_exchange(graph)
+def holds_round(graph: Optional[fx.Graph], names: Optional[Sequence[str]]) -> bool:
+    """The passes ``names`` (None: all) run on ``graph`` (None: not known) end with a rank agreement
+    round (``agreement``)."""
+    return not COLLECTIVE_PASSES.isdisjoint(PASSES if names is None else names) and agreement.passes_exchange(graph)
 
 
 def _run_passes(graph: fx.Graph, target: str, names: Sequence[str], report: FusionReport) -> None:
@@ -217,8 +218,7 @@ class MoeFusionGraphPass(CustomGraphPass):
         # A report must see every graph, so a run that collects one bypasses the FX graph cache; so
         # does a graph with collectives in a multi-rank process (or one not known): a rank served
         # from the cache would skip the agreement round its peers wait in.
-        collective = any(PASSES[name].collective for name in (self.passes or PASSES))
-        if self.report is not None or (collective and agreement.passes_exchange(_compiling.get())):
+        if self.report is not None or holds_round(_compiling.get(), self.passes):
             return None
         return source_hash(), self.target, self.passes, compile_context(), self.lower
 
@@ -295,8 +295,7 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
         reason = " ".join(str(error).split())[:300]
         _record(report, f"fused nothing before autograd: the graph does not trace as a functional ATen graph "
                         f"({type(error).__name__}: {reason})")
-        names = [p.name for p in PIPELINE] if graph_pass.passes is None else graph_pass.passes
-        if agreement.rounds_held() == rounds and holds_round(gm.graph, names):
+        if agreement.rounds_held() == rounds and holds_round(gm.graph, graph_pass.passes):
             # The peers that traced this graph wait in its round: abort it with them, and keep
             # this rank's later rounds in step with theirs.
             agreement.agree(agreement.collective_calls(gm.graph), agreement.UNFUSABLE)
