@@ -25,6 +25,7 @@ from functools import cached_property
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from ..errors import fail
 from ..targets import get_target
@@ -154,8 +155,10 @@ def shape_of(t: torch.Tensor) -> tuple:
 
 
 def require(cond: Any, op: str, arg: str, rule: str, seen: Any) -> None:
-    """Fail unless ``cond`` holds. ``cond`` may be a SymBool (it is then guarded on)."""
-    if not bool(cond):
+    """Fail unless ``cond`` holds. ``cond`` may be a SymBool: it is then guarded on, except when it
+    depends on sizes read from the data (unbacked) and the trace cannot decide it; the op's kernel
+    checks it again on the real tensors when it runs."""
+    if not guard_or_true(cond):
         fail(op, arg, rule, seen)
 
 

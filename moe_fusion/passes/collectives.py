@@ -53,8 +53,9 @@ class Collective:
 
 
 def waited_by(node: fx.Node) -> Optional[fx.Node]:
-    """The wait_tensor consuming ``node`` when it is the only user."""
-    users = list(node.users)
+    """The wait_tensor consuming ``node`` when it is the only user besides reads of its sizes (an
+    all-to-all with split sizes read from the data has a symbolic row count others read)."""
+    users = [u for u in node.users if not is_op(u, aten.sym_size.int)]
     if len(users) == 1 and is_op(users[0], c10d.wait_tensor):
         return users[0]
     return None

@@ -80,7 +80,8 @@ class MoeBlock:
     ``x`` ``(S, H)`` (or a view-compatible shape) local tokens; ``expert_ids`` builds the ``(S, K)``
     integer expert of each (token, choice) in the graph (``top_k`` = K), ``scales`` its weight and
     ``active_mask`` (when routes may be dropped) its bool ``(S, K)`` "this route is computed";
-    ``experts`` the FFNs of local experts ``0..L-1`` (global ``rank * L + i``); ``out`` the node the
+    ``experts`` the FFNs of local experts ``0..L-1`` (global ``rank * L + i``), or one grouped FFN
+    over the ``L`` local experts' stacked weights (whose dtype the rows are cast to); ``out`` the node the
     block's result replaces (the shared-expert add when ``shared`` is set); ``replaced`` the other
     nodes the rewrite makes dead, collectives included.
     """
@@ -108,7 +109,8 @@ class MoeBlock:
     def describe(self) -> str:
         shared = ", shared expert as shared_expert_x" if self.shared is not None else ""
         mask = ", dropped routes as a 2-D x_active_mask" if self.active_mask is not None else ""
-        return (f"dispatch_v2 -> npu_ffn_grouped({self.experts[0].activation}, {len(self.experts)} local experts) -> "
+        return (f"dispatch_v2 -> npu_ffn_grouped({self.experts[0].activation}, {self.num_experts // self.world} "
+                f"local experts) -> "
                 f"combine_v2 over group {self.group_name!r} (W={self.world}, E={self.num_experts}, "
                 f"K={self.top_k}{shared}{mask})")
 
@@ -141,9 +143,12 @@ class MoeBlock:
             dispatch = insert_call(graph, before, mf.npu_moe_distribute_dispatch_v2.default, (x, ids) + attrs, masked)
             expand_x, assist, counts, ep_recv, tp_recv = (insert_getitem(graph, before, dispatch, i)
                                                           for i in (0, 2, 3, 4, 5))
-            w1, w2, ffn_kwargs = ffn_operands(graph, before, self.experts, stacked=True)
-            rows = insert_call(graph, before, mf.npu_ffn_grouped.default, (expand_x, w1, w2, self.experts[0].activation),
+            grouped = self.experts[0].offs is not None      # its weights are the (L, ., .) stacks already
+            w1, w2, ffn_kwargs = ffn_operands(graph, before, self.experts, stacked=not grouped)
+            ffn_in = cast(graph, before, expand_x, self.experts[0].dtype)
+            rows = insert_call(graph, before, mf.npu_ffn_grouped.default, (ffn_in, w1, w2, self.experts[0].activation),
                                {"expert_tokens": counts, **ffn_kwargs})
+            rows = cast(graph, before, rows, val(expand_x).dtype)
             kwargs = {"tp_send_counts": tp_recv, **masked}
             if self.shared is not None:
                 kwargs["shared_expert_x"] = self.shared

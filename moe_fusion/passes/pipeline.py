@@ -24,10 +24,12 @@ count into ``torch._dynamo.utils.counters["moe_fusion"]``.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import copy
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,7 +43,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from ..targets import get_target, target as target_scope
-from . import agreement, allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn, re_routing
+from . import (agreement, allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn, re_routing,
+               split_a2a)
 from .autograd_collectives import functional_all_to_alls
 from .lowering import lower_local_ops
 from .context import (FusionEvent, FusionReport, Match, PassContext, Refusal, TrainingCheck, count_ops,
@@ -64,6 +67,7 @@ PIPELINE: tuple[FusionPass, ...] = (
     # Whole expert-parallel MoE blocks first: they consume their expert FFNs.
     FusionPass(allgather_ep.PATTERN, allgather_ep.find_moe_allgather_ep, collective=True),
     FusionPass(capacity_a2a.PATTERN, capacity_a2a.find_moe_capacity_a2a, collective=True),
+    FusionPass(split_a2a.PATTERN, split_a2a.find_moe_split_a2a, collective=True),
     FusionPass(alltoall_allgather_bmm.PATTERN, alltoall_allgather_bmm.find_alltoall_allgather_bmm, collective=True),
     FusionPass(bmm_reducescatter_alltoall.PATTERN, bmm_reducescatter_alltoall.find_bmm_reducescatter_alltoall,
                collective=True),
@@ -284,13 +288,14 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
         return None if route.untrainable is None else route.untrainable(op)
 
     try:
-        # All-to-all autograd Functions: functionalization cannot trace them.
-        traced = _functional_aten_graph(
-            functional_all_to_alls(gm), example_inputs, select_decomp_table() if route.decompositions is None else route.decompositions)
-        if route.prepare is not None:
-            route.prepare(traced.graph)
-        with training(untrainable):
-            MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial, lower=False)(traced.graph)
+        with _guards_dropped(example_inputs):
+            # All-to-all autograd Functions: functionalization cannot trace them.
+            traced = _functional_aten_graph(functional_all_to_alls(gm), example_inputs,
+                                            select_decomp_table() if route.decompositions is None else route.decompositions)
+            if route.prepare is not None:
+                route.prepare(traced.graph)
+            with training(untrainable):
+                MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial, lower=False)(traced.graph)
     except Exception as error:  # noqa: BLE001 - any failure to trace means: leave the graph to AOT as it is
         reason = " ".join(str(error).split())[:300]
         _record(report, f"fused nothing before autograd: the graph does not trace as a functional ATen graph "
@@ -311,18 +316,68 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
     return traced
 
 
+@contextlib.contextmanager
+def _guards_dropped(example_inputs: Sequence[Any]) -> Iterator[None]:
+    """Forget the shape guards the block adds to dynamo's shape env. The re-trace before autograd
+    reads sizes that graph computed from the data as fresh symbols (a guard on one has no source in
+    dynamo's inputs, and producing the guards then fails); AOT autograd traces the graph it is
+    handed again and adds the guards that graph needs."""
+    fake_mode = detect_fake_mode(example_inputs)
+    shape_env = None if fake_mode is None else fake_mode.shape_env
+    kept = None if shape_env is None else len(shape_env.guards)
+    try:
+        yield
+    finally:
+        if shape_env is not None:
+            del shape_env.guards[kept:]
+
+
 def _functional_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], decompositions: dict) -> fx.GraphModule:
+    """``gm`` traced into a functional ATen graph on ``example_inputs``' fakes. DTensor inputs used
+    only through ``.to_local()`` (torchtitan's expert-parallel weights) are traced as their local
+    tensors and the traced graph takes them back as DTensors through that same ``.to_local()``:
+    functionalization does not trace tensor subclasses, and AOT autograd then sees the DTensor
+    inputs dynamo gave it."""
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:   # called outside torch.compile: trace on fresh fakes
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         fake_mode = FakeTensorMode()
-    fakes = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    local_gm, local_inputs = _to_local_inputs(gm, example_inputs)
+    fakes = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in local_inputs]
     with fake_mode, torch.no_grad():
-        traced = make_fx(torch.func.functionalize(gm, remove="mutations"),
+        traced = make_fx(torch.func.functionalize(local_gm, remove="mutations"),
                          decomposition_table=decompositions)(*fakes)
     traced.graph.eliminate_dead_code()   # decompositions leave unused casts, which would read as other uses
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    for i in (i for i, t in enumerate(example_inputs) if t is not local_inputs[i]):
+        with traced.graph.inserting_after(placeholders[i]):
+            local = traced.graph.call_method("to_local", (placeholders[i],))
+        local.meta["val"] = placeholders[i].meta.get("val")
+        placeholders[i].replace_all_uses_with(local, delete_user_cb=lambda user, local=local: user is not local)
+    traced.recompile()
     return traced
+
+
+def _to_local_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list]:
+    """``(gm', inputs')``: ``gm`` taking the local tensor of each DTensor input whose only uses are
+    ``.to_local()``, and those inputs replaced by their local tensors (``gm`` itself when none is)."""
+    from torch.distributed.tensor import DTensor
+
+    graph = copy.deepcopy(gm.graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    inputs = list(example_inputs)
+    for i, (t, p) in enumerate(zip(example_inputs, placeholders)):
+        if isinstance(t, DTensor) and p.users and all(
+                u.op == "call_method" and u.target == "to_local" and len(u.args) == 1 and not u.kwargs for u in p.users):
+            for use in list(p.users):
+                use.replace_all_uses_with(p)
+                graph.erase_node(use)
+            with torch.no_grad():
+                inputs[i] = t.to_local()
+    if all(a is b for a, b in zip(inputs, example_inputs)):
+        return gm, inputs
+    return fx.GraphModule(gm, graph), inputs
 
 
 def _restore_differentiable_casts(graph: fx.Graph) -> None:

@@ -1,0 +1,329 @@
+"""Variable-split all-to-all MoE (torchtitan's ``AllToAllTokenDispatcher``) =>
+``dispatch_v2 -> npu_ffn_grouped -> combine_v2`` (pass ``moe_split_a2a``).
+
+The dropless form where every route's token row travels to the rank owning its expert, with split
+sizes exchanged at run time (``T`` tokens, ``K`` choices, ``E = W * L`` experts over ``W`` ranks)::
+
+    order    = sort(ids.view(-1), stable).indices            # (T*K,) routes in expert order
+    rows     = x[order // K]                                 # (T*K, H)
+    counts   = <routes per expert> (E,); recv = all_to_all(counts.view(W, L))   # (W*L,) static splits
+    send, got = counts.view(W, L).sum(1).tolist(), recv.view(W, L).sum(1).tolist()
+    received = all_to_all_single(rows, got, send)            # (R, H), source-rank-major
+    h        = grouped_ffn(received[perm], offs=cumsum(recv.view(W, L).sum(0)))   # expert-major
+    returned = all_to_all_single(empty(R, H).index_put([perm], h), send, got)     # (T*K, H) in order
+    y        = zeros(T, H).scatter_add(0, order // K, returned * scores.view(-1)[order])  [+ shared(x)]
+
+Token ``t``'s row is ``sum_k scores[t, k] * expert_{ids[t, k]}(x[t])``: dispatch_v2/combine_v2 with
+``expert_scales = scores``, the expert FFN's weights (already ``(L, ., .)`` stacks) as they are.
+
+Guards, checked on what the graph computes rather than assumed from its look:
+
+* two ``all_to_all_single`` over one group, splits read from the data, the second's input splits
+  the first's output splits and the reverse; ``E == W * L``;
+* the ids are the indices of a largest top-k over the last dim (``E`` experts) of the gate: unique
+  per token and in ``[0, E)``;
+* between the two, one grouped FFN (``ffn_forms``' grouped form, ``L`` experts) reads the received
+  rows and its result reaches the second all-to-all; nothing else of the block is used elsewhere;
+* the block reads nothing but the tokens, the top-k ids and the scores (and constants);
+* evaluated in lockstep on ``W`` virtual ranks (the collectives computed across them) in float64
+  (float casts as the identity: the check is about where rows go),
+  with the FFN replaced by ``row + tag(global expert of its segment)``, it gives
+  ``y[t] = sum_k scores[t, k] * (x[t] + tag(ids[t, k]))`` on every rank for four routings (every
+  route on experts ``0..K-1``, every route on the last ``K``, two random). Sampled, not proven.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from ._graph import ancestors, float_cast, in_graph_order, insert_call, is_op, val
+from .collectives import Collective, collective_producing, find_collectives, group_rank, group_size_refusal, output_value
+from .context import PassContext, Refusal, attempt
+from .evaluate import FULL, evaluate, on_real_tensors
+from .ffn_forms import FfnMatch, find_ffn_forms
+from .moe_block import MoeBlock, shared_addend
+from .vocabulary import VIEW_OPS
+
+aten, prims = torch.ops.aten, torch.ops.prims
+c10d = torch.ops._c10d_functional
+PATTERN = "moe_split_a2a"
+ROUTING_SEEDS = 2   # random routings simulated besides the extreme ones
+# Allocations whose float dtype the simulation widens to float64 (it tracks values exactly).
+FLOAT_ALLOCATIONS = (aten.empty.memory_format, aten.full.default, aten.zeros.default, aten.new_empty.default)
+
+
+def _data_splits(a2a: Collective) -> bool:
+    """The all-to-all's split sizes are read from the data (some split is a graph value)."""
+    splits = (a2a.output_split_sizes or ()) + (a2a.input_split_sizes or ())
+    return any(isinstance(s, fx.Node) for s in splits)
+
+
+def _routing_topk(dispatched: fx.Node) -> tuple[fx.Node, int, int]:
+    """``(ids, E, K)``: the top-k indices the dispatched rows are sorted by, checked to be a largest
+    top-k over the last dim of the gate (unique per token, in ``[0, E)``)."""
+    topks = [n for n in ancestors(dispatched) if is_op(n, aten.topk)]
+    if len(topks) != 1:
+        raise Refusal(f"the dispatched rows {dispatched.name} depend on {len(topks)} top-k nodes; one routing top-k "
+                      "is needed to read the expert ids from")
+    topk = topks[0]
+    gate = val(topk.args[0])
+    k = topk.args[1]
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    largest = topk.args[3] if len(topk.args) > 3 else topk.kwargs.get("largest", True)
+    # Only a largest-k over the expert dim picks K distinct experts per token in [0, E).
+    if dim % gate.dim() != gate.dim() - 1 or not largest or not isinstance(k, int) or not isinstance(gate.size(-1), int):
+        raise Refusal(f"the top-k {topk.name} is not a largest-k over the last (expert) dim of the gate")
+    ids = [u for u in topk.users if u.target is operator.getitem and u.args[1] == 1]
+    if len(ids) != 1:
+        raise Refusal(f"the top-k {topk.name}'s indices are not one node")
+    return ids[0], gate.size(-1), k
+
+
+def _past_casts(node: fx.Node) -> fx.Node:
+    """``node``, or the end of the chain of dtype casts that is its only use."""
+    while len(node.users) == 1 and is_op(next(iter(node.users)), prims.convert_element_type):
+        node = next(iter(node.users))
+    return node
+
+
+def _scores(returned: fx.Node, tokens: int, k: int) -> tuple[fx.Node, fx.Node]:
+    """``(scores, weighted)``: the ``(.., K)`` scores the returned rows (past their casts) are
+    multiplied by, followed up from the product's other factor through views, casts and row gathers
+    to the first node of ``T * K`` elements that is none of those; ``weighted`` the product."""
+    rows = _past_casts(returned)
+    users = [u for u in rows.users if is_op(u, aten.mul.Tensor)]
+    if len(users) != 1 or len(rows.users) != 1:
+        raise Refusal(f"the returned rows {returned.name} are not (only) multiplied by routing scores")
+    mul = users[0]
+    node = mul.args[1] if mul.args[0] is rows else mul.args[0]
+    while isinstance(node, fx.Node) and (is_op(node, *VIEW_OPS) or is_op(node, aten.index.Tensor)
+                                         or is_op(node, prims.convert_element_type)):
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or val(node).numel() != tokens * k or not val(node).is_floating_point():
+        raise Refusal(f"the weights of the returned rows do not come from ({tokens}, {k}) routing scores")
+    return node, mul
+
+
+def _block_output(weighted: fx.Node, tokens: int, hidden: int) -> fx.Node:
+    """The block's ``(T, H)`` result: the single user of the weighted rows (past casts) that sums
+    them per token (a scatter-add), then through single-use views."""
+    node = _past_casts(weighted)
+    if len(node.users) != 1:
+        raise Refusal(f"the weighted rows {node.name} have {len(node.users)} users, not one per-token sum")
+    node = next(iter(node.users))
+    if not isinstance(val(node), torch.Tensor) or val(node).numel() != tokens * hidden:
+        raise Refusal(f"the weighted rows are summed into {node.name}, not a ({tokens}, {hidden}) result")
+    while len(node.users) == 1 and is_op(next(iter(node.users)), *VIEW_OPS):
+        node = next(iter(node.users))
+    return node
+
+
+def _region(out: fx.Node, roots: list[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
+    """Every node ``out`` and ``roots`` read, up to (excluding) ``stop``; refused when one is an
+    input of the graph (the block would read something besides its tokens, routing and scores)."""
+    region: set[fx.Node] = set()
+    stack = [out, *roots]
+    while stack:
+        node = stack.pop()
+        if node in region or node in stop:
+            continue
+        if node.op != "call_function":
+            raise Refusal(f"the block reads {node.name}, which is not its tokens, routing ids or scores")
+        region.add(node)
+        stack.extend(node.all_input_nodes)
+    return region
+
+
+def _dead_with(region: set[fx.Node]) -> set[fx.Node]:
+    """The runtime asserts on the data-read sizes of ``region`` and the symbolic arithmetic feeding
+    them: dead once the block is replaced, they would keep its count exchange alive."""
+    out: set[fx.Node] = set()
+    stack = [u for n in region if is_op(n, aten._local_scalar_dense) for u in n.users]
+    while stack:
+        node = stack.pop()
+        if node in region or node in out:
+            continue
+        if is_op(node, aten._assert_scalar) or (node.op == "call_function" and not isinstance(val(node), torch.Tensor)):
+            out.add(node)
+            stack.extend(node.users)
+    return out
+
+
+class _Simulation:
+    """The block's region evaluated on ``world`` virtual ranks in lockstep (float64)."""
+
+    def __init__(self, region: set[fx.Node], collectives: dict[fx.Node, Collective], ffn: FfnMatch,
+                 world: int, local: int) -> None:
+        self.order = in_graph_order(region | {ffn.out})
+        self.collectives, self.ffn, self.world, self.local = collectives, ffn, world, local
+
+    def run(self, envs: list[dict[fx.Node, Any]], tags: torch.Tensor) -> None:
+        for node in self.order:
+            if node in envs[0]:
+                continue
+            if node in self.collectives:
+                self._all_to_all(node, envs)
+            elif is_op(node, c10d.wait_tensor):
+                for env in envs:
+                    env[node] = env[node.args[0]]
+            elif node is self.ffn.out:
+                for rank, env in enumerate(envs):
+                    env[node] = self._tagged_rows(env, rank, tags)
+            else:
+                for env in envs:
+                    self._evaluate(node, env)
+
+    def _all_to_all(self, node: fx.Node, envs: list[dict[fx.Node, Any]]) -> None:
+        a2a = self.collectives[node]
+        sent = []
+        for env in envs:
+            rows = env[a2a.input]
+            splits = FULL.args(node, env)[0][2] or [rows.size(0) // self.world] * self.world
+            sent.append(torch.split(rows, list(splits)))
+        for rank, env in enumerate(envs):
+            env[node] = torch.cat([chunks[rank] for chunks in sent])
+
+    def _tagged_rows(self, env: dict[fx.Node, Any], rank: int, tags: torch.Tensor) -> torch.Tensor:
+        rows, ends = env[self.ffn.x], env[self.ffn.offs].long()
+        expert = torch.searchsorted(ends, torch.arange(rows.size(0)), right=True)
+        # Rows past the last segment are no expert's: NaN shows any use of them in the result.
+        tag = torch.where(expert < self.local, tags[(rank * self.local + expert).clamp(max=tags.numel() - 1)],
+                          torch.nan)
+        return rows + tag.unsqueeze(1)
+
+    @staticmethod
+    def _evaluate(node: fx.Node, env: dict[fx.Node, Any]) -> None:
+        if float_cast(node):    # every float cast, narrowing ones included: the check tracks data movement
+            env[node] = env[node.args[0]]
+            return
+        if is_op(node, *FLOAT_ALLOCATIONS) and node.kwargs.get("dtype") in (torch.float32, torch.bfloat16,
+                                                                          torch.float16):
+            args, kwargs = FULL.args(node, env)
+            env[node] = node.target(*args, **{**kwargs, "dtype": torch.float64, "device": "cpu"})
+            return
+        evaluate([node], env, identity_casts=True)
+
+
+def _routings(shape: torch.Size, experts: int, k: int, world: int) -> list[list[torch.Tensor]]:
+    """Per routing, one ``ids`` tensor of ``shape`` (``(.., K)``, distinct experts per token) per rank."""
+    tokens = shape.numel() // k
+    low = torch.arange(k).repeat(tokens, 1)
+    out = [[low.reshape(shape)] * world, [(low + experts - k).reshape(shape)] * world]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(ROUTING_SEEDS):
+        out.append([torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)]).reshape(shape)
+                    for _ in range(world)])
+    return out
+
+
+@on_real_tensors
+def _check_block(sim: _Simulation, x: fx.Node, ids: fx.Node, scores: fx.Node, out: fx.Node, experts: int,
+                 k: int) -> None:
+    """The lockstep simulation gives ``y[t] = sum_k s[t, k] (x[t] + tag(ids[t, k]))`` on every rank."""
+    gen = torch.Generator().manual_seed(1)
+    tags = 10.0 * torch.arange(1, experts + 1, dtype=torch.float64)
+    for routing in _routings(val(ids).shape, experts, k, sim.world):
+        envs = []
+        for rank_ids in routing:
+            envs.append({x: torch.rand(tuple(val(x).shape), generator=gen, dtype=torch.float64) - 0.5,
+                         ids: rank_ids,
+                         scores: torch.rand(tuple(val(scores).shape), generator=gen, dtype=torch.float64) + 0.5})
+        try:
+            sim.run(envs, tags)
+        except Exception as error:  # noqa: BLE001 - any failure on valid routings means a misread block
+            raise Refusal(f"the block does not evaluate on {sim.world} simulated ranks ({error})") from error
+        for rank, env in enumerate(envs):
+            tokens = env[x].reshape(-1, env[x].size(-1))
+            choice_ids, weights = env[ids].reshape(-1, k), env[scores].reshape(-1, k)
+            want = torch.zeros_like(tokens)
+            for t in range(tokens.size(0)):
+                for c in range(k):
+                    want[t] += weights[t, c] * (tokens[t] + tags[choice_ids[t, c]])
+            got = env[out]
+            if got.numel() != want.numel() or not torch.allclose(got.reshape(want.shape).double(), want, rtol=1e-9,
+                                                                 atol=1e-9):
+                raise Refusal(f"simulated on {sim.world} ranks, the block's result {out.name} is not the score-weighted "
+                              f"sum of each token's routed experts (rank {rank})")
+
+
+def _read_block(dispatch: Collective, returning: Collective, ffns: list[FfnMatch]) -> MoeBlock:
+    world = dispatch.group_size
+    mismatch = group_size_refusal(dispatch, "dispatch all_to_all")
+    if mismatch:
+        raise Refusal(mismatch)
+    received = output_value(dispatch)
+    ffn = [f for f in ffns if f.offs is not None and received in ancestors(f.x) and f.out in ancestors(returning.input)]
+    if len(ffn) != 1:
+        raise Refusal(f"between the all_to_alls there is no single grouped expert FFN (found {len(ffn)}) reading the "
+                      "received rows and feeding the rows sent back")
+    ffn_match = ffn[0]
+    if not is_op(dispatch.input, aten.index.Tensor) or len(dispatch.input.args[1]) != 1:
+        raise Refusal(f"the dispatched rows {dispatch.input.name} are not a row gather of the tokens")
+    x = dispatch.input.args[0]
+    ids, experts, k = _routing_topk(dispatch.input)
+    tokens, hidden = val(ids).numel() // k, val(x).size(-1)
+    if val(x).numel() != tokens * hidden:
+        raise Refusal(f"the tokens {x.name} {tuple(val(x).shape)} are not the {tokens} rows of the routing")
+    local = experts // world
+    if experts % world or val(ffn_match.second.weight).size(0) != local:
+        raise Refusal(f"{experts} experts over {world} ranks do not give the FFN's "
+                      f"{val(ffn_match.second.weight).size(0)} local experts")
+    returned = output_value(returning)
+    scores, weighted = _scores(returned, tokens, k)
+    y = _block_output(weighted, tokens, hidden)
+    stop = {x, ids, scores, ffn_match.out}
+    region = _region(y, [ffn_match.x, ffn_match.offs], stop)
+    # The FFN's nodes, and the casts of its rows that only it reads (a GLU reads its rows twice).
+    private = region | ffn_match.nodes | {n for n in ancestors(ffn_match.out) - region
+                                          if is_op(n, prims.convert_element_type) and set(n.users) <= ffn_match.nodes}
+    for node in region - {y}:
+        if dispatch.result in ancestors(node) and any(u not in private for u in node.users):
+            raise Refusal(f"{node.name} of the block is also used outside it")
+    collectives = {c.nodes[0]: c for c in map(collective_producing, region) if c is not None}
+    if any(c.kind != "all_to_all" or c.group_name != dispatch.group_name for c in collectives.values()):
+        raise Refusal("the block holds collectives other than all_to_alls over the dispatch group")
+    _check_block(_Simulation(region, collectives, ffn_match, world, local), x, ids, scores, y, experts, k)
+    out, shared = shared_addend(y)
+    view_ids = lambda graph, before: insert_call(graph, before, aten.view.default, (ids, [tokens, k]))  # noqa: E731
+    view_scores = lambda graph, before: insert_call(graph, before, aten.view.default, (scores, [tokens, k]))  # noqa: E731
+    return MoeBlock(PATTERN, dispatch.nodes[0], x, view_ids, k, view_scores, [ffn_match], dispatch.group_name, world,
+                    group_rank(dispatch.group_name), experts, out, shared,
+                    frozenset(private | _dead_with(region) | ({y} if out is not y else set())))
+
+
+def find_moe_split_a2a(graph: fx.Graph, ctx: Optional[PassContext] = None) -> list[MoeBlock]:
+    """Every variable-split all-to-all MoE block whose guards pass, anchored at its dispatch
+    all_to_all; refusals go to ``ctx``. ``MoeBlock.replace_with`` rewrites each (torchtitan 0.3, W = 2,
+    T = 12, K = 2, E = 4, H = 32; the graph of the module docstring, post-grad)::
+
+        Before:
+            index_1 = aten.index(view_2 (x), [div_1 (order // 2)])                      # (12*2, 32)
+            all_to_all_single   = _c10d_functional.all_to_all_single(view_7 (counts), [1, 1], [1, 1], "0")
+            _local_scalar_dense .. _3 = <split sizes read from the exchanged counts>
+            all_to_all_single_1 = _c10d_functional.all_to_all_single(index_1, [u2, u3], [u0, u1], "0")
+            index_5 = aten.index(wait_tensor_2, [sub_13 (perm)]) -> <grouped SwiGLU over cumsum_2>
+            index_put = aten.index_put(empty, [sub_13], convert_element_type_7)
+            all_to_all_single_2 = _c10d_functional.all_to_all_single(index_put, [u0, u1], [u2, u3], "0")
+            mul_44 = aten.mul(wait_tensor_3, view_15 (scores[order]))
+            deterministic_scatter_add = torchtitan.deterministic_scatter_add(full_1, expand, mul_44)
+
+        After:
+            dispatch_v2(x, view(ids, [12, 2]) as int32, "0", 2, r, 4) -> npu_ffn_grouped(bf16 rows, w1, w3, w2,
+                "swiglu", expert_tokens=dispatch[3]) -> combine_v2(..., view(scores, [12, 2]), "0", 2, r, 4)
+    """
+    a2as = [c for c in find_collectives(graph, "all_to_all") if _data_splits(c)]
+    pairs = [(d, c) for d in a2as for c in a2as
+             if c is not d and c.group_name == d.group_name and c.input_split_sizes == d.output_split_sizes
+             and c.output_split_sizes == d.input_split_sizes and d.result in ancestors(c.input)]
+    if not pairs:
+        return []
+    ffns = find_ffn_forms(graph)
+    blocks = []
+    for dispatch, returning in pairs:
+        block = attempt(ctx, PATTERN, dispatch.nodes[0], lambda: _read_block(dispatch, returning, ffns))
+        if block is not None and not any(block.nodes & b.nodes for b in blocks):
+            blocks.append(block)
+    return blocks
