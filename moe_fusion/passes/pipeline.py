@@ -43,8 +43,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from ..targets import get_target, target as target_scope
-from . import (agreement, allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn, re_routing,
-               split_a2a)
+from . import (agreement, allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn,
+               re_routing, split_a2a)
 from .autograd_collectives import functional_all_to_alls
 from .lowering import lower_local_ops
 from .context import (FusionEvent, FusionReport, Match, PassContext, Refusal, TrainingCheck, count_ops,
@@ -290,8 +290,8 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
     try:
         with _guards_dropped(example_inputs):
             # All-to-all autograd Functions: functionalization cannot trace them.
-            traced = _functional_aten_graph(functional_all_to_alls(gm), example_inputs,
-                                            select_decomp_table() if route.decompositions is None else route.decompositions)
+            decompositions = select_decomp_table() if route.decompositions is None else route.decompositions
+            traced = _functional_aten_graph(functional_all_to_alls(gm), example_inputs, decompositions)
             if route.prepare is not None:
                 route.prepare(traced.graph)
             with training(untrainable):
@@ -368,8 +368,8 @@ def _to_local_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     inputs = list(example_inputs)
     for i, (t, p) in enumerate(zip(example_inputs, placeholders)):
-        if isinstance(t, DTensor) and p.users and all(
-                u.op == "call_method" and u.target == "to_local" and len(u.args) == 1 and not u.kwargs for u in p.users):
+        if isinstance(t, DTensor) and p.users and all(u.op == "call_method" and u.target == "to_local"
+                                                      and len(u.args) == 1 and not u.kwargs for u in p.users):
             for use in list(p.users):
                 use.replace_all_uses_with(p)
                 graph.erase_node(use)

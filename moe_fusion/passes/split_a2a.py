@@ -40,12 +40,13 @@ import torch
 import torch.fx as fx
 
 from ._graph import ancestors, float_cast, in_graph_order, insert_call, is_op, val
-from .collectives import Collective, collective_producing, find_collectives, group_rank, group_size_refusal, output_value
+from .collectives import (Collective, collective_producing, find_collectives, group_rank, group_size_refusal,
+                          output_value)
 from .context import PassContext, Refusal, attempt
 from .evaluate import FULL, evaluate, on_real_tensors
 from .ffn_forms import FfnMatch, find_ffn_forms
 from .moe_block import MoeBlock, shared_addend
-from .vocabulary import VIEW_OPS
+from .vocabulary import RESHAPE_OPS, VIEW_OPS
 
 aten, prims = torch.ops.aten, torch.ops.prims
 c10d = torch.ops._c10d_functional
@@ -74,7 +75,8 @@ def _routing_topk(dispatched: fx.Node) -> tuple[fx.Node, int, int]:
     dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
     largest = topk.args[3] if len(topk.args) > 3 else topk.kwargs.get("largest", True)
     # Only a largest-k over the expert dim picks K distinct experts per token in [0, E).
-    if dim % gate.dim() != gate.dim() - 1 or not largest or not isinstance(k, int) or not isinstance(gate.size(-1), int):
+    if (dim % gate.dim() != gate.dim() - 1 or not largest or not isinstance(k, int)
+            or not isinstance(gate.size(-1), int)):
         raise Refusal(f"the top-k {topk.name} is not a largest-k over the last (expert) dim of the gate")
     ids = [u for u in topk.users if u.target is operator.getitem and u.args[1] == 1]
     if len(ids) != 1:
@@ -91,7 +93,7 @@ def _past_casts(node: fx.Node) -> fx.Node:
 
 def _scores(returned: fx.Node, tokens: int, k: int) -> tuple[fx.Node, fx.Node]:
     """``(scores, weighted)``: the ``(.., K)`` scores the returned rows (past their casts) are
-    multiplied by, followed up from the product's other factor through views, casts and row gathers
+    multiplied by, followed up from the product's other factor through reshapes, casts and row gathers
     to the first node of ``T * K`` elements that is none of those; ``weighted`` the product."""
     rows = _past_casts(returned)
     users = [u for u in rows.users if is_op(u, aten.mul.Tensor)]
@@ -99,7 +101,7 @@ def _scores(returned: fx.Node, tokens: int, k: int) -> tuple[fx.Node, fx.Node]:
         raise Refusal(f"the returned rows {returned.name} are not (only) multiplied by routing scores")
     mul = users[0]
     node = mul.args[1] if mul.args[0] is rows else mul.args[0]
-    while isinstance(node, fx.Node) and (is_op(node, *VIEW_OPS) or is_op(node, aten.index.Tensor)
+    while isinstance(node, fx.Node) and (is_op(node, *RESHAPE_OPS) or is_op(node, aten.index.Tensor)
                                          or is_op(node, prims.convert_element_type)):
         node = node.args[0]
     if not isinstance(node, fx.Node) or val(node).numel() != tokens * k or not val(node).is_floating_point():
@@ -245,8 +247,10 @@ def _check_block(sim: _Simulation, x: fx.Node, ids: fx.Node, scores: fx.Node, ou
             got = env[out]
             if got.numel() != want.numel() or not torch.allclose(got.reshape(want.shape).double(), want, rtol=1e-9,
                                                                  atol=1e-9):
-                raise Refusal(f"simulated on {sim.world} ranks, the block's result {out.name} is not the score-weighted "
-                              f"sum of each token's routed experts (rank {rank})")
+                wrong = (got.reshape(want.shape).double() - want).abs().amax(-1).nonzero().flatten().tolist() \
+                    if got.numel() == want.numel() else "all"
+                raise Refusal(f"simulated on {sim.world} ranks, the block's result {out.name} is not the "
+                              f"score-weighted sum of each token's routed experts (rank {rank}, tokens {wrong})")
 
 
 def _read_block(dispatch: Collective, returning: Collective, ffns: list[FfnMatch]) -> MoeBlock:

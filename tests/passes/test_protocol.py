@@ -20,8 +20,8 @@ PATTERN_MODULES = {inspect.getmodule(p.find).__name__ for p in PIPELINE}
 
 
 def test_pipeline_names_one_find_per_pattern_module():
-    assert [p.name for p in PIPELINE] == ["moe_allgather_ep", "moe_capacity_a2a", "alltoall_allgather_bmm",
-                                          "bmm_reducescatter_alltoall", "ffn", "re_routing"]
+    assert [p.name for p in PIPELINE] == ["moe_allgather_ep", "moe_capacity_a2a", "moe_split_a2a",
+                                          "alltoall_allgather_bmm", "bmm_reducescatter_alltoall", "ffn", "re_routing"]
     for fusion_pass in PIPELINE:
         assert fusion_pass.find.__name__.startswith("find_"), fusion_pass
         params = list(inspect.signature(fusion_pass.find).parameters)
