@@ -11,11 +11,14 @@ the verdict against the target (<= 1.0: fusing must not slow the block down).
 
 Expert-parallel layers on 4 gloo ranks (``--only ep``): DeepSpeed 0.19.8 ``MoE`` (k=2 dropless, k=1
 with capacity factor 1), fairscale 0.4.13 ``MOELayer`` + ``Top2Gate`` and Megatron-core 0.16.1
-``MoELayer`` (alltoall, SequentialMLP, SwiGLU), fp32, 2 experts per rank: ``moe_fusion.compile``
-vs plain ``torch.compile`` of an identical layer, each step timed on the slowest rank.
+``MoELayer`` (alltoall, SequentialMLP, SwiGLU) and torchtitan 0.3.0 ``MoE`` (its own expert-parallel
+``parallelize``, all-to-all token dispatcher, bf16 grouped SwiGLU experts), fp32, 2 experts per rank:
+``moe_fusion.compile`` vs plain ``torch.compile`` of an identical layer, each step timed on the
+slowest rank.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -87,6 +90,19 @@ def _fairscale(rank: int, world: int) -> torch.nn.Module:
     return MOELayer(gate, torch.nn.ModuleList([_expert_mlp() for _ in range(EP_LOCAL)]))
 
 
+@functools.lru_cache(maxsize=1)
+def _torchtitan_dims(world: int):
+    from test_torchtitan import expert_parallel_dims
+
+    return expert_parallel_dims(world)
+
+
+def _torchtitan(rank: int, world: int) -> torch.nn.Module:
+    from test_torchtitan import make_ep_moe
+
+    return make_ep_moe(_torchtitan_dims(world), world * EP_LOCAL, False, HIDDEN, INNER)
+
+
 def _megatron(rank: int, world: int) -> torch.nn.Module:
     import megatron_shims
     from test_megatron import make_layer
@@ -102,6 +118,7 @@ EP_LAYERS = {  # name -> builder(rank, world): the layer, built alike on every c
                                                                  capacity_factor=1.0),
     "fairscale top2": _fairscale,
     "megatron alltoall top2": _megatron,
+    "torchtitan alltoall top2": _torchtitan,
 }
 
 
@@ -137,6 +154,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed steps of each variant")
     parser.add_argument("--only", choices=("hf", "ep"), default=None, help="one part of the table (default: both)")
     parser.add_argument("--inference-only", action="store_true", help="skip the training steps")
+    parser.add_argument("--ep-layer", action="append", choices=list(EP_LAYERS), default=None,
+                        help="an expert-parallel layer to measure (repeatable; default: all)")
     args = parser.parse_args()
     modes = (False,) if args.inference_only else (False, True)
     rows = []
@@ -150,8 +169,8 @@ def main() -> None:
                                     f"({fusions} fusions)", timing, TARGET))
     if args.only in (None, "ep"):
         for train in modes:
-            results = run_ranks(EP_WORLD, _measure_ep, list(EP_LAYERS), train, args.repeats, timeout=3600,
-                                pg_timeout=1200)[0]
+            results = run_ranks(EP_WORLD, _measure_ep, args.ep_layer or list(EP_LAYERS), train, args.repeats,
+                                timeout=3600, pg_timeout=1200)[0]
             for name, (timing, fused) in results.items():
                 rows.append(Row(f"{name} {'train' if train else 'infer'} EP={EP_WORLD} T={EP_TOKENS}/rank H={HIDDEN} "
                                 f"I={INNER} E={EP_WORLD * EP_LOCAL}: fused vs plain inductor ({', '.join(fused)})",

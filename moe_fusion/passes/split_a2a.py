@@ -269,6 +269,9 @@ def _read_block(dispatch: Collective, returning: Collective, ffns: list[FfnMatch
     x = dispatch.input.args[0]
     ids, experts, k = _routing_topk(dispatch.input)
     tokens, hidden = val(ids).numel() // k, val(x).size(-1)
+    # The simulation runs the block at its own sizes: a dynamic batch has none to run it at.
+    if not all(isinstance(n, int) for n in (tokens, hidden, *val(x).shape)):
+        raise Refusal(f"the token batch {tuple(val(x).shape)} has a dynamic size; the block is checked at static sizes")
     if val(x).numel() != tokens * hidden:
         raise Refusal(f"the tokens {x.name} {tuple(val(x).shape)} are not the {tokens} rows of the routing")
     local = experts // world

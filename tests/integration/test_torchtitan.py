@@ -17,6 +17,8 @@ block on; ``npu_moe_re_routing``'s computation written as index arithmetic).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -40,16 +42,17 @@ def _linear(i: int, o: int) -> Linear.Config:
     return Linear.Config(in_features=i, out_features=o)
 
 
-def _moe_config(experts: int, shared: bool, dispatcher: LocalTokenDispatcher.Config) -> MoE.Config:
+def _moe_config(experts: int, shared: bool, dispatcher: LocalTokenDispatcher.Config, dim: int = DIM,
+                hidden: int = HIDDEN) -> MoE.Config:
     """torchtitan's MoE config with softmax top-2 routing and ``dispatcher``."""
     return MoE.Config(
         num_experts=experts,
         routed_experts=RoutedExperts.Config(
-            inner_experts=GroupedExperts.Config(dim=DIM, hidden_dim=HIDDEN, num_experts=experts),
+            inner_experts=GroupedExperts.Config(dim=dim, hidden_dim=hidden, num_experts=experts),
             token_dispatcher=dispatcher),
-        router=TokenChoiceTopKRouter.Config(num_experts=experts, gate=_linear(DIM, experts), top_k=TOP_K,
+        router=TokenChoiceTopKRouter.Config(num_experts=experts, gate=_linear(dim, experts), top_k=TOP_K,
                                             score_func="softmax"),
-        shared_experts=FeedForward.Config(w1=_linear(DIM, HIDDEN), w2=_linear(HIDDEN, DIM), w3=_linear(DIM, HIDDEN))
+        shared_experts=FeedForward.Config(w1=_linear(dim, hidden), w2=_linear(hidden, dim), w3=_linear(dim, hidden))
         if shared else None)
 
 
@@ -111,32 +114,45 @@ EP_CASES = {  # name -> (world, compiler, shared expert, training)
 EP_EXPERTS = 8
 
 
-def _run_ep(rank: int, world: int, names: list[str]) -> dict[str, dict]:
-    from integration import torchtitan_shims
-    from integration.ranked_cases import eager_and_fused
-
-    torchtitan_shims.install()
+def expert_parallel_dims(world: int) -> Any:
+    """torchtitan's ``ParallelDims`` with EP over all ``world`` ranks and its meshes built, under the
+    ``partial_dtensor`` SPMD backend (see above)."""
     from torchtitan.distributed import utils as dist_utils
     from torchtitan.distributed.parallel_dims import ParallelDims
-    from torchtitan.models.common.moe_sharding import set_moe_sharding_config
-    from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher
-    import spmd_types
 
     dist_utils.set_spmd_backend("partial_dtensor")
     dims = ParallelDims(dp_replicate=1, dp_shard=world, cp=1, tp=1, pp=1, ep=world, world_size=world,
                         spmd_backend="partial_dtensor")
     dims.build_mesh()
+    return dims
+
+
+def make_ep_moe(dims: Any, experts: int, shared: bool, dim: int = DIM, hidden: int = HIDDEN) -> torch.nn.Module:
+    """torchtitan's MoE with the all-to-all token dispatcher, parallelized by its own ``parallelize``
+    over ``dims`` (the expert weights become DTensors sharded over EP)."""
+    from torchtitan.models.common.moe_sharding import set_moe_sharding_config
+    from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher
+    import spmd_types
+
+    config = _moe_config(experts, shared, AllToAllTokenDispatcher.Config(num_experts=experts, top_k=TOP_K),
+                         dim, hidden)
+    set_moe_sharding_config(config, enable_ep=True, enable_sp=False, expert_param_layout={
+        "w1_EFD": spmd_types.Shard(1), "w2_EDF": spmd_types.Shard(2), "w3_EFD": spmd_types.Shard(1)})
+    moe = _built(config)
+    moe.parallelize(dims)
+    return moe
+
+
+def _run_ep(rank: int, world: int, names: list[str]) -> dict[str, dict]:
+    from integration.ranked_cases import eager_and_fused
+
+    dims = expert_parallel_dims(world)
     results = {}
     for name in names:
         _, compiler, shared, train = EP_CASES[name]
-        config = _moe_config(EP_EXPERTS, shared, AllToAllTokenDispatcher.Config(num_experts=EP_EXPERTS, top_k=TOP_K))
-        set_moe_sharding_config(config, enable_ep=True, enable_sp=False, expert_param_layout={
-            "w1_EFD": spmd_types.Shard(1), "w2_EDF": spmd_types.Shard(2), "w3_EFD": spmd_types.Shard(1)})
-        moe = _built(config).train(train)
-        moe.parallelize(dims)
+        moe = make_ep_moe(dims, EP_EXPERTS, shared).train(train)
         x = torch.randn(2, 8, DIM, generator=torch.Generator().manual_seed(10 + rank))
-        with dist_utils.get_spmd_context(parallel_dims=dims)():
-            results[name] = eager_and_fused(moe, x, train, compiler)
+        results[name] = eager_and_fused(moe, x, train, compiler)
     return results
 
 
