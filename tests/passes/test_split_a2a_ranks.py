@@ -4,7 +4,8 @@ expert-major ones, grouped SwiGLU experts over ``offs``, a weighted ``index_add`
 tokens), on 2 gloo ranks, and look-alikes that must not fuse: scores taken in token order instead
 of the rows' expert order (each row weighted by another route's score), rows left rank-major for
 the experts (a row reaches the wrong expert whenever both ranks send to one rank), and routes sorted
-by descending expert while the split sizes count ascending ranks (rows reach the wrong rank). Each
+by descending expert while the split sizes count ascending ranks (rows reach the wrong rank); a
+second batch size (dynamo's dynamic recompile) is refused with the reason, not simulated. Each
 compiled layer equals the eager one within bf16 rounding (the experts compute in bf16, as
 torchtitan's)."""
 from __future__ import annotations
@@ -28,6 +29,7 @@ VARIANTS = {  # name -> refusal expected, None when it fuses
     "scores-in-token-order": "is not the score-weighted sum",
     "rank-major-experts": "is not the score-weighted sum",
     "descending-routes": "is not the score-weighted sum",
+    "dynamic-batch": "has a dynamic size",   # the torchtitan-like layer called with a second batch size
 }
 
 
@@ -77,19 +79,26 @@ class SplitMoE(torch.nn.Module):
         return torch.zeros_like(x).index_add(0, token, returned * weights.unsqueeze(1))
 
 
+def _split_events(events: list) -> list[tuple[str, bool, str]]:
+    return [(e.pattern, e.fused, e.detail) for e in events if e.pattern == "moe_split_a2a"]
+
+
 def _run(rank: int, world: int) -> dict[str, Any]:
     results = {}
-    for name in VARIANTS:
+    for name in [v for v in VARIANTS if v != "dynamic-batch"]:
         layer = SplitMoE(name, rank)
         x = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(50 + rank))
         report = FusionReport()
         torch._dynamo.reset()
         with torch.no_grad():
             eager = layer(x)
-            fused = moe_fusion.compile(layer, report=report, compiler="eager")(x)
-        results[name] = {"eager": eager, "fused": fused,
-                         "events": [(e.pattern, e.fused, e.detail) for e in report.events
-                                    if e.pattern == "moe_split_a2a"]}
+            compiled = moe_fusion.compile(layer, report=report, compiler="eager")
+            results[name] = {"eager": eager, "fused": compiled(x), "events": _split_events(report.events)}
+            if name == "torchtitan-like":   # a second batch size: dynamo recompiles with a dynamic one
+                seen = len(report.events)
+                bigger = torch.randn(TOKENS + 4, HIDDEN, generator=torch.Generator().manual_seed(60 + rank))
+                results["dynamic-batch"] = {"eager": layer(bigger), "fused": compiled(bigger),
+                                            "events": _split_events(report.events[seen:])}
     return results
 
 
