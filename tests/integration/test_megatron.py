@@ -21,6 +21,7 @@ pytest.importorskip("megatron.core")
 import moe_fusion  # noqa: E402
 from moe_fusion.launch import run_ranks  # noqa: E402
 from moe_fusion.passes import FusionReport  # noqa: E402
+from step_results import named_step_results  # noqa: E402
 
 WORLD, EXPERTS, TOP_K, HIDDEN, FFN, SEQ, BATCH = 2, 4, 2, 16, 24, 6, 2
 DISPATCH, COMBINE, FFN_OP = ("moe_fusion.npu_moe_distribute_dispatch_v2.default",
@@ -66,23 +67,6 @@ def make_layer(overrides: dict, shared: bool, hidden: int = HIDDEN, ffn: int = F
     return layer
 
 
-def _step(layer: torch.nn.Module, run: Any, x: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
-    """One call of ``run`` (``layer`` or its compiled form): the output, and with ``train`` the
-    gradients of the input and of every parameter."""
-    if not train:
-        with torch.no_grad():
-            out, bias = run(x)
-        assert bias is None
-        return {"out": out}
-    x = x.clone().requires_grad_()
-    out, _ = run(x)
-    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-    grads = {"out": out.detach(), "x": x.grad}
-    grads.update({name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None})
-    layer.zero_grad(set_to_none=True)
-    return grads
-
-
 def _run(rank: int, world: int) -> dict[str, Any]:
     from integration import megatron_shims
 
@@ -95,10 +79,10 @@ def _run(rank: int, world: int) -> dict[str, Any]:
             x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank))
             with torch.no_grad():
                 routed_copies = int(layer.router(x)[1].sum())     # fewer than SEQ*BATCH*TOP_K: tokens dropped
-            eager = _step(layer, layer, x, train)
+            eager = named_step_results(layer, layer, x, train)
             report = FusionReport()
             torch._dynamo.reset()
-            compiled = _step(layer, moe_fusion.compile(layer, report=report, compiler="eager"), x, train)
+            compiled = named_step_results(layer, moe_fusion.compile(layer, report=report, compiler="eager"), x, train)
             results[name, train] = {
                 "eager": eager, "compiled": compiled, "ops": collections.Counter(report.ops_after),
                 "routed_copies": routed_copies, "fused": [e.detail for e in report.fused("module_route")],
@@ -126,10 +110,10 @@ def _one_rank_differs(rank: int) -> dict[str, Any]:
     try:
         layer = make_layer({"num_moe_experts": 2}, False).eval()     # one local expert: see CASES
         x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank))
-        eager = _step(layer, layer, x, False)
+        eager = named_step_results(layer, layer, x, False)
         report = FusionReport()
         torch._dynamo.reset()
-        compiled = _step(layer, moe_fusion.compile(layer, report=report, compiler="eager"), x, False)
+        compiled = named_step_results(layer, moe_fusion.compile(layer, report=report, compiler="eager"), x, False)
     finally:
         module_routes.ROUTES = real
     return {"eager": eager, "compiled": compiled, "swapped": "forward" in vars(layer),

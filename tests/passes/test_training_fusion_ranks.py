@@ -21,6 +21,7 @@ from moe_fusion.passes import FusionReport, MoeFusionGraphPass, backend
 from moe_fusion.passes.context import count_ops
 
 from moe_dispatch_combine_variants import tokens
+from step_results import named_step_results
 
 HIDDEN, FFN_HIDDEN, TOKENS = 16, 24, 8
 CASES = {  # name -> (layer, expected fused pattern, compiler)
@@ -31,27 +32,16 @@ CASES = {  # name -> (layer, expected fused pattern, compiler)
 WORLD = 2
 
 
-def _step(layer: torch.nn.Module, run: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One step of ``run`` (``layer`` or its compiled form): output and gradients by name."""
-    x = x.clone().requires_grad_()
-    out = run(x)
-    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-    grads = {"out": out.detach(), "x": x.grad}
-    grads.update({name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None})
-    layer.zero_grad(set_to_none=True)
-    return grads
-
-
 def _run(rank: int, world: int) -> dict[str, Any]:
     results = {}
     for name, (layer_type, _, compiler) in CASES.items():
         layer = layer_type(HIDDEN, FFN_HIDDEN, 2 * world, 2, ep_group=dist.group.WORLD, seed=5, shared_expert=True)
         x = tokens(rank, TOKENS, HIDDEN, torch.float32, "balanced")
-        eager = _step(layer, layer, x)
+        eager = named_step_results(layer, layer, x, True)
         report = FusionReport()
         torch._dynamo.reset()
-        compiled = _step(layer, torch.compile(layer, backend=backend(report=report, compiler=compiler),
-                                              fullgraph=True, dynamic=False), x)
+        fused = torch.compile(layer, backend=backend(report=report, compiler=compiler), fullgraph=True, dynamic=False)
+        compiled = named_step_results(layer, fused, x, True)
         results[name] = {"eager": eager, "compiled": compiled, "fused": sorted({e.pattern for e in report.fused()}),
                          "refused": [(e.pattern, e.detail) for e in report.refused()]}
     return results
@@ -96,12 +86,12 @@ def _run_deepspeed(rank: int, world: int) -> dict[str, Any]:
     for name, (shard, compiler) in DEEPSPEED.items():
         layer = TrainableDeepSpeedMoE(HIDDEN, FFN_HIDDEN, 4, ep_group=ep_group, tp_group=tp_group, shard=shard, seed=3)
         x = tokens(rank // 2, TOKENS, HIDDEN, torch.float32, "balanced")     # the TP ranks of a group share x
-        eager = _step(layer, layer, x)
+        eager = named_step_results(layer, layer, x, True)
         report = FusionReport()
         torch._dynamo.reset()
         graphs.clear()
-        compiled = _step(layer, torch.compile(layer, backend=backend(report=report, compiler=compiler),
-                                              fullgraph=True, dynamic=False), x)
+        fused = torch.compile(layer, backend=backend(report=report, compiler=compiler), fullgraph=True, dynamic=False)
+        compiled = named_step_results(layer, fused, x, True)
         results[name] = {"eager": eager, "compiled": compiled, "fused": sorted({e.pattern for e in report.fused()}),
                          "refused": [(e.pattern, e.detail) for e in report.refused()],
                          "backward": {op: graphs[-1][op] for op in BMM_PAIR}}
@@ -131,11 +121,12 @@ def _in_place_collectives(rank: int, world: int) -> dict[str, Any]:
     layer = CapacityAllToAllMoE(HIDDEN, FFN_HIDDEN, 2 * world, 2, ep_group=dist.group.WORLD, seed=5)
     x = tokens(rank, TOKENS, HIDDEN, torch.float32, "balanced")
     torch._dynamo.reset()
-    plain = _step(layer, torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False), x)
+    plain = named_step_results(layer, torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False), x,
+                               True)
     report = FusionReport()
     torch._dynamo.reset()
-    fused = _step(layer, torch.compile(layer, backend=backend(passes=["ffn"], report=report, compiler="eager"),
-                                       fullgraph=True, dynamic=False), x)
+    ffn_only = backend(passes=["ffn"], report=report, compiler="eager")
+    fused = named_step_results(layer, torch.compile(layer, backend=ffn_only, fullgraph=True, dynamic=False), x, True)
     return {"plain": plain, "fused": fused, "patterns": sorted({e.pattern for e in report.fused()})}
 
 
