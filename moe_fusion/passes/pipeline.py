@@ -24,12 +24,11 @@ count into ``torch._dynamo.utils.counters["moe_fusion"]``.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import copy
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -288,14 +287,13 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
         return None if route.untrainable is None else route.untrainable(op)
 
     try:
-        with _guards_dropped(example_inputs):
-            # All-to-all autograd Functions: functionalization cannot trace them.
-            decompositions = select_decomp_table() if route.decompositions is None else route.decompositions
-            traced = _functional_aten_graph(functional_all_to_alls(gm), example_inputs, decompositions)
-            if route.prepare is not None:
-                route.prepare(traced.graph)
-            with training(untrainable):
-                MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial, lower=False)(traced.graph)
+        # All-to-all autograd Functions: functionalization cannot trace them.
+        decompositions = select_decomp_table() if route.decompositions is None else route.decompositions
+        traced = _functional_aten_graph(functional_all_to_alls(gm), example_inputs, decompositions)
+        if route.prepare is not None:
+            route.prepare(traced.graph)
+        with training(untrainable):
+            MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial, lower=False)(traced.graph)
     except Exception as error:  # noqa: BLE001 - any failure to trace means: leave the graph to AOT as it is
         reason = " ".join(str(error).split())[:300]
         _record(report, f"fused nothing before autograd: the graph does not trace as a functional ATen graph "
@@ -314,22 +312,6 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
     _restore_differentiable_casts(traced.graph)
     traced.recompile()
     return traced
-
-
-@contextlib.contextmanager
-def _guards_dropped(example_inputs: Sequence[Any]) -> Iterator[None]:
-    """Forget the shape guards the block adds to dynamo's shape env. The re-trace before autograd
-    reads sizes that graph computed from the data as fresh symbols (a guard on one has no source in
-    dynamo's inputs, and producing the guards then fails); AOT autograd traces the graph it is
-    handed again and adds the guards that graph needs."""
-    fake_mode = detect_fake_mode(example_inputs)
-    shape_env = None if fake_mode is None else fake_mode.shape_env
-    kept = None if shape_env is None else len(shape_env.guards)
-    try:
-        yield
-    finally:
-        if shape_env is not None:
-            del shape_env.guards[kept:]
 
 
 def _functional_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], decompositions: dict) -> fx.GraphModule:
@@ -373,8 +355,7 @@ def _to_local_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple
             for use in list(p.users):
                 use.replace_all_uses_with(p)
                 graph.erase_node(use)
-            with torch.no_grad():
-                inputs[i] = t.to_local()
+            inputs[i] = t._local_tensor     # the fake dynamo made for it: its sizes keep their sources
     if all(a is b for a, b in zip(inputs, example_inputs)):
         return gm, inputs
     return fx.GraphModule(gm, graph), inputs
