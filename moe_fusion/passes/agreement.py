@@ -8,7 +8,8 @@ of more than one rank therefore ends with a round of every rank of the job, thro
 process group's store:
 
 1. each rank posts a fingerprint of its graph's collective calls before and after the passes
-   (ops and group sizes, rank-independent: every SPMD rank of a block posts the same one);
+   (ops and group sizes, rank-independent: every SPMD rank of a block posts the same one; for the
+   fused ops also their operands' shapes, which their contracts need equal on every rank);
 2. it waits for every other rank's post, at most ``MOE_FUSION_AGREEMENT_TIMEOUT`` seconds (120);
 3. it proposes ``fuse`` when all posts equal its own, ``abort`` otherwise or on timeout (a rank
    compiles other graphs, failed before its passes, or had a cache hit);
@@ -78,14 +79,20 @@ def _size(group_name: str) -> int:
     return 1 if group is None else group.size()
 
 
-def collective_calls(graph: fx.Graph) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def collective_calls(graph: fx.Graph) -> tuple[tuple, ...]:
     """The calls of ``graph`` over process groups of more than one rank, in graph order, as
-    ``(op, group sizes)``: what the ranks of an SPMD job compiling the same graph share."""
+    ``(op, group sizes)``: what the ranks of an SPMD job compiling the same graph share. A fused
+    op's call also holds its tensor arguments' shapes: its contract needs them equal on every rank
+    of its group (dispatch_v2's batch and top-k), where the collectives it replaced took per-rank
+    sizes (split sizes read from the data), so ranks with different batches abort together."""
     calls = []
     for node in graph.nodes:
         sizes = tuple(size for size in map(_size, _group_names(node)) if size > 1)
         if sizes:
-            calls.append((str(node.target), sizes))
+            fused = isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "moe_fusion"
+            shapes = tuple(tuple(map(str, a.meta["val"].shape)) for a in node.args
+                           if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)) if fused else ()
+            calls.append((str(node.target), sizes, shapes))
     return tuple(calls)
 
 

@@ -33,6 +33,7 @@ Guards, checked on what the graph computes rather than assumed from its look:
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Optional
 
@@ -43,7 +44,7 @@ from ._graph import ancestors, float_cast, in_graph_order, insert_call, is_op, v
 from .collectives import (Collective, collective_producing, find_collectives, group_rank, group_size_refusal,
                           output_value)
 from .context import PassContext, Refusal, attempt
-from .evaluate import FULL, evaluate, on_real_tensors
+from .evaluate import Instance, evaluate, on_real_tensors, reduced_instance
 from .ffn_forms import FfnMatch, find_ffn_forms
 from .moe_block import MoeBlock, shared_addend
 from .vocabulary import RESHAPE_OPS, VIEW_OPS
@@ -52,6 +53,8 @@ aten, prims = torch.ops.aten, torch.ops.prims
 c10d = torch.ops._c10d_functional
 PATTERN = "moe_split_a2a"
 ROUTING_SEEDS = 2   # random routings simulated besides the extreme ones
+FULL_SIZE_LIMIT = 1 << 22   # W * T * K * H up to which the block is simulated at its own sizes
+REDUCED_TOKENS = 32         # the fewest tokens a reduced simulation keeps
 # Allocations whose float dtype the simulation widens to float64 (it tracks values exactly).
 FLOAT_ALLOCATIONS = (aten.empty.memory_format, aten.full.default, aten.zeros.default, aten.new_empty.default)
 
@@ -65,10 +68,12 @@ def _data_splits(a2a: Collective) -> bool:
 def _routing_topk(dispatched: fx.Node) -> tuple[fx.Node, int, int]:
     """``(ids, E, K)``: the top-k indices the dispatched rows are sorted by, checked to be a largest
     top-k over the last dim of the gate (unique per token, in ``[0, E)``)."""
-    topks = [n for n in ancestors(dispatched) if is_op(n, aten.topk)]
+    above = {n for n in ancestors(dispatched) if is_op(n, aten.topk)}
+    # The routing's own top-k is the last: earlier ones feed it (an earlier layer, a group-limited gate).
+    topks = [t for t in above if not any(t is not u and t in ancestors(u) for u in above)]
     if len(topks) != 1:
-        raise Refusal(f"the dispatched rows {dispatched.name} depend on {len(topks)} top-k nodes; one routing top-k "
-                      "is needed to read the expert ids from")
+        raise Refusal(f"the dispatched rows {dispatched.name} depend on {len(topks)} last top-k nodes; one routing "
+                      "top-k is needed to read the expert ids from")
     topk = topks[0]
     gate = val(topk.args[0])
     k = topk.args[1]
@@ -109,18 +114,19 @@ def _scores(returned: fx.Node, tokens: int, k: int) -> tuple[fx.Node, fx.Node]:
     return node, mul
 
 
-def _block_output(weighted: fx.Node, tokens: int, hidden: int) -> fx.Node:
-    """The block's ``(T, H)`` result: the single user of the weighted rows (past casts) that sums
-    them per token (a scatter-add), then through single-use views."""
+def _block_output(weighted: fx.Node, tokens: int, hidden: int) -> tuple[fx.Node, fx.Node]:
+    """``(summed, out)``: the single user of the weighted rows (past casts) that sums them per token
+    (a scatter-add), and the block's ``(T, H)`` result: ``summed`` past its single-use views."""
     node = _past_casts(weighted)
     if len(node.users) != 1:
         raise Refusal(f"the weighted rows {node.name} have {len(node.users)} users, not one per-token sum")
-    node = next(iter(node.users))
-    if not isinstance(val(node), torch.Tensor) or val(node).numel() != tokens * hidden:
-        raise Refusal(f"the weighted rows are summed into {node.name}, not a ({tokens}, {hidden}) result")
-    while len(node.users) == 1 and is_op(next(iter(node.users)), *VIEW_OPS):
-        node = next(iter(node.users))
-    return node
+    summed = next(iter(node.users))
+    if not isinstance(val(summed), torch.Tensor) or val(summed).numel() != tokens * hidden:
+        raise Refusal(f"the weighted rows are summed into {summed.name}, not a ({tokens}, {hidden}) result")
+    out = summed
+    while len(out.users) == 1 and is_op(next(iter(out.users)), *VIEW_OPS):
+        out = next(iter(out.users))
+    return summed, out
 
 
 def _region(out: fx.Node, roots: list[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
@@ -139,6 +145,35 @@ def _region(out: fx.Node, roots: list[fx.Node], stop: set[fx.Node]) -> set[fx.No
     return region
 
 
+# What may touch the rows' values between the tokens and the result: moving rows (gathers, puts,
+# views, the all-to-alls), casts, allocations; the score weighting and the per-token sum are the
+# two nodes ``_check_data_path`` is given.
+ROW_PATH_OPS = RESHAPE_OPS + (aten.expand.default, aten.index.Tensor, aten.index_put.default, aten.index_select.default,
+                              prims.convert_element_type.default, aten._to_copy.default, c10d.all_to_all_single.default,
+                              c10d.wait_tensor.default) + FLOAT_ALLOCATIONS
+
+
+def _check_data_path(region: set[fx.Node], data: tuple[fx.Node, ...], allowed: set[fx.Node]) -> None:
+    """Only row moves touch the values flowing from ``data`` (the tokens, the scores, the expert
+    output) besides the ``allowed`` nodes, and the routing (every integer value of the block: ids,
+    orders, counts, split sizes) reads none of them: a block that clamps, activates or offsets rows
+    outside its expert, or routes by the token values, is no dispatch/combine."""
+    reads_data = set(data)      # within the block: the ids are a leaf, though the gate read the tokens
+    for node in in_graph_order(region):
+        if is_op(node, aten.sym_size.int) or not any(n in reads_data for n in node.all_input_nodes):
+            continue
+        reads_data.add(node)
+        value = val(node)
+        if node in allowed:
+            continue
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise Refusal(f"the routing value {node.name} ({node.target}) reads the tokens, the scores or the expert "
+                          "output; dispatch_v2 routes by the expert ids alone")
+        if not is_op(node, *ROW_PATH_OPS):
+            raise Refusal(f"{node.name} ({node.target}) changes the rows' values outside the expert FFN; only row "
+                          "moves, the score weighting and the per-token sum are a dispatch/combine")
+
+
 def _dead_with(region: set[fx.Node]) -> set[fx.Node]:
     """The runtime asserts on the data-read sizes of ``region`` and the symbolic arithmetic feeding
     them: dead once the block is replaced, they would keep its count exchange alive."""
@@ -155,12 +190,13 @@ def _dead_with(region: set[fx.Node]) -> set[fx.Node]:
 
 
 class _Simulation:
-    """The block's region evaluated on ``world`` virtual ranks in lockstep (float64)."""
+    """The block's region evaluated on ``world`` virtual ranks in lockstep (float64), at the sizes of
+    ``instance`` (the graph's own, or fewer tokens: ``evaluate.Instance``)."""
 
     def __init__(self, region: set[fx.Node], collectives: dict[fx.Node, Collective], ffn: FfnMatch,
-                 world: int, local: int) -> None:
+                 world: int, local: int, instance: Instance) -> None:
         self.order = in_graph_order(region | {ffn.out})
-        self.collectives, self.ffn, self.world, self.local = collectives, ffn, world, local
+        self.collectives, self.ffn, self.world, self.local, self.instance = collectives, ffn, world, local, instance
 
     def run(self, envs: list[dict[fx.Node, Any]], tags: torch.Tensor) -> None:
         for node in self.order:
@@ -183,7 +219,7 @@ class _Simulation:
         sent = []
         for env in envs:
             rows = env[a2a.input]
-            splits = FULL.args(node, env)[0][2] or [rows.size(0) // self.world] * self.world
+            splits = self.instance.args(node, env)[0][2] or [rows.size(0) // self.world] * self.world
             sent.append(torch.split(rows, list(splits)))
         for rank, env in enumerate(envs):
             env[node] = torch.cat([chunks[rank] for chunks in sent])
@@ -196,54 +232,61 @@ class _Simulation:
                           torch.nan)
         return rows + tag.unsqueeze(1)
 
-    @staticmethod
-    def _evaluate(node: fx.Node, env: dict[fx.Node, Any]) -> None:
+    def _evaluate(self, node: fx.Node, env: dict[fx.Node, Any]) -> None:
         if float_cast(node):    # every float cast, narrowing ones included: the check tracks data movement
             env[node] = env[node.args[0]]
             return
         if is_op(node, *FLOAT_ALLOCATIONS) and node.kwargs.get("dtype") in (torch.float32, torch.bfloat16,
                                                                           torch.float16):
-            args, kwargs = FULL.args(node, env)
+            args, kwargs = self.instance.args(node, env)
             env[node] = node.target(*args, **{**kwargs, "dtype": torch.float64, "device": "cpu"})
             return
-        evaluate([node], env, identity_casts=True)
+        evaluate([node], env, identity_casts=True, instance=self.instance)
 
 
-def _routings(shape: torch.Size, experts: int, k: int, world: int) -> list[list[torch.Tensor]]:
-    """Per routing, one ``ids`` tensor of ``shape`` (``(.., K)``, distinct experts per token) per rank."""
-    tokens = shape.numel() // k
+def _routings(shape: tuple[int, ...], experts: int, local: int, k: int, world: int) -> list[list[torch.Tensor]]:
+    """Per routing, one ``ids`` tensor of ``shape`` (``(.., K)``, distinct experts per token) per
+    rank: every route on experts ``0..K-1``; on the last ``K``; random among every expert's but
+    each rank's first local one (so some experts are empty while others of their rank are not),
+    when ``K`` others remain; random over all experts."""
+    tokens = math.prod(shape) // k
+    gen = torch.Generator().manual_seed(0)
+
+    def random_among(choices: torch.Tensor) -> torch.Tensor:
+        picks = [choices[torch.randperm(choices.numel(), generator=gen)[:k]] for _ in range(tokens)]
+        return torch.stack(picks).reshape(shape)
+
     low = torch.arange(k).repeat(tokens, 1)
     out = [[low.reshape(shape)] * world, [(low + experts - k).reshape(shape)] * world]
-    gen = torch.Generator().manual_seed(0)
+    not_first = torch.tensor([e for e in range(experts) if e % local])
+    if not_first.numel() >= k:
+        out.append([random_among(not_first) for _ in range(world)])
     for _ in range(ROUTING_SEEDS):
-        out.append([torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)]).reshape(shape)
-                    for _ in range(world)])
+        out.append([random_among(torch.arange(experts)) for _ in range(world)])
     return out
 
 
 @on_real_tensors
 def _check_block(sim: _Simulation, x: fx.Node, ids: fx.Node, scores: fx.Node, out: fx.Node, experts: int,
                  k: int) -> None:
-    """The lockstep simulation gives ``y[t] = sum_k s[t, k] (x[t] + tag(ids[t, k]))`` on every rank."""
+    """The lockstep simulation gives ``y[t] = sum_k s[t, k] (x[t] + tag(ids[t, k]))`` on every rank.
+    Tokens, scores and tags take both signs and magnitudes far from 0 and 1, so no step that leaves
+    small or positive values alone (a clamp, a ReLU) goes unseen."""
     gen = torch.Generator().manual_seed(1)
-    tags = 10.0 * torch.arange(1, experts + 1, dtype=torch.float64)
-    for routing in _routings(val(ids).shape, experts, k, sim.world):
-        envs = []
-        for rank_ids in routing:
-            envs.append({x: torch.rand(tuple(val(x).shape), generator=gen, dtype=torch.float64) - 0.5,
-                         ids: rank_ids,
-                         scores: torch.rand(tuple(val(scores).shape), generator=gen, dtype=torch.float64) + 0.5})
+    tags = 10.0 * torch.arange(1, experts + 1, dtype=torch.float64) * (-1.0) ** torch.arange(experts)
+    shape = sim.instance.shape
+    for routing in _routings(shape(val(ids).shape), experts, sim.local, k, sim.world):
+        envs = [{x: 4.0 * torch.randn(shape(val(x).shape), generator=gen, dtype=torch.float64), ids: rank_ids,
+                 scores: 2.0 * torch.randn(shape(val(scores).shape), generator=gen, dtype=torch.float64)}
+                for rank_ids in routing]
         try:
             sim.run(envs, tags)
         except Exception as error:  # noqa: BLE001 - any failure on valid routings means a misread block
             raise Refusal(f"the block does not evaluate on {sim.world} simulated ranks ({error})") from error
         for rank, env in enumerate(envs):
-            tokens = env[x].reshape(-1, env[x].size(-1))
+            tokens = env[x].reshape(-1, env[x].size(-1))                       # (T, H)
             choice_ids, weights = env[ids].reshape(-1, k), env[scores].reshape(-1, k)
-            want = torch.zeros_like(tokens)
-            for t in range(tokens.size(0)):
-                for c in range(k):
-                    want[t] += weights[t, c] * (tokens[t] + tags[choice_ids[t, c]])
+            want = (weights.unsqueeze(-1) * (tokens.unsqueeze(1) + tags[choice_ids].unsqueeze(-1))).sum(1)
             got = env[out]
             if got.numel() != want.numel() or not torch.allclose(got.reshape(want.shape).double(), want, rtol=1e-9,
                                                                  atol=1e-9):
@@ -280,7 +323,7 @@ def _read_block(dispatch: Collective, returning: Collective, ffns: list[FfnMatch
                       f"{val(ffn_match.second.weight).size(0)} local experts")
     returned = output_value(returning)
     scores, weighted = _scores(returned, tokens, k)
-    y = _block_output(weighted, tokens, hidden)
+    summed, y = _block_output(weighted, tokens, hidden)
     stop = {x, ids, scores, ffn_match.out}
     region = _region(y, [ffn_match.x, ffn_match.offs], stop)
     # The FFN's nodes, and the casts of its rows that only it reads (a GLU reads its rows twice).
@@ -289,10 +332,14 @@ def _read_block(dispatch: Collective, returning: Collective, ffns: list[FfnMatch
     for node in region - {y}:
         if dispatch.result in ancestors(node) and any(u not in private for u in node.users):
             raise Refusal(f"{node.name} of the block is also used outside it")
+    _check_data_path(region, (x, scores, ffn_match.out), {weighted, summed})
     collectives = {c.nodes[0]: c for c in map(collective_producing, region) if c is not None}
     if any(c.kind != "all_to_all" or c.group_name != dispatch.group_name for c in collectives.values()):
         raise Refusal("the block holds collectives other than all_to_alls over the dispatch group")
-    _check_block(_Simulation(region, collectives, ffn_match, world, local), x, ids, scores, y, experts, k)
+    instance = Instance()
+    if world * tokens * k * hidden > FULL_SIZE_LIMIT:   # keep the check's cost off the batch size
+        instance = reduced_instance([tokens], [hidden, k, experts, world, local], REDUCED_TOKENS)
+    _check_block(_Simulation(region, collectives, ffn_match, world, local, instance), x, ids, scores, y, experts, k)
     out, shared = shared_addend(y)
     view_ids = lambda graph, before: insert_call(graph, before, aten.view.default, (ids, [tokens, k]))  # noqa: E731
     view_scores = lambda graph, before: insert_call(graph, before, aten.view.default, (scores, [tokens, k]))  # noqa: E731
