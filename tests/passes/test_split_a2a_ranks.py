@@ -27,7 +27,9 @@ import torch.nn.functional as F
 
 import moe_fusion
 from moe_fusion.launch import run_ranks
-from moe_fusion.passes import FusionReport
+from moe_fusion.passes import FusionReport, split_a2a
+
+FULL_SIZE_LIMIT = split_a2a.FULL_SIZE_LIMIT
 
 HIDDEN, FFN, WORLD = 16, 32, 2
 
@@ -74,6 +76,9 @@ CASES: dict[str, dict[str, Any]] = {
     "rank-major-experts": dict(rank_major=True, expect="inexact"),
     "descending-routes": dict(descending=True, expect="inexact"),
     "dynamic-batch": dict(second_batch=16, expect="exact"),            # the second call's compile is refused
+    # checked on a reduced instance (32 of the 96 tokens), as blocks at real sizes are
+    "exact-checked-reduced": dict(tokens_by_rank=(96, 96), reduced=True, expect="exact"),
+    "relu-after-ffn-checked-reduced": dict(tokens_by_rank=(96, 96), reduced=True, post_ffn="relu", expect="inexact"),
 }
 
 
@@ -83,7 +88,7 @@ def _knobs(name: str, rank: int) -> dict[str, Any]:
                  post_ffn=None, pre_ffn=None, rows=None, cond_swap=False, empty_path=False,
                  scores_token_order=False, autograd=False, batch3d=False, plus_residual=False, glu=None,
                  aux_ffn=False, layers=1, fp32=False, item_scale=False, combine="index_add", bf16=False,
-                 rank_major=False, descending=False, second_batch=None)
+                 rank_major=False, descending=False, second_batch=None, reduced=False)
     case = CASES.get(name, {})
     knobs.update({k: v for k, v in case.items() if k not in ("expect", "rank1", "tol", "blocks")})
     if rank == 1:
@@ -234,6 +239,7 @@ def _one(name: str, rank: int) -> dict[str, Any]:
         layer, x = layer.bfloat16(), x.bfloat16()
     report = FusionReport()
     torch._dynamo.reset()
+    split_a2a.FULL_SIZE_LIMIT = 0 if o["reduced"] else FULL_SIZE_LIMIT
     result: dict[str, Any] = {"events": [], "error": None}
     with torch.no_grad():
         eager = layer(x)
@@ -324,7 +330,7 @@ def test_fuses_only_when_exact(ranks, name):
 SHOULD_FUSE = ["exact", "exact-k1", "exact-k3", "exact-e6", "exact-3d-tokens", "exact-renormalized-scores",
                "exact-bias-selected-ids", "exact-negated-topk", "exact-plus-residual", "exact-swapped-glu",
                "exact-empty-expert", "exact-all-on-rank0", "exact-rows-index-select", "exact-scatter-add-combine",
-               "exact-bf16-model", "exact-group-limited", "exact-two-layers"]
+               "exact-bf16-model", "exact-group-limited", "exact-two-layers", "exact-checked-reduced"]
 MISSED = {   # name -> why it is refused
     "exact-residual-base": "x.index_add(0, token, weighted) (residual as the scatter base) is read as a wrong sum",
     "exact-rows-gather": "torch.gather(x, 0, idx.expand(-1, H)) is not read as a row gather",
