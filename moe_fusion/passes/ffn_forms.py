@@ -392,7 +392,7 @@ class FfnMatch:
 
             sort:    (i64[S], i64[S]) = aten.sort(ids, 0)
             perm:    "i64[S]"     = sort[1]                      (sort[0] = ids[perm], ascending)
-            experts: "i64[E]"     = aten.arange(E)
+            experts: "i64[E]"     = aten.arange.start_step(0, E, 1)
             ends:    "i64[E]"     = aten.searchsorted(sort[0], experts, right=True)
             rows:    "f32[S, K1]" = aten.index(x, [perm])
             grouped: "f32[S, N2]" = moe_fusion.npu_ffn_grouped(rows, W1, W2, act, expert_tokens=ends,
@@ -427,7 +427,8 @@ class FfnMatch:
         expert (``perm`` a sort of the int64 ids ``(S,)``, segment ends the int64 cumulative counts
         ``(E,)``), each result row put back at row ``perm[r]`` (nodes in ``replace_with``). The sorts
         need not be stable (rows are independent, and ``perm`` has distinct values): ``aten.sort``
-        and ``aten.arange`` are what GE converts (``sort.stable`` and ``prims.iota`` it does not)."""
+        and ``aten.arange.start_step`` are what GE converts (``sort.stable`` and ``prims.iota`` it
+        does not) and inductor lowers."""
         before = self.out
 
         def sort(keys: fx.Node) -> fx.Node:
@@ -436,7 +437,8 @@ class FfnMatch:
         ids = cast(graph, before, self.ids, torch.int64)
         order = sort(ids)
         sorted_ids, perm = (insert_getitem(graph, before, order, i) for i in (0, 1))
-        experts = insert_call(graph, before, aten.arange.default, (val(self.second.weight).size(0),),
+        # arange.start_step: inductor lowers it in a post-grad graph (arange.default it does not), GE converts it.
+        experts = insert_call(graph, before, aten.arange.start_step, (0, val(self.second.weight).size(0), 1),
                               {"dtype": torch.int64, "device": val(ids).device})
         ends = insert_call(graph, before, aten.searchsorted.Tensor, (sorted_ids, experts), {"right": True})
         rows = insert_call(graph, before, aten.index.Tensor, (self.x, [perm]))

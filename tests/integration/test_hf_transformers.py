@@ -102,6 +102,15 @@ def test_inductor_training_step_fuses():
     _assert_equal(got, want)
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_inductor_inference_fuses(implementation):
+    """The inference graph reaches inductor's lowering with the rewrite's own nodes (the batched_mm
+    sort's expert range once crashed it: ``aten.arange.default`` has a decomposition but no lowering)."""
+    report, got, want = compiled_step("mixtral", implementation, False, compiler="inductor")
+    assert [e.detail.split("(")[0] for e in report.fused("ffn")] == ["npu_ffn_grouped"], report.format()
+    _assert_equal(got, want)
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_batched_mm_experts_become_sorted_npu_ffn_grouped(name, train):
