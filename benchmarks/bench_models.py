@@ -3,7 +3,8 @@
     python benchmarks/bench_models.py [--repeats N]
 
 HF transformers (the ``integration`` extra): Mixtral, Qwen3-MoE and DeepSeek-V3 sparse blocks with
-``grouped_mm``, ``batched_mm`` and ``eager`` experts, single process, fp32: ``moe_fusion.compile(block)`` (the
+``grouped_mm``, ``batched_mm`` and ``eager`` experts, single process, fp32 (``--hf-dtype bfloat16``
+for bf16 blocks): ``moe_fusion.compile(block)`` (the
 ``eager`` experts through its module route) vs ``torch.compile(block)`` (plain inductor, the block
 as it is); inference steps (no autograd) and training steps (forward + backward of a fixed loss).
 The variants alternate; the table gives spreads, the median paired ratio with its interval, and
@@ -51,9 +52,10 @@ def _step(run, layer: torch.nn.Module, x: torch.Tensor, train: bool) -> None:
             layer.zero_grad(set_to_none=True)
 
 
-def _measure(name: str, implementation: str, train: bool, repeats: int) -> tuple[Comparison, int]:
-    block = make_block(name, implementation, HIDDEN, INNER)
-    x = torch.randn(TOKENS[implementation], 1, HIDDEN, requires_grad=train)
+def _measure(name: str, implementation: str, train: bool, repeats: int,
+             dtype: torch.dtype) -> tuple[Comparison, int]:
+    block = make_block(name, implementation, HIDDEN, INNER).to(dtype)
+    x = torch.randn(TOKENS[implementation], 1, HIDDEN, dtype=dtype, requires_grad=train)
 
     def step(run) -> None:
         _step(run, block, x, train)
@@ -154,17 +156,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed steps of each variant")
     parser.add_argument("--only", choices=("hf", "ep"), default=None, help="one part of the table (default: both)")
     parser.add_argument("--inference-only", action="store_true", help="skip the training steps")
+    parser.add_argument("--hf-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the HF blocks' dtype (bf16 matmuls run natively on CPUs with AMX)")
+    parser.add_argument("--hf-block", action="append", choices=list(BLOCKS), default=None,
+                        help="an HF block to measure (repeatable; default: all)")
     parser.add_argument("--ep-layer", action="append", choices=list(EP_LAYERS), default=None,
                         help="an expert-parallel layer to measure (repeatable; default: all)")
     args = parser.parse_args()
     modes = (False,) if args.inference_only else (False, True)
     rows = []
     if args.only in (None, "hf"):
-        for name in BLOCKS:
+        for name in args.hf_block or BLOCKS:
             for implementation in TOKENS:
                 for train in modes:
-                    timing, fusions = _measure(name, implementation, train, args.repeats)
-                    rows.append(Row(f"hf {name} {implementation} {'train' if train else 'infer'} "
+                    timing, fusions = _measure(name, implementation, train, args.repeats, getattr(torch, args.hf_dtype))
+                    rows.append(Row(f"hf {name} {implementation} {args.hf_dtype} {'train' if train else 'infer'} "
                                     f"T={TOKENS[implementation]} H={HIDDEN} I={INNER}: fused vs plain inductor "
                                     f"({fusions} fusions)", timing, TARGET))
     if args.only in (None, "ep"):
