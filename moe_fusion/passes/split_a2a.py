@@ -46,7 +46,7 @@ from .collectives import (Collective, collective_producing, find_collectives, gr
 from .context import PassContext, Refusal, attempt
 from .evaluate import Instance, evaluate, on_real_tensors, reduced_instance
 from .ffn_forms import FfnMatch, find_ffn_forms
-from .moe_block import MoeBlock, shared_addend
+from .moe_block import Builder, MoeBlock, shared_addend
 from .vocabulary import RESHAPE_OPS, VIEW_OPS
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -296,6 +296,11 @@ def _check_block(sim: _Simulation, x: fx.Node, ids: fx.Node, scores: fx.Node, ou
                               f"score-weighted sum of each token's routed experts (rank {rank}, tokens {wrong})")
 
 
+def _as_routes(node: fx.Node, tokens: int, k: int) -> Builder:
+    """The builder of ``node`` (ids or scores of any ``(.., K)`` shape) viewed as ``(T, K)``."""
+    return lambda graph, before: insert_call(graph, before, aten.view.default, (node, [tokens, k]))
+
+
 def _read_block(dispatch: Collective, returning: Collective, ffns: list[FfnMatch]) -> MoeBlock:
     world = dispatch.group_size
     mismatch = group_size_refusal(dispatch, "dispatch all_to_all")
@@ -341,10 +346,8 @@ def _read_block(dispatch: Collective, returning: Collective, ffns: list[FfnMatch
         instance = reduced_instance([tokens], [hidden, k, experts, world, local], REDUCED_TOKENS)
     _check_block(_Simulation(region, collectives, ffn_match, world, local, instance), x, ids, scores, y, experts, k)
     out, shared = shared_addend(y)
-    view_ids = lambda graph, before: insert_call(graph, before, aten.view.default, (ids, [tokens, k]))  # noqa: E731
-    view_scores = lambda graph, before: insert_call(graph, before, aten.view.default, (scores, [tokens, k]))  # noqa: E731
-    return MoeBlock(PATTERN, dispatch.nodes[0], x, view_ids, k, view_scores, [ffn_match], dispatch.group_name, world,
-                    group_rank(dispatch.group_name), experts, out, shared,
+    return MoeBlock(PATTERN, dispatch.nodes[0], x, _as_routes(ids, tokens, k), k, _as_routes(scores, tokens, k),
+                    [ffn_match], dispatch.group_name, world, group_rank(dispatch.group_name), experts, out, shared,
                     frozenset(private | _dead_with(region) | ({y} if out is not y else set())))
 
 
