@@ -5,7 +5,7 @@ The dropless form where every route's token row travels to the rank owning its e
 sizes exchanged at run time (``T`` tokens, ``K`` choices, ``E = W * L`` experts over ``W`` ranks)::
 
     order    = sort(ids.view(-1), stable).indices            # (T*K,) routes in expert order
-    rows     = x[order // K]                                 # (T*K, H)
+    rows     = x[order // K]       # (T*K, H); or index_select / gather(0, expanded index)
     counts   = <routes per expert> (E,); recv = all_to_all(counts.view(W, L))   # (W*L,) static splits
     send, got = counts.view(W, L).sum(1).tolist(), recv.view(W, L).sum(1).tolist()
     received = all_to_all_single(rows, got, send)            # (R, H), source-rank-major
@@ -149,8 +149,8 @@ def _region(out: fx.Node, roots: list[fx.Node], stop: set[fx.Node]) -> set[fx.No
 # views, the all-to-alls), casts, allocations; the score weighting and the per-token sum are the
 # two nodes ``_check_data_path`` is given.
 ROW_PATH_OPS = RESHAPE_OPS + (aten.expand.default, aten.index.Tensor, aten.index_put.default, aten.index_select.default,
-                              prims.convert_element_type.default, aten._to_copy.default, c10d.all_to_all_single.default,
-                              c10d.wait_tensor.default) + FLOAT_ALLOCATIONS
+                              aten.gather.default, prims.convert_element_type.default, aten._to_copy.default,
+                              c10d.all_to_all_single.default, c10d.wait_tensor.default) + FLOAT_ALLOCATIONS
 
 
 def _check_data_path(region: set[fx.Node], data: tuple[fx.Node, ...], allowed: set[fx.Node]) -> None:
@@ -296,6 +296,18 @@ def _check_block(sim: _Simulation, x: fx.Node, ids: fx.Node, scores: fx.Node, ou
                               f"score-weighted sum of each token's routed experts (rank {rank}, tokens {wrong})")
 
 
+def _gathered_tokens(rows: fx.Node) -> fx.Node:
+    """The tokens ``(T, H)`` the dispatched rows gather: ``x[idx]``, ``x.index_select(0, idx)`` or
+    ``x.gather(0, idx.view(-1, 1).expand(-1, H))`` (which rows they are, the simulation checks)."""
+    if is_op(rows, aten.index.Tensor) and len(rows.args[1]) == 1:
+        return rows.args[0]
+    if is_op(rows, aten.index_select.default) and rows.args[1] == 0:
+        return rows.args[0]
+    if is_op(rows, aten.gather.default) and rows.args[1] == 0 and is_op(rows.args[2], aten.expand.default):
+        return rows.args[0]
+    raise Refusal(f"the dispatched rows {rows.name} are not a row gather of the tokens")
+
+
 def _as_routes(node: fx.Node, tokens: int, k: int) -> Builder:
     """The builder of ``node`` (ids or scores of any ``(.., K)`` shape) viewed as ``(T, K)``."""
     return lambda graph, before: insert_call(graph, before, aten.view.default, (node, [tokens, k]))
@@ -312,9 +324,7 @@ def _read_block(dispatch: Collective, returning: Collective, ffns: list[FfnMatch
         raise Refusal(f"between the all_to_alls there is no single grouped expert FFN (found {len(ffn)}) reading the "
                       "received rows and feeding the rows sent back")
     ffn_match = ffn[0]
-    if not is_op(dispatch.input, aten.index.Tensor) or len(dispatch.input.args[1]) != 1:
-        raise Refusal(f"the dispatched rows {dispatch.input.name} are not a row gather of the tokens")
-    x = dispatch.input.args[0]
+    x = _gathered_tokens(dispatch.input)
     ids, experts, k = _routing_topk(dispatch.input)
     tokens, hidden = val(ids).numel() // k, val(x).size(-1)
     # The simulation runs the block at its own sizes: a dynamic batch has none to run it at.

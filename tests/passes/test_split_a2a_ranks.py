@@ -330,10 +330,10 @@ def test_fuses_only_when_exact(ranks, name):
 SHOULD_FUSE = ["exact", "exact-k1", "exact-k3", "exact-e6", "exact-3d-tokens", "exact-renormalized-scores",
                "exact-bias-selected-ids", "exact-negated-topk", "exact-plus-residual", "exact-swapped-glu",
                "exact-empty-expert", "exact-all-on-rank0", "exact-rows-index-select", "exact-scatter-add-combine",
-               "exact-bf16-model", "exact-group-limited", "exact-two-layers", "exact-checked-reduced"]
+               "exact-bf16-model", "exact-group-limited", "exact-two-layers", "exact-checked-reduced",
+               "exact-rows-gather"]
 MISSED = {   # name -> why it is refused
     "exact-residual-base": "x.index_add(0, token, weighted) (residual as the scatter base) is read as a wrong sum",
-    "exact-rows-gather": "torch.gather(x, 0, idx.expand(-1, H)) is not read as a row gather",
     "exact-ffn-out-also-used": "the expert rows feed an extra output",
 }
 
