@@ -81,9 +81,9 @@ class MoeBlock:
     integer expert of each (token, choice) in the graph (``top_k`` = K), ``scales`` its weight and
     ``active_mask`` (when routes may be dropped) its bool ``(S, K)`` "this route is computed";
     ``experts`` the FFNs of local experts ``0..L-1`` (global ``rank * L + i``), or one grouped FFN
-    over the ``L`` local experts' stacked weights (whose dtype the rows are cast to); ``out`` the node the
-    block's result replaces (the shared-expert add when ``shared`` is set); ``replaced`` the other
-    nodes the rewrite makes dead, collectives included.
+    over the ``L`` local experts' stacked weights (whose dtype the rows are cast to); ``out`` the
+    node the block's result replaces (the shared-expert add when ``shared`` is set); ``replaced``
+    the other nodes the rewrite makes dead, collectives included.
     """
 
     pattern: str
@@ -109,8 +109,8 @@ class MoeBlock:
     def describe(self) -> str:
         shared = ", shared expert as shared_expert_x" if self.shared is not None else ""
         mask = ", dropped routes as a 2-D x_active_mask" if self.active_mask is not None else ""
-        return (f"dispatch_v2 -> npu_ffn_grouped({self.experts[0].activation}, {self.num_experts // self.world} "
-                f"local experts) -> "
+        local = self.num_experts // self.world
+        return (f"dispatch_v2 -> npu_ffn_grouped({self.experts[0].activation}, {local} local experts) -> "
                 f"combine_v2 over group {self.group_name!r} (W={self.world}, E={self.num_experts}, "
                 f"K={self.top_k}{shared}{mask})")
 

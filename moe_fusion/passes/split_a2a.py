@@ -47,7 +47,7 @@ from .context import PassContext, Refusal, attempt
 from .evaluate import Instance, evaluate, on_real_tensors, reduced_instance
 from .ffn_forms import FfnMatch, find_ffn_forms
 from .moe_block import Builder, MoeBlock, shared_addend
-from .vocabulary import RESHAPE_OPS, VIEW_OPS
+from .vocabulary import ALLOCATION_OPS, RESHAPE_OPS, VIEW_OPS
 
 aten, prims = torch.ops.aten, torch.ops.prims
 c10d = torch.ops._c10d_functional
@@ -56,7 +56,7 @@ ROUTING_SEEDS = 2   # random routings simulated besides the extreme ones
 FULL_SIZE_LIMIT = 1 << 22   # W * T * K * H up to which the block is simulated at its own sizes
 REDUCED_TOKENS = 32         # the fewest tokens a reduced simulation keeps
 # Allocations whose float dtype the simulation widens to float64 (it tracks values exactly).
-FLOAT_ALLOCATIONS = (aten.empty.memory_format, aten.full.default, aten.zeros.default, aten.new_empty.default)
+FLOAT_ALLOCATIONS = ALLOCATION_OPS + (aten.full.default, aten.zeros.default)
 
 
 def _data_splits(a2a: Collective) -> bool:
@@ -153,19 +153,24 @@ ROW_PATH_OPS = RESHAPE_OPS + (aten.expand.default, aten.index.Tensor, aten.index
                               c10d.all_to_all_single.default, c10d.wait_tensor.default) + FLOAT_ALLOCATIONS
 
 
+def _reading(region: set[fx.Node], sources: set[fx.Node], *, sizes: bool = True) -> set[fx.Node]:
+    """The nodes of ``region`` computed from ``sources`` (transitively, within the region), and the
+    sources; without ``sizes``, a read of a tensor's size does not count as reading it."""
+    reached = set(sources)
+    for node in in_graph_order(region):
+        if (sizes or not is_op(node, aten.sym_size.int)) and not reached.isdisjoint(node.all_input_nodes):
+            reached.add(node)
+    return reached
+
+
 def _check_data_path(region: set[fx.Node], data: tuple[fx.Node, ...], allowed: set[fx.Node]) -> None:
     """Only row moves touch the values flowing from ``data`` (the tokens, the scores, the expert
     output) besides the ``allowed`` nodes, and the routing (every integer value of the block: ids,
     orders, counts, split sizes) reads none of them: a block that clamps, activates or offsets rows
     outside its expert, or routes by the token values, is no dispatch/combine."""
-    reads_data = set(data)      # within the block: the ids are a leaf, though the gate read the tokens
-    for node in in_graph_order(region):
-        if is_op(node, aten.sym_size.int) or not any(n in reads_data for n in node.all_input_nodes):
-            continue
-        reads_data.add(node)
+    # Within the block: the ids are a leaf, though the gate read the tokens.
+    for node in in_graph_order(_reading(region, set(data), sizes=False) - set(data) - allowed):
         value = val(node)
-        if node in allowed:
-            continue
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise Refusal(f"the routing value {node.name} ({node.target}) reads the tokens, the scores or the expert "
                           "output; dispatch_v2 routes by the expert ids alone")
@@ -241,7 +246,7 @@ class _Simulation:
             args, kwargs = self.instance.args(node, env)
             env[node] = node.target(*args, **{**kwargs, "dtype": torch.float64, "device": "cpu"})
             return
-        evaluate([node], env, identity_casts=True, instance=self.instance)
+        evaluate([node], env, instance=self.instance)
 
 
 def _routings(shape: tuple[int, ...], experts: int, local: int, k: int, world: int) -> list[list[torch.Tensor]]:
@@ -344,8 +349,9 @@ def _read_block(dispatch: Collective, returning: Collective, ffns: list[FfnMatch
     # The FFN's nodes, and the casts of its rows that only it reads (a GLU reads its rows twice).
     private = region | ffn_match.nodes | {n for n in ancestors(ffn_match.out) - region
                                           if is_op(n, prims.convert_element_type) and set(n.users) <= ffn_match.nodes}
-    for node in region - {y}:
-        if dispatch.result in ancestors(node) and any(u not in private for u in node.users):
+    # What the received rows feed, the expert's output on (the FFN's own nodes are its to check).
+    for node in _reading(region, {dispatch.result, ffn_match.out}) - {y, ffn_match.out}:
+        if any(u not in private for u in node.users):
             raise Refusal(f"{node.name} of the block is also used outside it")
     _check_data_path(region, (x, scores, ffn_match.out), {weighted, summed})
     collectives = {c.nodes[0]: c for c in map(collective_producing, region) if c is not None}

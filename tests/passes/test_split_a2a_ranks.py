@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import moe_fusion
 from moe_fusion.launch import run_ranks
 from moe_fusion.passes import FusionReport, split_a2a
+from step_results import named_step_results
 
 FULL_SIZE_LIMIT = split_a2a.FULL_SIZE_LIMIT
 
@@ -243,7 +244,6 @@ def _one(name: str, rank: int) -> dict[str, Any]:
     result: dict[str, Any] = {"events": [], "error": None}
     with torch.no_grad():
         eager = layer(x)
-        result["eager"] = eager
         try:
             compiled = moe_fusion.compile(layer, report=report, compiler="eager")
             fused = compiled(x)
@@ -252,7 +252,6 @@ def _one(name: str, rank: int) -> dict[str, Any]:
                 x = torch.randn(o["second_batch"], HIDDEN, generator=torch.Generator().manual_seed(60 + rank))
                 eager = layer(x)
                 fused = compiled(x)
-            result["fused"] = fused
             result["diff"] = (fused.float() - eager.float()).abs().max().item()
         except Exception as error:  # noqa: BLE001 - recorded
             result["error"] = f"{type(error).__name__}: {error}"[:2000]
@@ -262,14 +261,6 @@ def _one(name: str, rank: int) -> dict[str, Any]:
     return result
 
 
-def _grads(layer: torch.nn.Module, fn, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    y = fn(x)
-    y.square().sum().backward()
-    return y.detach(), {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
-
-
 def _training(rank: int) -> dict[str, Any]:
     """One forward/backward of the exact block (bf16 experts, differentiable all_to_alls), fused and
     eager, each compared with the eager block whose experts compute in fp32 (the rounding yardstick)."""
@@ -277,16 +268,19 @@ def _training(rank: int) -> dict[str, Any]:
     layer = AdvSplitMoE("exact", rank, autograd=True)
     x = torch.randn(12, HIDDEN, generator=torch.Generator().manual_seed(70 + rank))
     reference = AdvSplitMoE("exact", rank, autograd=True, fp32=True)
-    yr, gr = _grads(reference, reference, x)
-    ye, ge = _grads(layer, layer, x)
+    gr = named_step_results(reference, reference, x, True)
+    ge = named_step_results(layer, layer, x, True)
+    del gr["out"]
+    ye = ge.pop("out")
     report = FusionReport()
     torch._dynamo.reset()
     try:
         compiled = moe_fusion.compile(layer, report=report, compiler="eager")
-        yf, gf = _grads(layer, compiled, x)
+        gf = named_step_results(layer, compiled, x, True)
+        yf = gf.pop("out")
         result["out_diff"] = (yf - ye).abs().max().item()
         # name -> (|fused - eager|, |eager - fp32 ref|, |fused - fp32 ref|, scale)
-        result["grad_diff"] = {n: (None if gf[n] is None else
+        result["grad_diff"] = {n: (None if gf.get(n) is None else
                                    (round((gf[n] - g).abs().max().item(), 5), round((g - gr[n]).abs().max().item(), 5),
                                     round((gf[n] - gr[n]).abs().max().item(), 5), round(g.abs().max().item(), 4)))
                                for n, g in ge.items()}
