@@ -46,6 +46,7 @@ CASES: dict[str, dict[str, Any]] = {
     "smallest-topk": dict(smallest=True, expect="exact"),                   # largest=False (refusal expected)
     "exact-residual-base": dict(residual_base=True, expect="exact"),        # x.index_add(...) = x + moe
     "exact-ragged-tokens": dict(tokens_by_rank=(12, 8), expect="exact"),    # ranks with different batches
+    "exact-one-token": dict(tokens_by_rank=(1, 1), expect="exact"),         # one token per rank
     "exact-empty-expert": dict(starve_expert=0, expect="exact"),            # expert 0 never routed to
     "exact-all-on-rank0": dict(starve_rank=1, expect="exact"),              # experts 2,3 never routed to
     "exact-group-limited": dict(group_limited=True, expect="exact"),        # two top-ks (group, expert)
@@ -325,7 +326,7 @@ SHOULD_FUSE = ["exact", "exact-k1", "exact-k3", "exact-e6", "exact-3d-tokens", "
                "exact-bias-selected-ids", "exact-negated-topk", "exact-plus-residual", "exact-swapped-glu",
                "exact-empty-expert", "exact-all-on-rank0", "exact-rows-index-select", "exact-scatter-add-combine",
                "exact-bf16-model", "exact-group-limited", "exact-two-layers", "exact-checked-reduced",
-               "exact-rows-gather"]
+               "exact-rows-gather", "exact-one-token"]
 MISSED = {   # name -> why it is refused
     "exact-residual-base": "x.index_add(0, token, weighted) (residual as the scatter base) is read as a wrong sum",
     "exact-ffn-out-also-used": "the expert rows feed an extra output",
