@@ -157,7 +157,8 @@ def torchair_backend(config: Any = None, target: str = "A3", *, passes: Optional
     user_pass = getattr(current, "user_pass", current)   # a config passed here before keeps one fusion pre-pass
     config.post_grad_custom_pre_pass = fusion_pre_pass(target, passes, report, then=user_pass)
     npu_backend = torchair.get_npu_backend(compiler_config=config)
-    graph_pass = MoeFusionGraphPass(target, passes, report, lower=False)   # GE keeps the fused nodes
+    # GE keeps the fused nodes and compiles them to CANN's kernels: no cost gate.
+    graph_pass = MoeFusionGraphPass(target, passes, report, lower=False, cost_gate=False)
 
     def compile_graph(gm: fx.GraphModule, example_inputs: list) -> Any:
         # A graph torchair's AOT will differentiate is fused first, as moe_fusion.backend() does.

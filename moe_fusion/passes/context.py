@@ -53,6 +53,11 @@ def training(check: TrainingCheck) -> Iterator[None]:
         _training_check.reset(token)
 
 
+def fusing_for_training() -> bool:
+    """The graph being fused will be differentiated (inside ``training``)."""
+    return _training_check.get() is not None
+
+
 def untrainable(op: Any) -> Optional[str]:
     """Why the graph being fused cannot be trained with ``op`` in it, or None (also outside training)."""
     check = _training_check.get()

@@ -29,7 +29,7 @@ import torch
 from torch._dynamo.eval_frame import OptimizedModule
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from . import module_routes
+from . import cost, module_routes
 from .context import FusionEvent, FusionReport
 from .pipeline import backend
 
@@ -39,21 +39,23 @@ SETTINGS_EVENT = "dynamo_settings"
 
 
 def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: Optional[FusionReport] = None,
-            passes: Optional[Sequence[str]] = None, compiler: str = "inductor", **compile_options: Any) -> Any:
+            passes: Optional[Sequence[str]] = None, compiler: str = "inductor", cost_gate: bool = True,
+            **compile_options: Any) -> Any:
     """``torch.compile(model, backend=moe_fusion.backend(...))`` with ``MOE_DYNAMO_CONFIG`` scoped to
     ``model``'s calls, and for a module the checked module routes (``module_routes``; the first
     call runs ``model`` once more, eagerly and without gradients, when a route applies).
 
     Args:
         model: an ``nn.Module`` or a function.
-        target, report, passes, compiler: as ``moe_fusion.backend``.
+        target, report, passes, compiler, cost_gate: as ``moe_fusion.backend`` (the gate applies to the
+            module routes too).
         compile_options: passed to ``torch.compile`` (``fullgraph``, ``dynamic``, ``mode``...).
 
     Returns:
         What ``torch.compile`` returns (an ``OptimizedModule`` for a module) with its calls run
         under ``MOE_DYNAMO_CONFIG``.
     """
-    compiled = torch.compile(model, backend=backend(target, passes, report, compiler), **compile_options)
+    compiled = torch.compile(model, backend=backend(target, passes, report, compiler, cost_gate), **compile_options)
     scoped = torch._dynamo.config.patch(MOE_DYNAMO_CONFIG)
     if not isinstance(compiled, OptimizedModule):
         return functools.wraps(model)(scoped(compiled))
@@ -62,7 +64,8 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not routed:      # the first call: the module routes, checked on its inputs, before tracing
-            module_routes.apply_checked(model, args, kwargs, report)
+            with cost.gated(cost_gate and compiler == "inductor"):
+                module_routes.apply_checked(model, args, kwargs, report)
             routed.append(True)
         if defaults:
             return default_forward(*args, **kwargs)

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from ._graph import erase_unused, fused_ops_or_refusal, insert_call, is_op, val
 from .context import PassContext, Refusal, attempt
+from .cost import refuse_slower_ffn
 from .emit import ffn_operands
 from .ffn_forms import FfnMatch, check_same_form, find_ffn_forms
 
@@ -69,6 +70,7 @@ class ExpertFfnMatch:
                                                        inner_precise=0)
         """
         x = self.source
+        refuse_slower_ffn(self.experts[0].dtype, val(x).device)
         with fused_ops_or_refusal(graph, "npu_ffn"):
             if self.bounds[0] != 0 or self.bounds[-1] != val(x).size(0):
                 x = insert_call(graph, self.cat, aten.slice.Tensor, (x, 0, self.bounds[0], self.bounds[-1]))

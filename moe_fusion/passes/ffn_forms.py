@@ -30,8 +30,10 @@ Refused, with a reason in the fusion report: erf GELU (npu_ffn's "gelu" is the t
 factors from matmuls of different inputs, one biased projection, a non-zero offset on the linear
 half), and intermediates used outside the pattern; ``FfnMatch.replace_with`` refuses anything the
 compile target's npu_ffn rejects (``PROTOS["npu_ffn"].check`` on the fake values, e.g. fp32 or
-``N2 != K1`` on A2/A3). Not seen: products that broadcast, chunks along rows, and 1-row matmuls
-with N, K <= 16, which inductor decomposes into ``mul`` + ``sum`` on CPU.
+``N2 != K1`` on A2/A3), and, under inductor, bf16/fp16 FFNs the fused kernel would multiply in fp32
+on a device with native low-precision matmuls (``cost``). Not seen: products that broadcast, chunks
+along rows, and 1-row matmuls with N, K <= 16, which inductor decomposes into ``mul`` + ``sum`` on
+CPU.
 
 Low precision (fp16/bf16). The unfused graph rounds ``h = x @ W1 + b1`` to the storage dtype, runs
 the activation in fp32 (inductor upcasts) and rounds after it. ``npu_ffn`` with
@@ -57,6 +59,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ._graph import cast, erase_unused, fused_ops_or_refusal, insert_call, insert_getitem, is_op, same_size, val
 from .activations import ActivationMatch, match_activation
 from .context import PassContext, Refusal, attempt
+from .cost import refuse_slower_ffn
 from .emit import ffn_operands
 from .vocabulary import GROUPED_MM_NAMES, VIEW_OPS
 
@@ -381,7 +384,7 @@ class FfnMatch:
         ``cat: "[K1, 2H]" = aten.cat([Wu, Wg], -1)`` and passes it as W1 (with ``activation="swiglu"``
         etc.); a chunk whose *first* half is activated inserts ``cat([W[:, H:], W[:, :H]], -1)``.
         Refused (graph unchanged) when the compile target's npu_ffn rejects the call (e.g. fp32 or
-        ``N2 != K1`` on A2/A3).
+        ``N2 != K1`` on A2/A3), or when the cost gate finds it slower here (``cost``).
 
         The grouped form (HF transformers' grouped experts) becomes ``npu_ffn_grouped(x, W1, W2, act,
         expert_tokens=offs as int64, tokens_index_flag=True)``, the weights ``(E, K, N)`` built the
@@ -404,6 +407,7 @@ class FfnMatch:
         shape (fake tensors cannot trace bincount, whose size depends on the values), from ops
         inductor lowers.
         """
+        refuse_slower_ffn(self.dtype, val(self.x).device, gathered=self.ids is not None)
         with fused_ops_or_refusal(graph, self.op):
             fused = self._emit(graph) if self.ids is None else self._emit_sorted(graph)
             if tuple(val(fused).shape) != tuple(val(self.out).shape):     # a bias added after views

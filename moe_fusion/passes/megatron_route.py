@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .context import Refusal
+from .cost import refuse_slower_ffn
 
 LAYER = ("megatron.core.transformer.moe.moe_layer", "MoELayer")
 # The dispatchers the route replaces -> their name in the report.
@@ -139,6 +140,8 @@ def candidate(module: torch.nn.Module) -> Optional[str]:
     why = _layer_refusal(module)
     if why is not None:
         raise Refusal(why)
+    weight = module.experts.local_experts[0].linear_fc1.weight
+    refuse_slower_ffn(weight.dtype, weight.device)
     act = _activation(module.experts.config)
     shared = ", shared experts added" if module.shared_experts is not None else ""
     dispatcher = DISPATCHERS[type(module.token_dispatcher).__name__]

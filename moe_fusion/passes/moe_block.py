@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from ._graph import cast, depends_on, erase_unused, fused_ops_or_refusal, insert_call, insert_getitem, is_op, val
 from .context import Refusal
+from .cost import refuse_slower_ffn
 from .emit import ffn_operands
 from .ffn_forms import FfnMatch
 from .vocabulary import VIEW_OPS
@@ -132,6 +133,7 @@ class MoeBlock:
         The "before" forms are in the passes' docstrings (``allgather_ep``, ``capacity_a2a``).
         """
         before = self.out
+        refuse_slower_ffn(self.experts[0].dtype, val(self.x).device)
         with fused_ops_or_refusal(graph, "dispatch_v2 -> npu_ffn_grouped -> combine_v2"):
             x = self.x
             if val(x).dim() != 2:

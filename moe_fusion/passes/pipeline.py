@@ -42,8 +42,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from ..targets import get_target, target as target_scope
-from . import (agreement, allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, ffn,
-               re_routing, split_a2a)
+from . import (agreement, allgather_ep, alltoall_allgather_bmm, bmm_reducescatter_alltoall, capacity_a2a, cost,
+               ffn, re_routing, split_a2a)
 from .autograd_collectives import functional_all_to_alls
 from .lowering import lower_local_ops
 from .context import (FusionEvent, FusionReport, Match, PassContext, Refusal, TrainingCheck, count_ops,
@@ -202,17 +202,21 @@ class MoeFusionGraphPass(CustomGraphPass):
 
     With ``lower`` (the default) the fused local ops off an NPU are then expanded into their
     kernels' ATen ops for inductor to compile (``lowering``); the report still counts them fused.
+    With ``cost_gate`` (the default) rewrites known to run slower here than the unfused code are
+    refused (``cost``): GE, which compiles the fused ops to CANN's kernels, passes False.
     """
 
     def __init__(self, target: Optional[str] = None, passes: Optional[Sequence[str]] = None,
-                 report: Optional[FusionReport] = None, lower: bool = True) -> None:
+                 report: Optional[FusionReport] = None, lower: bool = True, cost_gate: bool = True) -> None:
         self.target = target or get_target()
         self.passes = None if passes is None else tuple(passes)
         self.report = report
         self.lower = lower
+        self.cost_gate = cost_gate
 
     def __call__(self, graph: fx.Graph) -> None:
-        run_fusion_passes(graph, target=self.target, passes=self.passes, report=self.report)
+        with cost.gated(self.cost_gate):
+            run_fusion_passes(graph, target=self.target, passes=self.passes, report=self.report)
         if self.lower:
             lower_local_ops(graph)
 
@@ -223,7 +227,7 @@ class MoeFusionGraphPass(CustomGraphPass):
         # from the cache would skip the agreement round its peers wait in.
         if self.report is not None or holds_round(_compiling.get(), self.passes):
             return None
-        return source_hash(), self.target, self.passes, compile_context(), self.lower
+        return source_hash(), self.target, self.passes, compile_context(), self.lower, self.cost_gate
 
 
 class LowerLocalOps(CustomGraphPass):
@@ -293,7 +297,8 @@ def fuse_before_autograd(gm: fx.GraphModule, example_inputs: Sequence[Any], grap
         if route.prepare is not None:
             route.prepare(traced.graph)
         with training(untrainable):
-            MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial, lower=False)(traced.graph)
+            MoeFusionGraphPass(graph_pass.target, graph_pass.passes, trial, lower=False,
+                               cost_gate=graph_pass.cost_gate)(traced.graph)
     except Exception as error:  # noqa: BLE001 - any failure to trace means: leave the graph to AOT as it is
         reason = " ".join(str(error).split())[:300]
         _record(report, f"fused nothing before autograd: the graph does not trace as a functional ATen graph "
@@ -387,7 +392,8 @@ def _differentiable(op: Any) -> bool:
 
 
 def backend(target: Optional[str] = None, passes: Optional[Sequence[str]] = None,
-            report: Optional[FusionReport] = None, compiler: str = "inductor") -> Callable[..., Any]:
+            report: Optional[FusionReport] = None, compiler: str = "inductor",
+            cost_gate: bool = True) -> Callable[..., Any]:
     """A ``torch.compile`` backend that runs the fusion passes: on the post-grad graph, and before
     AOT autograd when the graph will be differentiated (module docstring).
 
@@ -398,8 +404,10 @@ def backend(target: Optional[str] = None, passes: Optional[Sequence[str]] = None
         report: a ``FusionReport`` to fill (see ``moe_fusion.explain``).
         compiler: ``"inductor"`` (code generation) or ``"eager"`` (run the fused ATen graph as
             is; compiles in a fraction of the time, for tests and reports).
+        cost_gate: under inductor, refuse the rewrites known to run slower here than the
+            unfused code (``passes.cost``); the ``eager`` compiler, which shows what fuses, never does.
     """
-    graph_pass = MoeFusionGraphPass(target, passes, report)
+    graph_pass = MoeFusionGraphPass(target, passes, report, cost_gate=cost_gate and compiler == "inductor")
     if compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 

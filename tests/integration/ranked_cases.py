@@ -24,15 +24,17 @@ class ExpertMlp(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def eager_and_fused(layer: torch.nn.Module, x: torch.Tensor, train: bool, compiler: str) -> dict[str, Any]:
-    """One step of ``layer`` eagerly and under ``moe_fusion.compile`` from the same random stream (the
-    gates draw noise): ``step_results`` of each (as fp32), the report's events and its ops after."""
+def eager_and_fused(layer: torch.nn.Module, x: torch.Tensor, train: bool, compiler: str,
+                    **options: Any) -> dict[str, Any]:
+    """One step of ``layer`` eagerly and under ``moe_fusion.compile`` (with ``options``) from the same
+    random stream (the gates draw noise): ``step_results`` of each (as fp32), the report's events
+    and its ops after."""
     import moe_fusion
     from moe_fusion.passes import FusionReport
 
     report = FusionReport()
     torch._dynamo.reset()
-    compiled = moe_fusion.compile(layer, report=report, compiler=compiler)
+    compiled = moe_fusion.compile(layer, report=report, compiler=compiler, **options)
     torch.manual_seed(7)
     eager = step_results(layer, layer, x, train)
     torch.manual_seed(7)

@@ -89,7 +89,23 @@ def _run(rank: int, world: int) -> dict[str, Any]:
                 "refused": [e.detail for e in report.refused("module_route")], "report": report.format(),
                 "settings": [e.detail for e in report.refused("dynamo_settings")]}
     results["one-rank-differs"] = _one_rank_differs(rank)
+    results["bf16-gated"] = _bf16_gated(rank)
     return results
+
+
+def _bf16_gated(rank: int) -> list[str]:
+    """The route's refusals for bf16 experts under the cost gate (inductor's default), on a CPU that
+    multiplies bf16 natively (the flag set here, whatever this CPU has)."""
+    from moe_fusion.passes import cost, module_routes
+
+    torch.cpu._is_amx_tile_supported = lambda: True
+    layer = make_layer({"params_dtype": torch.bfloat16}, False).eval()
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank)).bfloat16()
+    report = FusionReport()
+    with cost.gated(True):
+        module_routes.apply_checked(layer, (x,), {}, report)
+    assert "forward" not in vars(layer)         # not swapped
+    return [e.detail for e in report.refused("module_route")]
 
 
 def _one_rank_differs(rank: int) -> dict[str, Any]:
@@ -160,6 +176,13 @@ def test_untraceable_layer_compiles_with_dynamo_defaults(ranks):
         for train in (False, True):
             settings = result["erf-gelu", train]["settings"]
             assert len(settings) == 1 and "data-dependent" in settings[0], settings
+
+
+def test_bf16_experts_are_not_routed_under_the_cost_gate(ranks):
+    for result in ranks:
+        refused = result["bf16-gated"]
+        assert len(refused) == 1 and "megatron_moe: not routed: slower here" in refused[0], refused
+        assert "bfloat16 natively (AMX)" in refused[0], refused
 
 
 def test_a_rank_that_differs_undoes_the_route_on_every_rank(ranks):

@@ -12,6 +12,11 @@ With expert parallelism (torchtitan's own ``parallelize`` on real gloo ranks, it
 block becomes ``dispatch_v2 -> npu_ffn_grouped -> combine_v2`` (``moe_split_a2a``), in inference and
 training, eager and inductor, with and without the shared expert.
 
+Under inductor on a CPU that multiplies bf16 natively (AMX, AVX512-BF16) the cost gate leaves these
+bf16 experts unfused (the fused FFN would multiply in fp32, ``moe_fusion.passes.cost``): the
+inductor cases that check the fused code pass ``cost_gate=False``, and the gated cases set the CPU's
+capability flags so that the outcome does not depend on the machine.
+
 Not fused yet on one rank: the local dispatcher's sort and scatter-add (no all-to-all to anchor a
 block on; ``npu_moe_re_routing``'s computation written as index arithmetic).
 """
@@ -89,14 +94,21 @@ def test_moe_experts_fuse(shared, train):
         assert (g - w).abs().max().item() <= 1e-2 * scale + 1e-3, (g - w).abs().max()
 
 
-def test_inductor_inference():
+@pytest.mark.parametrize("gated", [False, True], ids=["cost_gate=False", "gated-on-a-native-bf16-cpu"])
+def test_inductor_inference(gated, monkeypatch):
     moe = make_moe()
     x = torch.randn(2, 6, DIM, generator=torch.Generator().manual_seed(1))
     report = FusionReport()
     torch._dynamo.reset()
-    (got,) = step_results(moe, moe_fusion.compile(moe, report=report), x, False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    (got,) = step_results(moe, moe_fusion.compile(moe, report=report, cost_gate=gated), x, False)
     (want,) = step_results(moe, moe, x, False)
-    assert len(report.fused("ffn")) == 2, report.format()
+    fused = [e.detail for e in report.fused("ffn")]
+    if gated:       # the routed experts compute in bf16, the shared expert in fp32
+        assert [d.split(",")[0] for d in fused] == ["npu_ffn(swiglu"], report.format()
+        assert "natively (AMX)" in report.refused("ffn")[0].detail, report.format()
+    else:
+        assert len(fused) == 2, report.format()
     assert (got - want).abs().max().item() <= 1e-2 * want.abs().max().item() + 1e-3
 
 
@@ -104,11 +116,12 @@ def test_inductor_inference():
 # with its AllToAllTokenDispatcher on real gloo ranks, under its "partial_dtensor" SPMD backend: the
 # default "spmd_types" backend exchanges rows with a list all_to_all, which gloo runs only with
 # equal chunks. The whole block becomes dispatch_v2 -> npu_ffn_grouped -> combine_v2 (moe_split_a2a).
-EP_CASES = {  # name -> (world, compiler, shared expert, training)
+EP_CASES = {  # name -> (world, compiler, shared expert, training); "gated": inductor with the cost gate
     "ep2": (2, "eager", False, False),
     "ep2-shared-train": (2, "eager", True, True),
     "ep2-inductor": (2, "inductor", True, False),
     "ep2-inductor-train": (2, "inductor", False, True),
+    "ep2-gated": (2, "gated", True, False),
     "ep4": (4, "eager", True, False),
 }
 EP_EXPERTS = 8
@@ -147,12 +160,14 @@ def _run_ep(rank: int, world: int, names: list[str]) -> dict[str, dict]:
     from integration.ranked_cases import eager_and_fused
 
     dims = expert_parallel_dims(world)
+    torch.cpu._is_amx_tile_supported = lambda: True     # a CPU with native bf16 matmuls (this process only)
     results = {}
     for name in names:
         _, compiler, shared, train = EP_CASES[name]
         moe = make_ep_moe(dims, EP_EXPERTS, shared).train(train)
         x = torch.randn(2, 8, DIM, generator=torch.Generator().manual_seed(10 + rank))
-        results[name] = eager_and_fused(moe, x, train, compiler)
+        options = {"compiler": "inductor"} if compiler == "gated" else {"compiler": compiler, "cost_gate": False}
+        results[name] = eager_and_fused(moe, x, train, **options)
     return results
 
 
@@ -167,14 +182,22 @@ def ep_ranks() -> dict[int, list[dict]]:
 def test_expert_parallel_block_fuses(ep_ranks, name):
     from integration.ranked_cases import COMBINE, DISPATCH
 
-    world, _, shared, train = EP_CASES[name]
+    world, compiler, shared, train = EP_CASES[name]
     for rank, results in enumerate(ep_ranks[world]):
         case = results[name]
-        fused = [d for p, ok, d in case["events"] if p == "moe_split_a2a" and ok]
-        assert len(fused) == 1 and f"W={world}, E={EP_EXPERTS}, K={TOP_K}" in fused[0], (rank, case["events"])
-        assert ("shared expert" in fused[0]) == shared, fused[0]
         ops = case["ops"]
-        assert ops.get(DISPATCH, 0) >= 1 and ops.get(COMBINE, 0) >= 1 and not any("all_to_all" in k for k in ops), ops
+        if compiler == "gated":     # left unfused with the reason: the graph keeps its all-to-alls
+            refused = [d for p, ok, d in case["events"] if p == "moe_split_a2a" and not ok]
+            assert refused and "natively (AMX)" in refused[0], (rank, case["events"])
+            # the fp32 shared expert alone fuses (npu_ffn)
+            assert [p for p, ok, _ in case["events"] if ok] == ["ffn"], (rank, case["events"])
+            assert ops.get(DISPATCH, 0) == 0 and any("all_to_all" in k for k in ops), ops
+        else:
+            fused = [d for p, ok, d in case["events"] if p == "moe_split_a2a" and ok]
+            assert len(fused) == 1 and f"W={world}, E={EP_EXPERTS}, K={TOP_K}" in fused[0], (rank, case["events"])
+            assert ("shared expert" in fused[0]) == shared, fused[0]
+            assert ops.get(DISPATCH, 0) >= 1 and ops.get(COMBINE, 0) >= 1 and not any("all_to_all" in k for k in ops), \
+                ops
         got, want = case["fused"], case["eager"]
         assert len(got) == len(want) and (not train or len(want) > 4)
         for g, w in zip(got, want):   # bf16 experts: see the module docstring

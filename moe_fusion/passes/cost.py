@@ -1,0 +1,73 @@
+"""The cost gate: rewrites that would make inductor's code slower than the unfused code.
+
+Off Ascend a fused op runs as its reference kernel (inlined into ATen ops for inductor by
+``lowering``). Where that kernel is known to do more work on the device than the chain it replaces,
+fusing is a regression, whatever the op count says. Under the gate (``gated(True)``: inductor's
+compiles, ``moe_fusion.compile(..., cost_gate=True)`` by default) such a rewrite is refused, the
+graph keeps the unfused chain, and the report says why. GE compiles the fused ops to CANN's kernels
+and ONNX exports them as they are: neither is gated.
+
+The known case: an FFN stored in bf16 or fp16 on a device that multiplies that dtype natively
+(CPU AMX / AVX512-BF16 / AMX-FP16 through oneDNN, CUDA tensor cores). ``npu_ffn`` keeps such an
+FFN's first matmul and its activation in fp32 (SPEC §5.4, the device's high-precision mode), and no
+portable ATen matmul takes bf16 operands to an fp32 result, so the reference multiplies in fp32: on
+an AMX CPU 4-8x the time of the unfused chain's bf16 matmuls (``benchmarks/bench_models.py
+--hf-dtype bfloat16``). Kept despite that: the gathered form (HF ``batched_mm``) in a training
+graph, whose unfused backward scatters a weight gradient per row; fused it measured 5x faster there.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Optional
+
+import torch
+
+from .context import Refusal, fusing_for_training
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_gate: contextvars.ContextVar[bool] = contextvars.ContextVar("moe_fusion_cost_gate", default=False)
+
+
+@contextlib.contextmanager
+def gated(on: bool) -> Iterator[None]:
+    """Inside the block, rewrites known to be slower than the unfused code are refused when ``on``."""
+    token = _gate.set(on)
+    try:
+        yield
+    finally:
+        _gate.reset(token)
+
+
+def native_matmul(dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """The unit that multiplies ``dtype`` matrices natively on ``device`` (faster than fp32), or None."""
+    if dtype not in LOW_PRECISION:
+        return None
+    if device.type == "cpu":
+        if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            return None     # without oneDNN, CPU low-precision matmuls are converted to fp32 anyway
+        if dtype == torch.bfloat16:
+            if torch.cpu._is_amx_tile_supported():
+                return "AMX"
+            return "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else None
+        return "AMX-FP16" if torch.cpu._is_amx_fp16_supported() else None
+    if device.type == "cuda" and torch.cuda.is_available():
+        needed = (8, 0) if dtype == torch.bfloat16 else (7, 0)
+        return "tensor cores" if torch.cuda.get_device_capability(device) >= needed else None
+    return None
+
+
+def refuse_slower_ffn(dtype: torch.dtype, device: torch.device, *, gathered: bool = False) -> None:
+    """Raise ``Refusal`` when the gate is on and a fused FFN stored in ``dtype`` on ``device`` would
+    run slower than the unfused one (module docstring). ``gathered``: the unfused FFN is the gathered
+    form (a weight copy per row)."""
+    if not _gate.get() or (gathered and fusing_for_training()):
+        return
+    unit = native_matmul(dtype, device)
+    if unit is None:
+        return
+    name = str(dtype).removeprefix("torch.")
+    raise Refusal(f"slower here than the unfused code: the fused FFN computes a {name} FFN's first matmul and "
+                  f"activation in float32 (SPEC §5.4), which off Ascend means float32 matmuls, and this "
+                  f"{device.type} multiplies {name} natively ({unit}); left unfused under inductor "
+                  f"(moe_fusion.compile(..., cost_gate=False) fuses it anyway; GE always does)")
