@@ -162,6 +162,9 @@ def main() -> None:
                         help="an HF block to measure (repeatable; default: all)")
     parser.add_argument("--ep-layer", action="append", choices=list(EP_LAYERS), default=None,
                         help="an expert-parallel layer to measure (repeatable; default: all)")
+    parser.add_argument("--ep-world", type=int, default=EP_WORLD,
+                        help="expert-parallel ranks (more ranks than cores charges every collective round a "
+                             "scheduling delay)")
     args = parser.parse_args()
     modes = (False,) if args.inference_only else (False, True)
     rows = []
@@ -175,11 +178,12 @@ def main() -> None:
                                     f"({fusions} fusions)", timing, TARGET))
     if args.only in (None, "ep"):
         for train in modes:
-            results = run_ranks(EP_WORLD, _measure_ep, args.ep_layer or list(EP_LAYERS), train, args.repeats,
+            results = run_ranks(args.ep_world, _measure_ep, args.ep_layer or list(EP_LAYERS), train, args.repeats,
                                 timeout=3600, pg_timeout=1200)[0]
             for name, (timing, fused) in results.items():
-                rows.append(Row(f"{name} {'train' if train else 'infer'} EP={EP_WORLD} T={EP_TOKENS}/rank H={HIDDEN} "
-                                f"I={INNER} E={EP_WORLD * EP_LOCAL}: fused vs plain inductor ({', '.join(fused)})",
+                rows.append(Row(f"{name} {'train' if train else 'infer'} EP={args.ep_world} T={EP_TOKENS}/rank "
+                                f"H={HIDDEN} I={INNER} E={args.ep_world * EP_LOCAL}: fused vs plain inductor "
+                                f"({', '.join(fused)})",
                                 timing, TARGET))
     print_table(rows)
 
