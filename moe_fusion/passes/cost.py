@@ -57,6 +57,14 @@ def native_matmul(dtype: torch.dtype, device: torch.device) -> Optional[str]:
     return None
 
 
+def cache_key() -> tuple[Optional[str], ...]:
+    """What the gate's verdicts depend on besides the graph: this CPU's native low-precision matmul
+    units (for the FX graph cache key: a cache shared by machines must not serve one's verdicts to
+    another)."""
+    cpu = torch.device("cpu")
+    return tuple(native_matmul(dtype, cpu) for dtype in LOW_PRECISION)
+
+
 def refuse_slower_ffn(dtype: torch.dtype, device: torch.device, *, gathered: bool = False) -> None:
     """Raise ``Refusal`` when the gate is on and a fused FFN stored in ``dtype`` on ``device`` would
     run slower than the unfused one (module docstring). ``gathered``: the unfused FFN is the gathered

@@ -221,13 +221,15 @@ class MoeFusionGraphPass(CustomGraphPass):
             lower_local_ops(graph)
 
     def uuid(self) -> Optional[Any]:
-        """The FX graph cache key: sources, target, passes, this process's groups and ranks, lowering."""
+        """The FX graph cache key: sources, target, passes, this process's groups and ranks, lowering,
+        and the cost gate's view of this machine."""
         # A report must see every graph, so a run that collects one bypasses the FX graph cache; so
         # does a graph with collectives in a multi-rank process (or one not known): a rank served
         # from the cache would skip the agreement round its peers wait in.
         if self.report is not None or holds_round(_compiling.get(), self.passes):
             return None
-        return source_hash(), self.target, self.passes, compile_context(), self.lower, self.cost_gate
+        gate = cost.cache_key() if self.cost_gate else None
+        return source_hash(), self.target, self.passes, compile_context(), self.lower, gate
 
 
 class LowerLocalOps(CustomGraphPass):

@@ -81,8 +81,18 @@ def test_cache_key_covers_sources_ranks_and_groups(monkeypatch):
             "kernels/ffn_grouped.py", "autograd/local_ops.py", "targets.py"} <= names
     assert key[1:3] == ("A3", None) and key[4] is True
     assert MoeFusionGraphPass(target="A3", lower=False).uuid() != key
+    assert MoeFusionGraphPass(target="A3", cost_gate=False).uuid() != key
     if not dist.is_initialized():
         assert key[3] == ()   # no process group: nothing rank-specific can be baked in
+
+
+def test_cache_key_covers_the_cpus_native_matmuls(monkeypatch):
+    """The cost gate's verdicts depend on the CPU: machines sharing a cache must not share them."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    with_amx = MoeFusionGraphPass(target="A3").uuid()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert MoeFusionGraphPass(target="A3").uuid() != with_amx
 
 
 def test_cache_key_differs_per_rank():
