@@ -32,7 +32,7 @@ from ..op_protos import moe_distribute_combine_add_rms_norm as rms_proto
 from ..op_protos import moe_distribute_combine_v2 as combine_proto
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ._precision import accumulator
-from ._moe_exchange import PER_RANK, Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard
+from ._moe_exchange import PER_RANK, Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard, zeroed
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
@@ -215,15 +215,16 @@ def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tenso
     expected = torch.cat([active & (ids < moe_end), processed.unsqueeze(1).expand(bs, cfg.n_shared)], dim=1)
     _check_received(op, inputs["assist_arg"], expected, token, slot)
 
-    # Row of each (token, slot) among the received ones; absent pairs (0 there) are zeroed after the gather.
+    # Row of each (token, slot) among the received ones, slot-major so that a block's tokens of one
+    # slot are a contiguous index; absent pairs (0 there) are zeroed after the gather.
     slots = k + cfg.n_shared
-    pos = torch.zeros(bs * slots, dtype=torch.int64, device=dev)
-    pos[token * slots + slot] = torch.arange(token.numel(), device=dev)
-    pos, absent = pos.view(bs, slots), (~expected if bool((~expected).any()) else None)
+    pos = torch.zeros(slots * bs, dtype=torch.int64, device=dev)
+    pos[slot * bs + token] = torch.arange(token.numel(), device=dev)
+    pos, absent = pos.view(slots, bs), (~expected if bool((~expected).any()) else None)
     wide = accumulator(inputs["expand_x"].dtype)
     weights = expert_scales.to(wide)
     ori = inputs["ori_x"].to(wide) if inputs["ori_x"] is not None else None
-    acc = torch.zeros((bs, h), dtype=wide, device=dev)
+    acc = zeroed((bs, h), wide, dev)
     block = max(1, BLOCK_ELEMENTS // max(h, 1))
     row = rows.new_empty((min(block, bs), h))    # slot j's row of each token of the block
     term = row if row.dtype == wide else acc.new_empty(row.shape)
@@ -231,16 +232,17 @@ def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tenso
         t = slice(first, min(first + block, bs))
         a, r, w_r = acc[t], row[:t.stop - first], term[:t.stop - first]
         for j in range(k):                       # fixed slot order 0..K-1, as the kernel sums
-            e = ids[t, j]
             w = weights[t, j:j + 1]
-            a += torch.mul(_slot_rows(rows, pos[t, j], None if absent is None else absent[t, j:j + 1], r), w, out=w_r)
+            a += torch.mul(_slot_rows(rows, pos[j, t], None if absent is None else absent[t, j:j + 1], r), w, out=w_r)
             if copy_end > zero_end:
+                e = ids[t, j]
                 a += torch.where((active[t, j] & (e >= zero_end) & (e < copy_end)).unsqueeze(1), ori[t] * w, 0.0)
             if const_end > copy_end:
+                e = ids[t, j]
                 is_const = active[t, j] & (e >= copy_end) & (e < const_end)
                 a += torch.where(is_const.unsqueeze(1), _const_expert(inputs, ori[t], e - copy_end) * w, 0.0)
         for q in range(k, slots):                # shared experts: unweighted (SPEC §9 #3)
-            a += _slot_rows(rows, pos[t, q], None if absent is None else absent[t, q:q + 1], r)
+            a += _slot_rows(rows, pos[q, t], None if absent is None else absent[t, q:q + 1], r)
     if inputs["shared_expert_x"] is not None:
         acc = acc + inputs["shared_expert_x"].reshape(bs, h).to(wide)
     return acc, processed
@@ -286,7 +288,9 @@ def moe_distribute_combine_v2(config: DistConfig, expand_x: Tensor, expert_ids: 
     inputs = _inputs(expand_x, expert_ids, assist_info_for_combine, "assist_info_for_combine", ep_send_counts,
                      expert_scales, group_ep, kwargs)
     acc, processed = combine_sum(combine_proto.NAME, config, inputs)
-    return acc.masked_fill_(~processed.unsqueeze(1), 0.0).to(expand_x.dtype)
+    if kwargs.get("x_active_mask") is not None:     # without a mask every token is processed
+        acc.masked_fill_(~processed.unsqueeze(1), 0.0)
+    return acc.to(expand_x.dtype)
 
 
 def moe_distribute_combine_add_rms_norm(config: DistConfig, expand_x: Tensor, expert_ids: Tensor,

@@ -33,10 +33,8 @@ Rows past the received count are zero: the outputs come zero-filled from ``callo
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -44,7 +42,8 @@ from ..errors import OpValidationError, fail
 from ..op_protos._proto import OutSpec
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ..op_protos.moe_distribute_dispatch_v2 import NAME, PROTO, QUANT_DYNAMIC, DispatchConfig
-from ._moe_exchange import Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard, staging_rows
+from ._moe_exchange import (Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard, staging_rows,
+                            zeroed)
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
@@ -205,17 +204,9 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
 
 
 def _zeroed_outputs(specs: Sequence[OutSpec], device: torch.device) -> tuple[Tensor, ...]:
-    """Zero-filled tensors of ``specs`` (``infer_shape``'s). On CPU each is a ``calloc`` buffer
-    (numpy's zeros): the OS maps a large one's pages zero-filled when first touched, so the
-    padding rows past the received count, most of ``expand_x``, are never written (elsewhere, and
-    for empty tensors, which numpy gives stride 0, ``torch.zeros``)."""
-    def zeros(spec: OutSpec) -> Tensor:
-        nbytes = math.prod(spec.shape) * spec.dtype.itemsize
-        if device.type != "cpu" or nbytes == 0:
-            return torch.zeros(spec.shape, dtype=spec.dtype, device=device)
-        return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(spec.dtype).view(spec.shape)
-
-    return tuple(zeros(spec) for spec in specs)
+    """Zero-filled tensors of ``specs`` (``infer_shape``'s), from ``_moe_exchange.zeroed``: on CPU
+    the padding rows past the received count, most of ``expand_x``, are never written."""
+    return tuple(zeroed(spec.shape, spec.dtype, device) for spec in specs)
 
 
 def _meta_rows(copies: Tensor, n_meta: int, row_bytes: int) -> Tensor:
