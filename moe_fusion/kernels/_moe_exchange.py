@@ -29,11 +29,9 @@ A group of one rank is never looked up and moves nothing (``group is None``).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -120,18 +118,6 @@ class RowLayout:
         """Views ``(N, width_i)`` of each field of ``buf`` ``(N, row_bytes)`` uint8 (rows of stride
         ``row_bytes``: a buffer this layout packed or received, or a slice of its rows)."""
         return self._views(buf)
-
-
-def zeroed(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A zero-filled tensor for a kernel's output or accumulator. On CPU a ``calloc`` buffer
-    (numpy's zeros): the OS maps a large one's pages zero-filled when first touched (rows nobody
-    writes cost nothing), and numpy asks for transparent huge pages from 4 MB on, which faults a
-    fresh buffer in a fraction of the time 4 KB pages take. Elsewhere, and for empty tensors (numpy
-    gives them stride 0), ``torch.zeros``."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes == 0:
-        return torch.zeros(tuple(shape), dtype=dtype, device=device)
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(tuple(shape))
 
 
 _STAGING: dict[tuple[str, str, torch.device], Tensor] = {}   # (role, group name, device) -> uint8 bytes

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..meta import LIBRARY
 from ..op_protos.ffn_grouped import FfnGroupedConfig, validate_values
 from ._precision import accumulator
+from ._zeroed import zeroed
 from .ffn import round_to, apply_activation, cast_round_
 
 Tensor = torch.Tensor
@@ -32,7 +33,10 @@ def _segment_ends(expert_tokens: Tensor, tokens_index_flag: bool) -> Tensor:
 
 def _grouped_mm_kernel(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``moe_fusion::_segment_mm``: see ``segment_mm``."""
-    return _segment_epilogue(_grouped_mm(a, w, ends), _bounds(ends), bias)
+    bounds = _bounds(ends)
+    y = _grouped_mm(a, w, ends)
+    y[bounds[-1]:].zero_()          # _grouped_mm leaves the rows past the segments unspecified
+    return _add_bias(y, bounds, bias)
 
 
 def _listed_mm_kernel(a: Tensor, w: list[Tensor], ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -42,10 +46,12 @@ def _listed_mm_kernel(a: Tensor, w: list[Tensor], ends: Tensor, bias: Optional[T
     ``passes.lowering.unstack_segment_weights`` puts it in place of ``_segment_mm`` of a stack."""
     acc = accumulator(a.dtype)
     bounds = _bounds(ends)
-    y = a.new_empty((a.size(0), w[0].size(1)), dtype=acc)
+    # Zero-filled by the OS: the rows past the segments (dispatch's padding, often most of them)
+    # are never written.
+    y = zeroed((a.size(0), w[0].size(1)), acc, a.device)
     for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
         torch.mm(a[start:end].to(acc), w[e].to(acc), out=y[start:end])
-    return _segment_epilogue(y, bounds, bias)
+    return _add_bias(y, bounds, bias)
 
 
 def _bounds(ends: Tensor) -> list[int]:
@@ -53,14 +59,13 @@ def _bounds(ends: Tensor) -> list[int]:
     return [0, *ends.tolist()]
 
 
-def _segment_epilogue(y: Tensor, bounds: list[int], bias: Optional[Tensor]) -> Tensor:
+def _add_bias(y: Tensor, bounds: list[int], bias: Optional[Tensor]) -> Tensor:
     """``y`` ``(M, N)`` fp32/fp64, in place: ``bias[e]`` (``(E, N)``, widened to ``y``'s dtype) added
-    to the rows ``bounds[e]:bounds[e + 1]``, the rows past ``bounds[-1]`` zeroed."""
+    to the rows ``bounds[e]:bounds[e + 1]``."""
     if bias is not None:
         wide = bias.to(y.dtype)
         for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
             y[start:end] += wide[e]
-    y[bounds[-1]:].zero_()
     return y
 
 

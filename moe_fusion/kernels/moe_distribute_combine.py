@@ -32,7 +32,8 @@ from ..op_protos import moe_distribute_combine_add_rms_norm as rms_proto
 from ..op_protos import moe_distribute_combine_v2 as combine_proto
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ._precision import accumulator
-from ._moe_exchange import PER_RANK, Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard, zeroed
+from ._moe_exchange import PER_RANK, Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard
+from ._zeroed import zeroed
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor

@@ -42,8 +42,8 @@ from ..errors import OpValidationError, fail
 from ..op_protos._proto import OutSpec
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ..op_protos.moe_distribute_dispatch_v2 import NAME, PROTO, QUANT_DYNAMIC, DispatchConfig
-from ._moe_exchange import (Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard, staging_rows,
-                            zeroed)
+from ._moe_exchange import Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard, staging_rows
+from ._zeroed import zeroed
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
@@ -204,7 +204,7 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
 
 
 def _zeroed_outputs(specs: Sequence[OutSpec], device: torch.device) -> tuple[Tensor, ...]:
-    """Zero-filled tensors of ``specs`` (``infer_shape``'s), from ``_moe_exchange.zeroed``: on CPU
+    """Zero-filled tensors of ``specs`` (``infer_shape``'s), from ``_zeroed.zeroed``: on CPU
     the padding rows past the received count, most of ``expand_x``, are never written."""
     return tuple(zeroed(spec.shape, spec.dtype, device) for spec in specs)
 
