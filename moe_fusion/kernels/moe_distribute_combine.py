@@ -289,7 +289,7 @@ def moe_distribute_combine_v2(config: DistConfig, expand_x: Tensor, expert_ids: 
     inputs = _inputs(expand_x, expert_ids, assist_info_for_combine, "assist_info_for_combine", ep_send_counts,
                      expert_scales, group_ep, kwargs)
     acc, processed = combine_sum(combine_proto.NAME, config, inputs)
-    if kwargs.get("x_active_mask") is not None:     # without a mask every token is processed
+    if not bool(processed.all()):       # (a full pass over the rows, for masked-out tokens only)
         acc.masked_fill_(~processed.unsqueeze(1), 0.0)
     return acc.to(expand_x.dtype)
 

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Protocol, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol, TypeVar
 
 import torch
 import torch.fx as fx
@@ -44,13 +44,18 @@ _training_check: contextvars.ContextVar[Optional[TrainingCheck]] = contextvars.C
 
 
 @contextlib.contextmanager
-def training(check: TrainingCheck) -> Iterator[None]:
-    """Inside the block, a rewrite that inserts an op ``check`` objects to is refused with its reason."""
-    token = _training_check.set(check)
+def scoped(var: contextvars.ContextVar, value: Any) -> Iterator[None]:
+    """``var`` holds ``value`` inside the block, and what it held before after it."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _training_check.reset(token)
+        var.reset(token)
+
+
+def training(check: TrainingCheck) -> ContextManager[None]:
+    """Inside the block, a rewrite that inserts an op ``check`` objects to is refused with its reason."""
+    return scoped(_training_check, check)
 
 
 def fusing_for_training() -> bool:

@@ -18,26 +18,20 @@ graph, whose unfused backward scatters a weight gradient per row; fused, its tra
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from typing import Iterator, Optional
+from typing import ContextManager, Optional
 
 import torch
 
-from .context import Refusal, fusing_for_training
+from .context import Refusal, fusing_for_training, scoped
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _gate: contextvars.ContextVar[bool] = contextvars.ContextVar("moe_fusion_cost_gate", default=False)
 
 
-@contextlib.contextmanager
-def gated(on: bool) -> Iterator[None]:
+def gated(on: bool) -> ContextManager[None]:
     """Inside the block, rewrites known to be slower than the unfused code are refused when ``on``."""
-    token = _gate.set(on)
-    try:
-        yield
-    finally:
-        _gate.reset(token)
+    return scoped(_gate, on)
 
 
 def native_matmul(dtype: torch.dtype, device: torch.device) -> Optional[str]:

@@ -47,7 +47,7 @@ from . import (agreement, allgather_ep, alltoall_allgather_bmm, bmm_reducescatte
 from .autograd_collectives import functional_all_to_alls
 from .lowering import lower_local_ops
 from .context import (FusionEvent, FusionReport, Match, PassContext, Refusal, TrainingCheck, count_ops,
-                      lowered, training)
+                      lowered, scoped, training)
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 
@@ -433,10 +433,7 @@ def backend(target: Optional[str] = None, passes: Optional[Sequence[str]] = None
     def compile_fused(gm: fx.GraphModule, example_inputs: list) -> Any:
         if needs_autograd(example_inputs):
             gm = fuse_before_autograd(gm, example_inputs, graph_pass)
-        token = _compiling.set(gm.graph)
-        try:
+        with scoped(_compiling, gm.graph):
             return compile_graph(gm, example_inputs)
-        finally:
-            _compiling.reset(token)
 
     return compile_fused
