@@ -3,6 +3,7 @@
 graph without host reads of the counts, and every validation rule in eager and compiled mode."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -207,3 +208,35 @@ def test_segment_ops_opcheck(bias):
     torch.library.opcheck(ops._segment_mm.default, (a, w, ends, b))
     torch.library.opcheck(ops._segment_mm_list.default, (a, list(w.unbind(0)), ends, b))
     torch.library.opcheck(ops._segment_outer.default, (a, torch.randn(9, 5, generator=g), ends))
+
+
+def test_segment_activation_ops_touch_only_the_segments():
+    """The activation between the grouped matmuls and its gradient (``_segment_activation``,
+    ``_segment_activation_grad``) and the per-segment row sum (``_segment_sum``): the rows inside
+    the segments as plain loops compute them, rows past the last segment 0; GLU forms read the
+    two column halves as separate operands. Fake kernels agree with the real ones (opcheck)."""
+    g = torch.Generator().manual_seed(1)
+    h, ends = torch.randn(9, 6, generator=g), torch.tensor([2, 2, 7], dtype=torch.int32)
+    ga = torch.randn(9, 6, generator=g)
+    ops = torch.ops.moe_fusion
+    relu = ops._segment_activation(h, None, ends, "relu", torch.float32, False)
+    swiglu = ops._segment_activation(h[:, :3], h[:, 3:], ends, "swiglu", torch.float32, False)
+    relu_grad = ops._segment_activation_grad(h, None, ga, ends, "relu")
+    sums = ops._segment_sum(ga, ends)
+    for r in range(9):
+        for c in range(6):
+            inside = r < 7
+            assert relu[r, c] == (max(float(h[r, c]), 0.0) if inside else 0.0)
+            assert relu_grad[r, c] == (float(ga[r, c]) if inside and h[r, c] > 0 else 0.0)
+            if c < 3:
+                left, right = float(h[r, c]), float(h[r, c + 3])
+                want = left * right / (1 + math.exp(-right)) if inside else 0.0
+                assert abs(float(swiglu[r, c]) - want) <= 1e-6 * (1 + abs(want))
+    for e, (start, end) in enumerate([(0, 2), (2, 2), (2, 7)]):
+        for c in range(6):
+            want = sum(float(ga[r, c]) for r in range(start, end))
+            assert abs(float(sums[e, c]) - want) <= 1e-5
+    torch.library.opcheck(ops._segment_activation.default, (h, None, ends, "silu", torch.bfloat16, False))
+    torch.library.opcheck(ops._segment_activation.default, (h[:, :3], h[:, 3:], ends, "swiglu", torch.float32, False))
+    torch.library.opcheck(ops._segment_activation_grad.default, (h[:, :3], h[:, 3:], ga[:, :3], ends, "swiglu"))
+    torch.library.opcheck(ops._segment_sum.default, (ga, ends))

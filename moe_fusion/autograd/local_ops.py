@@ -28,8 +28,10 @@ from typing import Any, Optional
 import torch
 
 from ..kernels._precision import accumulator
-from ..kernels.ffn import apply_activation, cast_round_, expert_segments, of_expert, round_to
-from ..kernels.ffn_grouped import _segment_ends, segment_mm, segment_outer
+from ..kernels._zeroed import zeroed
+from ..kernels.ffn import apply_activation, expert_segments, of_expert, stored_activation
+from ..kernels.ffn_grouped import (_segment_ends, glu_halves, joined_rows, real_rows, segment_activation, segment_mm,
+                                   segment_outer)
 from ..meta import LIBRARY
 from ..op_protos.ffn import GLU_ACTIVATIONS, expert_counts_of
 from ._common import gradients, input_names, needed, not_differentiable, refuse_needed, register_formula
@@ -58,22 +60,15 @@ def _derivative(kind: str, z: Tensor) -> Tensor:
     raise ValueError(f"no derivative for activation {kind!r}")
 
 
-def activation_vjp(activation: str, h: Tensor, ga: Tensor) -> tuple[Tensor, Tensor]:
-    """``(a, gh)``: the activation of fp32 ``h`` ``(rows, N1)`` and the gradient of ``h`` given the
-    gradient ``ga`` of ``a`` (``(rows, N1)``, or ``(rows, N1/2)`` for GLU forms)."""
-    a = apply_activation(activation, h)
+def activation_grad(activation: str, h: Tensor, ga: Tensor) -> Tensor:
+    """The gradient of fp32 ``h`` ``(rows, N1)`` given the gradient ``ga`` of its activation
+    (``(rows, N1)``, or ``(rows, N1/2)`` for GLU forms)."""
     if activation in GLU_ACTIVATIONS:
         half = h.size(-1) // 2
         left, right = h[:, :half], h[:, half:]
         base = _GLU_BASE[activation]
-        f_right = apply_activation(base, right)
-        return a, torch.cat([ga * f_right, ga * left * _derivative(base, right)], dim=-1)
-    return a, ga * _derivative(activation, h)
-
-
-def _round_like_forward(a: Tensor, store: torch.dtype, fp16_intermediate: bool) -> Tensor:
-    """The activation as the forward's second matmul reads it (SPEC §5.4 roundings)."""
-    return round_to(a, store) if fp16_intermediate else cast_round_(a, store)
+        return torch.cat([ga * apply_activation(base, right), ga * left * _derivative(base, right)], dim=-1)
+    return ga * _derivative(activation, h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +117,8 @@ def _ffn_backward(ctx: Any, grad_y: Tensor) -> tuple:
         xe, gye, w1e = x2d[r0:r1], gy[r0:r1], of_expert(w1f, e)
         bias1 = of_expert(b1f, e)
         h = xe @ w1e if bias1 is None else torch.addmm(bias1, xe, w1e)
-        a, gh = activation_vjp(ctx.activation, h, gye @ of_expert(w2f, e).t())
-        a = _round_like_forward(a, x.dtype, ctx.fp16_intermediate)
+        gh = activation_grad(ctx.activation, h, gye @ of_expert(w2f, e).t())
+        a = stored_activation(ctx.activation, h, x.dtype, ctx.fp16_intermediate)
         for name, value in (("x", lambda: gh @ w1e.t()), ("weight1", lambda: _outer(xe, gh, w1)),
                             ("weight2", lambda: _outer(a, gye, w2)), ("bias1", lambda: gh.sum(0)),
                             ("bias2", lambda: gye.sum(0))):
@@ -176,10 +171,43 @@ LIBRARY.define("_ffn_grouped_backward(Tensor grad_y, Tensor x, Tensor weight1, T
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-def _per_expert_sum(rows: Tensor, expert_of_row: Tensor, experts: int) -> Tensor:
-    """``(E, N)``: the rows of each expert summed (padding rows, expert ``E``, dropped)."""
-    out = rows.new_zeros((experts + 1, rows.size(1)))
-    return out.index_add(0, expert_of_row, rows)[:experts]   # functional: it is traced by the lowering
+LIBRARY.define("_segment_sum(Tensor rows, Tensor ends) -> Tensor")
+LIBRARY.define("_segment_activation_grad(Tensor h, Tensor? gate, Tensor ga, Tensor ends, str activation) -> Tensor")
+
+
+def _segment_sum_kernel(rows: Tensor, ends: Tensor) -> Tensor:
+    """``moe_fusion::_segment_sum``: ``(E, N)``, the rows ``(M, N)`` of each segment (``ends``
+    ``(E,)`` int32 cumulative, read on the host) summed; rows past ``ends[-1]`` are not read."""
+    bounds = [0, *ends.tolist()]
+    return torch.stack([rows[start:end].sum(0) for start, end in zip(bounds, bounds[1:])])
+
+
+def _segment_activation_grad_kernel(h: Tensor, gate: Optional[Tensor], ga: Tensor, ends: Tensor,
+                                    activation: str) -> Tensor:
+    """``moe_fusion::_segment_activation_grad``: ``activation_grad`` of the rows of ``h`` ``(M, N1)``
+    (with ``gate``, GLU forms: ``h`` and ``gate`` its column halves, ``kernels.ffn_grouped.glu_halves``)
+    inside the segments, ``(M, N1)``; rows past ``ends[-1]`` are 0 and never touched (the
+    backward's counterpart of ``kernels.ffn_grouped.segment_activation``)."""
+    rows = real_rows(ends)
+    width = h.size(1) + (0 if gate is None else gate.size(1))
+    gh = zeroed((h.size(0), width), h.dtype, h.device)
+    gh[:rows] = activation_grad(activation, joined_rows(h, gate, rows), ga[:rows])
+    return gh
+
+
+LIBRARY.impl("_segment_sum", _segment_sum_kernel, "CompositeExplicitAutograd")
+LIBRARY.impl("_segment_activation_grad", _segment_activation_grad_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("moe_fusion::_segment_sum", lib=LIBRARY)
+def _segment_sum_fake(rows: Tensor, ends: Tensor) -> Tensor:
+    return rows.new_empty((ends.size(0), rows.size(1)))
+
+
+@torch.library.register_fake("moe_fusion::_segment_activation_grad", lib=LIBRARY)
+def _segment_activation_grad_fake(h: Tensor, gate: Optional[Tensor], ga: Tensor, ends: Tensor,
+                                  activation: str) -> Tensor:
+    return h.new_empty((h.size(0), h.size(1) + (0 if gate is None else gate.size(1))))
 
 
 def _ffn_grouped_backward_kernel(grad_y: Tensor, x: Tensor, weight1: Tensor, weight2: Tensor, activation: str,
@@ -187,18 +215,18 @@ def _ffn_grouped_backward_kernel(grad_y: Tensor, x: Tensor, weight1: Tensor, wei
                                  fp16_intermediate: bool) -> tuple[Tensor, ...]:
     """``(gx (M, K1), gW1 (E, K1, N1), gW2 (E, N1', N2), gb1 (E, N1), gb2 (E, N2))`` in fp32 (fp64
     for fp64 x)."""
-    experts = weight1.size(0)
     ends = _segment_ends(expert_tokens, tokens_index_flag)
-    rows = torch.arange(x.size(0), device=x.device, dtype=torch.int32)
-    expert_of_row = torch.searchsorted(ends, rows, right=True)
-    gy = grad_y.to(accumulator(x.dtype))       # only read inside the segments (rows past: expert E)
+    gy = grad_y.to(accumulator(x.dtype))       # only read inside the segments
     h = segment_mm(x, weight1, ends, bias1)
-    ga = segment_mm(gy, weight2.transpose(1, 2), ends)      # rows past the segments: 0, so gh's are
-    a, gh = activation_vjp(activation.lower(), h, ga)
-    a = _round_like_forward(a, x.dtype, fp16_intermediate)
+    ga = segment_mm(gy, weight2.transpose(1, 2), ends)
+    act = activation.lower()
+    gh = torch.ops.moe_fusion._segment_activation_grad(*glu_halves(h, act), ga, ends, act)
+    # The forward's own op on the same operands: in a training graph the two are one node (CSE).
+    a = segment_activation(h, ends, act, x.dtype, fp16_intermediate)
     gx = segment_mm(gh, weight1.transpose(1, 2), ends)
+    segment_sum = torch.ops.moe_fusion._segment_sum
     return (gx, _weight_gradient(x, gh, ends, weight1), _weight_gradient(a, gy, ends, weight2),
-            _per_expert_sum(gh, expert_of_row, experts), _per_expert_sum(gy, expert_of_row, experts))
+            segment_sum(gh, ends), segment_sum(gy, ends))
 
 
 def _weight_gradient(a: Tensor, b: Tensor, ends: Tensor, weight: Tensor) -> Tensor:

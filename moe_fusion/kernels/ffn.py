@@ -95,6 +95,16 @@ def cast_round_(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(away, other, nearest_even)
 
 
+def stored_activation(activation: str, h: torch.Tensor, store: torch.dtype, fp16_intermediate: bool) -> torch.Tensor:
+    """The activation of fp32 (fp64) ``h`` ``(rows, N1)`` as the second matmul reads it (SPEC §5.4):
+    ``CAST_ROUND`` to ``store`` after the activation, or with ``fp16_intermediate`` (fp16 and
+    ``inner_precise=1``) fp16 rounding before and after it. In ``h``'s dtype; GLU forms give
+    ``(rows, N1 // 2)``."""
+    if fp16_intermediate:      # fp16 arithmetic rounds to nearest even
+        return round_to(apply_activation(activation, round_to(h, torch.float16)), torch.float16)
+    return cast_round_(apply_activation(activation, h), store)
+
+
 def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:
     """fp32 values of a deq scale. uint64/int64 carry fp32 bits in their low 32 bits (the layout
     ``npu_trans_quant_param`` produces); bf16/fp32 are plain values."""
@@ -177,11 +187,7 @@ def _float(x2d, w1, w2, lay, b1, b2, fp16_intermediate: bool) -> torch.Tensor:
     for e, r0, r1 in expert_segments(lay.expert_counts, x2d.size(0)):
         bias1 = of_expert(b1, e)
         h = torch.mm(x32[r0:r1], of_expert(w1, e)) if bias1 is None else torch.addmm(bias1, x32[r0:r1], of_expert(w1, e))
-        if fp16_intermediate:
-            h = round_to(h, torch.float16)
-        act = apply_activation(lay.activation, h)
-        # fp16 arithmetic rounds to nearest even; the high-precision cast is CAST_ROUND (SPEC §5.4).
-        act = round_to(act, store) if fp16_intermediate else cast_round_(act, store)
+        act = stored_activation(lay.activation, h, store, fp16_intermediate)
         bias2 = of_expert(b2, e)
         parts.append(torch.mm(act, of_expert(w2, e)) if bias2 is None else torch.addmm(bias2, act, of_expert(w2, e)))
     if not parts:       # no rows (every segment empty)

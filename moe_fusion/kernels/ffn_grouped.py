@@ -2,8 +2,8 @@
 
 Both matmuls are ``moe_fusion::_segment_mm`` ops (``torch._grouped_mm`` with int32 segment ends
 computed on the device), which add each expert's bias to its rows and zero the rows past the last
-segment: the graph around them (the activation) has no row-dependent code, and the op, opaque to
-inductor, reads the segment ends on the host to touch only the rows that are real. Numerics are
+segment, and the activation between them is ``moe_fusion::_segment_activation``: ops opaque to
+inductor, which read the segment ends on the host to touch only the rows that are real. Numerics are
 ``npu_ffn``'s (SPEC §5.4): fp32 matmuls, activation in fp32, ``CAST_ROUND`` to the storage dtype
 after the activation (fp16 rounding of mm1 with ``inner_precise=1``), round-to-nearest-even at the
 output.
@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from ..meta import LIBRARY
+from ..op_protos.ffn import GLU_ACTIVATIONS
 from ..op_protos.ffn_grouped import FfnGroupedConfig, validate_values
 from ._precision import accumulator
 from ._zeroed import zeroed
-from .ffn import round_to, apply_activation, cast_round_
+from .ffn import stored_activation
 
 Tensor = torch.Tensor
 ALIGN = 4     # fp32 elements per 16 bytes
@@ -52,6 +53,35 @@ def _listed_mm_kernel(a: Tensor, w: list[Tensor], ends: Tensor, bias: Optional[T
     for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
         torch.mm(a[start:end].to(acc), w[e].to(acc), out=y[start:end])
     return _add_bias(y, bounds, bias)
+
+
+def real_rows(ends: Tensor) -> int:
+    """Rows inside the segments: ``ends[-1]`` (``ends`` ``(E,)`` cumulative), read on the host."""
+    return int(ends[-1]) if ends.numel() else 0
+
+
+def _segment_activation_kernel(h: Tensor, gate: Optional[Tensor], ends: Tensor, activation: str,
+                               store: torch.dtype, fp16_intermediate: bool) -> Tensor:
+    """``moe_fusion::_segment_activation``: see ``segment_activation``."""
+    rows = real_rows(ends)
+    out = zeroed(h.shape, h.dtype, h.device)
+    out[:rows] = stored_activation(activation, joined_rows(h, gate, rows), store, fp16_intermediate)
+    return out
+
+
+def glu_halves(h: Tensor, activation: str) -> tuple[Tensor, Optional[Tensor]]:
+    """``(h, None)``, or for a GLU form the column halves ``(left, right)`` of ``h`` ``(M, N1)``:
+    slices in the graph, so that a matmul whose weight concatenates the halves can be split
+    (``passes.lowering.split_concatenated_weights``)."""
+    if activation not in GLU_ACTIVATIONS:
+        return h, None
+    half = h.size(1) // 2
+    return h[:, :half], h[:, half:]
+
+
+def joined_rows(h: Tensor, gate: Optional[Tensor], rows: int) -> Tensor:
+    """The first ``rows`` rows of ``h``, with ``gate``'s (``glu_halves``' right half) beside them."""
+    return h[:rows] if gate is None else torch.cat([h[:rows], gate[:rows]], dim=1)
 
 
 def _bounds(ends: Tensor) -> list[int]:
@@ -89,7 +119,7 @@ def _grouped_outer_kernel(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     """``moe_fusion::_segment_outer``: see ``segment_outer``."""
     k, n = a.size(1), b.size(1)
     if a.dtype == torch.float64:
-        rows = int(ends[-1]) if ends.numel() else 0     # rows past the segments are not read
+        rows = real_rows(ends)     # rows past the segments are not read
         a, b = a[:rows], b[:rows]
         return torch.einsum("me,mk,mn->ekn", segment_mask(a, ends), a, b.double())
     pad_k, pad_n = -k % ALIGN, -n % ALIGN
@@ -108,6 +138,9 @@ LIBRARY.define("_segment_mm_list(Tensor a, Tensor[] w, Tensor ends, Tensor? bias
 LIBRARY.impl("_segment_mm_list", _listed_mm_kernel, "CompositeExplicitAutograd")
 LIBRARY.define("_segment_outer(Tensor a, Tensor b, Tensor ends) -> Tensor")
 LIBRARY.impl("_segment_outer", _grouped_outer_kernel, "CompositeExplicitAutograd")
+LIBRARY.define("_segment_activation(Tensor h, Tensor? gate, Tensor ends, str activation, ScalarType store, "
+               "bool fp16_intermediate) -> Tensor")
+LIBRARY.impl("_segment_activation", _segment_activation_kernel, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("moe_fusion::_segment_mm", lib=LIBRARY)
@@ -123,6 +156,12 @@ def _segment_mm_list_fake(a: Tensor, w: list[Tensor], ends: Tensor, bias: Option
 @torch.library.register_fake("moe_fusion::_segment_outer", lib=LIBRARY)
 def _segment_outer_fake(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     return a.new_empty((ends.size(0), a.size(1), b.size(1)), dtype=accumulator(a.dtype))
+
+
+@torch.library.register_fake("moe_fusion::_segment_activation", lib=LIBRARY)
+def _segment_activation_fake(h: Tensor, gate: Optional[Tensor], ends: Tensor, activation: str, store: torch.dtype,
+                             fp16_intermediate: bool) -> Tensor:
+    return h.new_empty(h.shape)
 
 
 def segment_mm(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -143,6 +182,17 @@ def segment_outer(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     ``(M, N)``, fp32 (0 for empty ones); fp64 for fp64 ``a`` (by a dense einsum: ``_grouped_mm`` has
     no fp64)."""
     return torch.ops.moe_fusion._segment_outer(a, b, ends)
+
+
+def segment_activation(h: Tensor, ends: Tensor, activation: str, store: torch.dtype,
+                       fp16_intermediate: bool) -> Tensor:
+    """``stored_activation`` of the rows of fp32 (fp64) ``h`` ``(M, N1)`` inside the segments
+    (``ends`` ``(E,)`` int32 cumulative), in ``h``'s dtype, ``(M, N1)`` (``(M, N1 // 2)`` for GLU
+    forms); rows past ``ends[-1]`` are 0. An op reading the ends on the host, as the matmuls do:
+    the rows past the counts (dispatch's padding, often most of them) are never touched, where
+    inductor's pointwise code would compute and write every row."""
+    return torch.ops.moe_fusion._segment_activation(*glu_halves(h, activation), ends, activation, store,
+                                                    fp16_intermediate)
 
 
 def segment_mask(a: Tensor, ends: Tensor) -> Tensor:
@@ -181,13 +231,8 @@ def grouped_ffn(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight2: T
     the host outside the ``_segment_mm`` ops, so it traces (inductor's lowering of the op,
     ``passes.lowering``)."""
     store = x.dtype
-    act = config.activation
     ends = _segment_ends(expert_tokens, config.tokens_index_flag)
     h = segment_mm(x, weight1, ends, bias1)
-    if store == torch.float16 and config.inner_precise == 1:
-        # High-performance fp16: mm1 and the activation in fp16, as the device does.
-        h = apply_activation(act, round_to(h, torch.float16))
-        h = round_to(h, torch.float16)
-    else:
-        h = cast_round_(apply_activation(act, h), store)
-    return segment_mm(h, weight2, ends, bias2).to(store)
+    # High-performance fp16 (inner_precise=1): mm1 and the activation in fp16, as the device does.
+    a = segment_activation(h, ends, config.activation, store, store == torch.float16 and config.inner_precise == 1)
+    return segment_mm(a, weight2, ends, bias2).to(store)

@@ -82,6 +82,8 @@ def test_hf_grouped_experts_compile_from_the_kernel(name, train):
     assert "moe_fusion.npu_ffn_grouped.default(" not in code
     assert "moe_fusion._ffn_grouped_backward.default(" not in code
     assert "moe_fusion._segment_mm.default(" in code
+    # The activation runs on the counted rows only, never on the padding past them.
+    assert "moe_fusion._segment_activation.default(" in code
     experts = block.experts.gate_up_proj.size(0)
     # The GLU reorder of the stored (E, 2I, H) gate_up_proj is never copied (training: its
     # gradient is written in the stored order, not assembled from swapped halves).
