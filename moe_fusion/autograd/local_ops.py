@@ -172,7 +172,8 @@ LIBRARY.define("_ffn_grouped_backward(Tensor grad_y, Tensor x, Tensor weight1, T
 
 
 LIBRARY.define("_segment_sum(Tensor rows, Tensor ends) -> Tensor")
-LIBRARY.define("_segment_activation_grad(Tensor h, Tensor? gate, Tensor ga, Tensor ends, str activation) -> Tensor")
+LIBRARY.define("_segment_activation_grad(Tensor h, Tensor? gate, Tensor ga, Tensor ends, str activation) -> Tensor",
+               tags=(torch.Tag.flexible_layout,))      # any strides will do (kernels.ffn_grouped's _segment_activation)
 
 
 def _segment_sum_kernel(rows: Tensor, ends: Tensor) -> Tensor:

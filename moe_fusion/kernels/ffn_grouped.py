@@ -33,7 +33,11 @@ def _segment_ends(expert_tokens: Tensor, tokens_index_flag: bool) -> Tensor:
 
 
 def _grouped_mm_kernel(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``moe_fusion::_segment_mm``: see ``segment_mm``."""
+    """``moe_fusion::_segment_mm``: see ``segment_mm``. On the CPU by ``_listed_mm_kernel`` (the same
+    products): ``torch._grouped_mm`` returns all M rows, and zeroing the padding past the segments
+    cost a DeepSpeed-sized layer as much as a tenth of its matmul time."""
+    if a.device.type == "cpu":
+        return _listed_mm_kernel(a, list(w.unbind(0)), ends, bias)
     bounds = _bounds(ends)
     y = _grouped_mm(a, w, ends)
     y[bounds[-1]:].zero_()          # _grouped_mm leaves the rows past the segments unspecified
@@ -138,8 +142,10 @@ LIBRARY.define("_segment_mm_list(Tensor a, Tensor[] w, Tensor ends, Tensor? bias
 LIBRARY.impl("_segment_mm_list", _listed_mm_kernel, "CompositeExplicitAutograd")
 LIBRARY.define("_segment_outer(Tensor a, Tensor b, Tensor ends) -> Tensor")
 LIBRARY.impl("_segment_outer", _grouped_outer_kernel, "CompositeExplicitAutograd")
+# Any strides will do (GLU halves arrive as column slices or as two matmul outputs): inductor must
+# not copy its operands into the strides they had in the traced graph.
 LIBRARY.define("_segment_activation(Tensor h, Tensor? gate, Tensor ends, str activation, ScalarType store, "
-               "bool fp16_intermediate) -> Tensor")
+               "bool fp16_intermediate) -> Tensor", tags=(torch.Tag.flexible_layout,))
 LIBRARY.impl("_segment_activation", _segment_activation_kernel, "CompositeExplicitAutograd")
 
 
@@ -169,10 +175,11 @@ def segment_mm(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor] = None
     ``(E, K, N)``, int32 cumulative ``ends`` ``(E,)`` and optional ``bias`` ``(E, N)`` (any float
     dtype, added in fp32 after the product); rows past ``ends[-1]`` are 0.
 
-    ``torch._grouped_mm`` needs 16-byte aligned strides: K and N are zero-padded to multiples of 4
-    (a no-op for the usual sizes), which adds zero products and drops the padded columns. ``w`` may
-    be a transposed view (stacked ``nn.Linear`` weights): it is read in place, not copied.
-    fp64 ``a`` (which ``_grouped_mm`` lacks) gives fp64 by ``_dense_grouped_mm``.
+    On the CPU one ``mm`` per segment on host-read ends, into zero pages. Elsewhere
+    ``torch._grouped_mm``, which needs 16-byte aligned strides: K and N are zero-padded to multiples
+    of 4 (a no-op for the usual sizes), which adds zero products and drops the padded columns; fp64
+    ``a`` (which ``_grouped_mm`` lacks) gives fp64 by ``_dense_grouped_mm``. ``w`` may be a
+    transposed view (stacked ``nn.Linear`` weights): it is read in place, not copied.
     """
     return torch.ops.moe_fusion._segment_mm(a, w, ends, bias)
 
