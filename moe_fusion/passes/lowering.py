@@ -268,16 +268,18 @@ def _split_contraction(graph: fx.Graph, matmul: fx.Node, weight: _ConcatenatedWe
 def unstack_segment_weights(graph: fx.Graph) -> int:
     """Never build an ``(E, K, N)`` stack of expert weights for a ``_segment_mm``: the FFN pass stacks
     per-expert ``nn.Linear`` weights (``emit.stack_parts``: ``permute(cat([unsqueeze(W_e, 0), ...]),
-    perm)``), a copy of every expert's weight per step. Each ``_segment_mm`` of such a stack becomes
-    ``_segment_mm_list`` of the experts' own weights (views; the same products bit for bit), and a
-    stack no other node reads is dropped. Returns how many matmuls were rewritten."""
+    perm)``), and the Megatron route ``torch.stack``s them (``view(cat([W_0, ...]), (E, ...))``, cut
+    in GLU halves by ``split``), a copy of every expert's weight per step. Each ``_segment_mm`` of
+    such a stack becomes ``_segment_mm_list`` of the experts' own weights (views; the same products
+    bit for bit), and a stack no other node reads is dropped. Returns how many matmuls were
+    rewritten."""
     rewritten = 0
     for matmul in graph.find_nodes(op="call_function", target=torch.ops.moe_fusion._segment_mm.default):
         pieces = _expert_pieces(matmul.args[1])
         if pieces is None:
             continue
         with graph.inserting_before(matmul):
-            weights = [p if order == [0, 1] else _call(graph, aten.permute.default, (p, order)) for p, order in pieces]
+            weights = [piece.weight(graph) for piece in pieces]
             listed = _call(graph, torch.ops.moe_fusion._segment_mm_list.default,
                            (matmul.args[0], weights, *matmul.args[2:]), matmul.kwargs)
         matmul.replace_all_uses_with(listed)
@@ -288,24 +290,79 @@ def unstack_segment_weights(graph: fx.Graph) -> int:
     return rewritten
 
 
-def _expert_pieces(weight: Any) -> "list[tuple[fx.Node, list[int]]] | None":
-    """``[(W_e, order), ...]`` when ``weight`` ``(E, K, N)`` is ``permute(cat([unsqueeze(W_e, 0), ...]),
-    perm)`` (or the ``cat`` alone) with the experts' dim first: expert ``e``'s ``(K, N)`` weight is
-    ``W_e.permute(order)``. Else None."""
+@dataclass(frozen=True)
+class _ExpertPiece:
+    """Expert ``e``'s ``(K, N)`` weight within a stack: ``W_e``, cut to ``start:end`` along its dim
+    ``cut_dim`` (None: whole), then permuted by ``order``."""
+
+    source: fx.Node
+    cut: Optional[tuple[int, int, int]]
+    order: list[int]
+
+    def weight(self, graph: fx.Graph) -> fx.Node:
+        node = self.source
+        if self.cut is not None:
+            node = _call(graph, aten.slice.Tensor, (node, *self.cut))
+        return node if self.order == [0, 1] else _call(graph, aten.permute.default, (node, self.order))
+
+
+def _expert_pieces(weight: Any) -> "list[_ExpertPiece] | None":
+    """Expert ``e``'s piece of ``weight`` ``(E, K, N)`` for every ``e``, when ``weight`` is
+    ``permute(stack, perm)`` (or the stack alone), optionally cut along a non-expert dim of the
+    stack by ``slice`` or a ``split`` item, with the experts' dim first, the stack being
+    ``cat([unsqueeze(W_e, 0), ...])`` or ``view(cat([W_e, ...]), (E, ...))``. Else None."""
     perm = [0, 1, 2]
     while isinstance(weight, fx.Node) and weight.target is aten.permute.default:    # out[i] = in[p[i]]
         inner = list(weight.args[1])
         weight, perm = weight.args[0], [inner[i] % 3 for i in perm]
-    if not (isinstance(weight, fx.Node) and weight.target is aten.cat.default and perm[0] == 0):
+    if perm[0] != 0:
         return None
-    if (weight.args[1] if len(weight.args) > 1 else 0) != 0:
+    weight, cut = _cut_of(weight)
+    sources = _stacked(weight)
+    if sources is None:
         return None
-    pieces = []
-    for row in weight.args[0]:
+    return [_ExpertPiece(source, cut, [perm[1] - 1, perm[2] - 1]) for source in sources]
+
+
+def _cut_of(node: Any) -> "tuple[Any, Optional[tuple[int, int, int]]]":
+    """``(stack, (dim - 1, start, end))`` when ``node`` is ``stack[:, start:end]`` (dim 1) or
+    ``stack[:, :, start:end]`` (dim 2) by ``slice`` or a ``split`` item, else ``(node, None)``."""
+    if not isinstance(node, fx.Node):
+        return node, None
+    if node.target is aten.slice.Tensor and len(node.args) == 4:
+        source, dim, start, end = node.args
+        if isinstance(dim, int) and dim % 3 in (1, 2) and isinstance(start, int) and isinstance(end, int) \
+                and start >= 0:
+            return source, (dim % 3 - 1, start, min(end, source.meta["val"].shape[dim]))
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and \
+            node.args[0].target is aten.split.Tensor:
+        source, size, dim = (*node.args[0].args, 0)[:3]
+        if isinstance(dim, int) and dim % 3 in (1, 2) and isinstance(size, int):
+            total, index = source.meta["val"].shape[dim], node.args[1]
+            return source, (dim % 3 - 1, index * size, min((index + 1) * size, total))
+    return node, None
+
+
+def _stacked(node: Any) -> "list[fx.Node] | None":
+    """``[W_0, ...]`` when ``node`` ``(E, K, N)`` is ``cat([unsqueeze(W_e, 0), ...])`` or
+    ``view(cat([W_0, ...]), (E, K, N))`` of ``(K, N)`` pieces, else None."""
+    if isinstance(node, fx.Node) and node.target in (aten.view.default, aten.reshape.default):
+        flat, shape = node.args[0], list(node.args[1])
+        if not (isinstance(flat, fx.Node) and flat.target is aten.cat.default and (*flat.args, 0)[1] == 0):
+            return None
+        sources = list(flat.args[0])
+        if len(sources) != shape[0] or not all(
+                isinstance(s, fx.Node) and list(s.meta["val"].shape) == shape[1:] for s in sources):
+            return None
+        return sources
+    if not (isinstance(node, fx.Node) and node.target is aten.cat.default and (*node.args, 0)[1] == 0):
+        return None
+    sources = []
+    for row in node.args[0]:
         if not (isinstance(row, fx.Node) and row.target is aten.unsqueeze.default and row.args[1] == 0):
             return None
-        pieces.append((row.args[0], [perm[1] - 1, perm[2] - 1]))
-    return pieces
+        sources.append(row.args[0])
+    return sources
 
 
 def _inline(graph: fx.Graph, node: fx.Node, lowering: Callable[..., Any]) -> bool:

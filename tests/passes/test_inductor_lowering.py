@@ -183,3 +183,36 @@ def test_a_stack_of_expert_linear_weights_is_read_in_place():
     assert torch.equal(got, fn(a, *weights, bias, ends))
     want = torch.cat([a[0:2] @ weights[0].t() + bias[0], a[2:7] @ weights[2].t() + bias[2], torch.zeros(2, 5)])
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("cut", ["split", "slice"])
+def test_halves_of_a_torch_stack_of_expert_weights_are_read_in_place(cut):
+    """The Megatron route's weights: ``torch.stack`` of the experts' fc1 weights (traced as ``view``
+    of a ``cat`` of the flat pieces), cut into GLU halves along the columns and transposed. Each
+    half's ``_segment_mm`` reads its expert's rows of the weight in place, with the same products,
+    and the stack is gone; a cut across the expert dim keeps it."""
+    g = torch.Generator().manual_seed(1)
+    a, weights = torch.randn(9, 6, generator=g), [torch.randn(8, 6, generator=g) for _ in range(2)]
+    ends = torch.tensor([3, 7], dtype=torch.int32)
+
+    def fn(a, w0, w1, ends):
+        stacked = torch.stack([w0, w1])                                  # (E, 2I, H)
+        halves = stacked.split(4, dim=1) if cut == "split" else (stacked[:, :4], stacked[:, 4:])
+        return [segment_mm(a, half.transpose(1, 2), ends) for half in halves]
+
+    gm = _traced(fn, a, *weights, ends)
+    assert unstack_segment_weights(gm.graph) == 2
+    gm.recompile()
+    assert torch.ops.moe_fusion._segment_mm.default not in _targets(gm)
+    assert torch.ops.aten.cat.default not in _targets(gm)
+    got = gm(a, *weights, ends)
+    for half, rows in enumerate([slice(0, 4), slice(4, 8)]):
+        want = torch.cat([a[0:3] @ weights[0][rows].t(), a[3:7] @ weights[1][rows].t(), torch.zeros(2, 4)])
+        assert torch.equal(got[half], fn(a, *weights, ends)[half])
+        torch.testing.assert_close(got[half], want)
+
+    def across_experts(a, w0, w1, ends):
+        return segment_mm(a, torch.stack([w0, w1, w1])[1:].transpose(1, 2), ends)
+
+    gm = _traced(across_experts, a, *weights, ends)
+    assert unstack_segment_weights(gm.graph) == 0
