@@ -30,8 +30,7 @@ import torch
 from ..kernels._precision import accumulator
 from ..kernels._zeroed import zeroed
 from ..kernels.ffn import apply_activation, expert_segments, of_expert, stored_activation
-from ..kernels.ffn_grouped import (_segment_ends, glu_halves, joined_rows, real_rows, segment_activation, segment_mm,
-                                   segment_outer)
+from ..kernels.ffn_grouped import _segment_ends, glu_halves, real_rows, segment_activation, segment_mm, segment_outer
 from ..meta import LIBRARY
 from ..op_protos.ffn import GLU_ACTIVATIONS, expert_counts_of
 from ._common import gradients, input_names, needed, not_differentiable, refuse_needed, register_formula
@@ -63,12 +62,22 @@ def _derivative(kind: str, z: Tensor) -> Tensor:
 def activation_grad(activation: str, h: Tensor, ga: Tensor) -> Tensor:
     """The gradient of fp32 ``h`` ``(rows, N1)`` given the gradient ``ga`` of its activation
     (``(rows, N1)``, or ``(rows, N1/2)`` for GLU forms)."""
+    gate = None
     if activation in GLU_ACTIVATIONS:
         half = h.size(-1) // 2
-        left, right = h[:, :half], h[:, half:]
-        base = _GLU_BASE[activation]
-        return torch.cat([ga * apply_activation(base, right), ga * left * _derivative(base, right)], dim=-1)
-    return ga * _derivative(activation, h)
+        h, gate = h[:, :half], h[:, half:]
+    blocks = [a * b for a, b in _grad_factors(activation, h, gate, ga)]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+
+
+def _grad_factors(activation: str, h: Tensor, gate: Optional[Tensor], ga: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The gradient of ``h`` (GLU forms: of its left half ``h`` and right half ``gate``) as column
+    blocks, each the product of a pair: ``ga * act'(h)``; GLU ``left * f(right)``: ``g_left = ga *
+    f(right)``, ``g_right = (ga * left) * f'(right)``."""
+    if gate is None:
+        return [(ga, _derivative(activation, h))]
+    base = _GLU_BASE[activation]
+    return [(ga, apply_activation(base, gate)), (ga * h, _derivative(base, gate))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +201,10 @@ def _segment_activation_grad_kernel(h: Tensor, gate: Optional[Tensor], ga: Tenso
     rows = real_rows(ends)
     width = h.size(1) + (0 if gate is None else gate.size(1))
     gh = zeroed((h.size(0), width), h.dtype, h.device)
-    gh[:rows] = activation_grad(activation, joined_rows(h, gate, rows), ga[:rows])
+    start = 0
+    for a, b in _grad_factors(activation, h[:rows], None if gate is None else gate[:rows], ga[:rows]):
+        torch.mul(a, b, out=gh[:rows, start:start + b.size(1)])     # each block straight into its columns
+        start += b.size(1)
     return gh
 
 

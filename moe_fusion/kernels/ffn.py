@@ -57,12 +57,15 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def apply_activation(name: str, h: torch.Tensor) -> torch.Tensor:
-    """Activation of SPEC §5.4 on fp32 ``h`` ``(rows, N1)``; GLU forms return ``(rows, N1 // 2)``."""
+def apply_activation(name: str, h: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Activation of SPEC §5.4 on fp32 ``h`` ``(rows, N1)``; GLU forms return ``(rows, N1 // 2)``:
+    ``left * f(right)`` of ``h``'s column halves, or of ``h`` and ``gate`` given as the two halves."""
     f = ACTIVATIONS[name]
     if name in GLU_ACTIVATIONS:
-        half = h.size(-1) // 2
-        return h[:, :half] * f(h[:, half:])
+        if gate is None:
+            half = h.size(-1) // 2
+            h, gate = h[:, :half], h[:, half:]
+        return h * f(gate)
     return f(h)
 
 
@@ -95,14 +98,16 @@ def cast_round_(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(away, other, nearest_even)
 
 
-def stored_activation(activation: str, h: torch.Tensor, store: torch.dtype, fp16_intermediate: bool) -> torch.Tensor:
-    """The activation of fp32 (fp64) ``h`` ``(rows, N1)`` as the second matmul reads it (SPEC §5.4):
-    ``CAST_ROUND`` to ``store`` after the activation, or with ``fp16_intermediate`` (fp16 and
-    ``inner_precise=1``) fp16 rounding before and after it. In ``h``'s dtype; GLU forms give
-    ``(rows, N1 // 2)``."""
+def stored_activation(activation: str, h: torch.Tensor, store: torch.dtype, fp16_intermediate: bool,
+                      gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The activation of fp32 (fp64) ``h`` ``(rows, N1)`` (``gate``: as for ``apply_activation``) as
+    the second matmul reads it (SPEC §5.4): ``CAST_ROUND`` to ``store`` after the activation, or with
+    ``fp16_intermediate`` (fp16 and ``inner_precise=1``) fp16 rounding before and after it. In
+    ``h``'s dtype; GLU forms give ``(rows, N1 // 2)``."""
     if fp16_intermediate:      # fp16 arithmetic rounds to nearest even
-        return round_to(apply_activation(activation, round_to(h, torch.float16)), torch.float16)
-    return cast_round_(apply_activation(activation, h), store)
+        half_gate = None if gate is None else round_to(gate, torch.float16)
+        return round_to(apply_activation(activation, round_to(h, torch.float16), half_gate), torch.float16)
+    return cast_round_(apply_activation(activation, h, gate), store)
 
 
 def decode_deq_scale(deq: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,8 @@ def _segment_activation_kernel(h: Tensor, gate: Optional[Tensor], ends: Tensor, 
     """``moe_fusion::_segment_activation``: see ``segment_activation``."""
     rows = real_rows(ends)
     out = zeroed(h.shape, h.dtype, h.device)
-    out[:rows] = stored_activation(activation, joined_rows(h, gate, rows), store, fp16_intermediate)
+    gate = None if gate is None else gate[:rows]
+    out[:rows] = stored_activation(activation, h[:rows], store, fp16_intermediate, gate)
     return out
 
 
@@ -81,11 +82,6 @@ def glu_halves(h: Tensor, activation: str) -> tuple[Tensor, Optional[Tensor]]:
         return h, None
     half = h.size(1) // 2
     return h[:, :half], h[:, half:]
-
-
-def joined_rows(h: Tensor, gate: Optional[Tensor], rows: int) -> Tensor:
-    """The first ``rows`` rows of ``h``, with ``gate``'s (``glu_halves``' right half) beside them."""
-    return h[:rows] if gate is None else torch.cat([h[:rows], gate[:rows]], dim=1)
 
 
 def _bounds(ends: Tensor) -> list[int]:
