@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 
 from ..kernels._precision import accumulator
-from ..kernels._zeroed import zeroed
+from ..kernels._zeroed import zero_past
 from ..kernels.ffn import apply_activation, expert_segments, of_expert, stored_activation
 from ..kernels.ffn_grouped import _segment_ends, glu_halves, real_rows, segment_activation, segment_mm, segment_outer
 from ..meta import LIBRARY
@@ -200,7 +200,7 @@ def _segment_activation_grad_kernel(h: Tensor, gate: Optional[Tensor], ga: Tenso
     backward's counterpart of ``kernels.ffn_grouped.segment_activation``)."""
     rows = real_rows(ends)
     width = h.size(1) + (0 if gate is None else gate.size(1))
-    gh = zeroed((h.size(0), width), h.dtype, h.device)
+    gh = zero_past(rows, (h.size(0), width), h.dtype, h.device)
     start = 0
     for a, b in _grad_factors(activation, h[:rows], None if gate is None else gate[:rows], ga[:rows]):
         torch.mul(a, b, out=gh[:rows, start:start + b.size(1)])     # each block straight into its columns
@@ -225,17 +225,22 @@ def _segment_activation_grad_fake(h: Tensor, gate: Optional[Tensor], ga: Tensor,
 
 def _ffn_grouped_backward_kernel(grad_y: Tensor, x: Tensor, weight1: Tensor, weight2: Tensor, activation: str,
                                  expert_tokens: Tensor, bias1: Optional[Tensor], tokens_index_flag: bool,
-                                 fp16_intermediate: bool) -> tuple[Tensor, ...]:
+                                 fp16_intermediate: bool, rows_padded: bool = True) -> tuple[Tensor, ...]:
     """``(gx (M, K1), gW1 (E, K1, N1), gW2 (E, N1', N2), gb1 (E, N1), gb2 (E, N2))`` in fp32 (fp64
-    for fp64 x)."""
+    for fp64 x). ``rows_padded``: as for ``kernels.ffn_grouped.grouped_ffn`` (the activation's
+    gradient by the segment ops, else by ATen ops on every row)."""
     ends = _segment_ends(expert_tokens, tokens_index_flag)
     gy = grad_y.to(accumulator(x.dtype))       # only read inside the segments
     h = segment_mm(x, weight1, ends, bias1)
     ga = segment_mm(gy, weight2.transpose(1, 2), ends)
     act = activation.lower()
-    gh = torch.ops.moe_fusion._segment_activation_grad(*glu_halves(h, act), ga, ends, act)
-    # The forward's own op on the same operands: in a training graph the two are one node (CSE).
-    a = segment_activation(h, ends, act, x.dtype, fp16_intermediate)
+    # The activation is the forward's own computation on the same operands: in a training graph the
+    # two are one (CSE).
+    if rows_padded:
+        gh = torch.ops.moe_fusion._segment_activation_grad(*glu_halves(h, act), ga, ends, act)
+        a = segment_activation(h, ends, act, x.dtype, fp16_intermediate)
+    else:
+        gh, a = activation_grad(act, h, ga), stored_activation(act, h, x.dtype, fp16_intermediate)
     gx = segment_mm(gh, weight1.transpose(1, 2), ends)
     segment_sum = torch.ops.moe_fusion._segment_sum
     return (gx, _weight_gradient(x, gh, ends, weight1), _weight_gradient(a, gy, ends, weight2),

@@ -28,3 +28,15 @@ def zeroed(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> to
     if hasattr(mmap, "MADV_HUGEPAGE"):      # Linux only: elsewhere the mapping keeps small pages
         pages.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(tuple(shape))
+
+
+def zero_past(written_rows: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of ``shape`` whose rows from ``written_rows`` on are zero, the rows before it left for
+    the caller to write. Mostly unwritten (dispatch's padding): ``zeroed``, whose untouched pages
+    cost nothing. Mostly written (every row counted): from the allocator, only the few rows past
+    cleared, since faulting fresh pages in for the rows about to be written costs more."""
+    if 2 * written_rows <= shape[0]:
+        return zeroed(shape, dtype, device)
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    out[written_rows:].zero_()
+    return out

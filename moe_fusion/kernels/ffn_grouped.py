@@ -19,7 +19,7 @@ from ..meta import LIBRARY
 from ..op_protos.ffn import GLU_ACTIVATIONS
 from ..op_protos.ffn_grouped import FfnGroupedConfig, validate_values
 from ._precision import accumulator
-from ._zeroed import zeroed
+from ._zeroed import zero_past
 from .ffn import stored_activation
 
 Tensor = torch.Tensor
@@ -51,9 +51,7 @@ def _listed_mm_kernel(a: Tensor, w: list[Tensor], ends: Tensor, bias: Optional[T
     ``passes.lowering.unstack_segment_weights`` puts it in place of ``_segment_mm`` of a stack."""
     acc = accumulator(a.dtype)
     bounds = _bounds(ends)
-    # Zero-filled by the OS: the rows past the segments (dispatch's padding, often most of them)
-    # are never written.
-    y = zeroed((a.size(0), w[0].size(1)), acc, a.device)
+    y = zero_past(bounds[-1], (a.size(0), w[0].size(1)), acc, a.device)
     for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
         torch.mm(a[start:end].to(acc), w[e].to(acc), out=y[start:end])
     return _add_bias(y, bounds, bias)
@@ -68,7 +66,7 @@ def _segment_activation_kernel(h: Tensor, gate: Optional[Tensor], ends: Tensor, 
                                store: torch.dtype, fp16_intermediate: bool) -> Tensor:
     """``moe_fusion::_segment_activation``: see ``segment_activation``."""
     rows = real_rows(ends)
-    out = zeroed(h.shape, h.dtype, h.device)
+    out = zero_past(rows, h.shape, h.dtype, h.device)
     gate = None if gate is None else gate[:rows]
     out[:rows] = stored_activation(activation, h[:rows], store, fp16_intermediate, gate)
     return out
@@ -229,13 +227,19 @@ def npu_ffn_grouped(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight
 
 
 def grouped_ffn(config: FfnGroupedConfig, x: Tensor, weight1: Tensor, weight2: Tensor, expert_tokens: Tensor,
-                bias1: Optional[Tensor], bias2: Optional[Tensor]) -> Tensor:
+                bias1: Optional[Tensor], bias2: Optional[Tensor], rows_padded: bool = True) -> Tensor:
     """The computation of ``npu_ffn_grouped`` on counts already checked: no read of any value on
-    the host outside the ``_segment_mm`` ops, so it traces (inductor's lowering of the op,
-    ``passes.lowering``)."""
+    the host outside the segment ops, so it traces (inductor's lowering of the op,
+    ``passes.lowering``). ``rows_padded``: the activation by ``segment_activation``, on the counted
+    rows only (``x`` may be mostly padding: dispatch's static worst case); else by ATen ops on
+    every row, which inductor fuses into one pass (for rows that are all counted)."""
     store = x.dtype
     ends = _segment_ends(expert_tokens, config.tokens_index_flag)
     h = segment_mm(x, weight1, ends, bias1)
     # High-performance fp16 (inner_precise=1): mm1 and the activation in fp16, as the device does.
-    a = segment_activation(h, ends, config.activation, store, store == torch.float16 and config.inner_precise == 1)
+    fp16_intermediate = store == torch.float16 and config.inner_precise == 1
+    if rows_padded:
+        a = segment_activation(h, ends, config.activation, store, fp16_intermediate)
+    else:
+        a = stored_activation(config.activation, h, store, fp16_intermediate)
     return segment_mm(a, weight2, ends, bias2).to(store)

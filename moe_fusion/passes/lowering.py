@@ -20,6 +20,7 @@ tensors, or in a mode whose kernel does not trace (quant, antiquant), keeps its 
 """
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -53,7 +54,7 @@ def _ffn(*args: Any, **kwargs: Any) -> Any:
     return ffn_kernel(config, *args, **kwargs)
 
 
-def _ffn_grouped(*args: Any, **kwargs: Any) -> Any:
+def _ffn_grouped(*args: Any, rows_padded: bool, **kwargs: Any) -> Any:
     """``npu_ffn_grouped``: ``(M, N2)`` in x's dtype, its count rules asserted on the device."""
     if _on_npu((args, kwargs)):
         return NotImplemented
@@ -62,14 +63,27 @@ def _ffn_grouped(*args: Any, **kwargs: Any) -> Any:
     bound = proto.bind(args, kwargs)
     device_value_checks(config, bound["expert_tokens"])
     return grouped_ffn(config, bound["x"], bound["weight1"], bound["weight2"], bound["expert_tokens"],
-                       bound["bias1"], bound["bias2"])
+                       bound["bias1"], bound["bias2"], rows_padded)
 
 
-def _ffn_grouped_backward(*args: Any, **kwargs: Any) -> Any:
+def _ffn_grouped_backward(*args: Any, rows_padded: bool, **kwargs: Any) -> Any:
     """``moe_fusion::_ffn_grouped_backward``: the five fp32 (fp64) gradients."""
     if _on_npu((args, kwargs)):
         return NotImplemented
-    return _ffn_grouped_backward_kernel(*args, **kwargs)
+    return _ffn_grouped_backward_kernel(*args, **kwargs, rows_padded=rows_padded)
+
+
+def _dispatched_rows(node: fx.Node) -> bool:
+    """Whether the rows of the grouped FFN ``node`` (forward: ``x``, its first operand; backward:
+    its second) are ``npu_moe_distribute_dispatch_v2``'s ``expand_x``, through views: a static
+    worst-case row count, mostly padding past the counts, for which the activation runs on the
+    counted rows only (``kernels.ffn_grouped.grouped_ffn``). Other rows (re-routed tokens) are
+    all counted: inductor's pointwise code on every row is then the fastest."""
+    x = node.args[0 if node.target is torch.ops.moe_fusion.npu_ffn_grouped.default else 1]
+    while isinstance(x, fx.Node) and x.target in (aten.view.default, aten.reshape.default):
+        x = x.args[0]
+    return (isinstance(x, fx.Node) and x.target is operator.getitem and isinstance(x.args[0], fx.Node)
+            and x.args[0].target is torch.ops.moe_fusion.npu_moe_distribute_dispatch_v2.default)
 
 
 # op -> its lowering: the op's result, or NotImplemented to keep the node.
@@ -78,6 +92,9 @@ LOWERINGS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
     torch.ops.moe_fusion.npu_ffn_grouped.default: _ffn_grouped,
     torch.ops.moe_fusion._ffn_grouped_backward.default: _ffn_grouped_backward,
 }
+
+
+_ROW_AWARE = (torch.ops.moe_fusion.npu_ffn_grouped.default, torch.ops.moe_fusion._ffn_grouped_backward.default)
 
 
 class _Kept(Exception):
@@ -90,7 +107,10 @@ def lower_local_ops(graph: fx.Graph) -> int:
     weight stacks' pieces in place; returns how many ops were inlined."""
     lowered = 0
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in LOWERINGS]:
-        if _inline(graph, node, LOWERINGS[node.target]):
+        lowering = LOWERINGS[node.target]
+        if node.target in _ROW_AWARE:
+            lowering = functools.partial(lowering, rows_padded=_dispatched_rows(node))
+        if _inline(graph, node, lowering):
             lowered += 1
     if lowered:
         graph.eliminate_dead_code()

@@ -82,8 +82,8 @@ def test_hf_grouped_experts_compile_from_the_kernel(name, train):
     assert "moe_fusion.npu_ffn_grouped.default(" not in code
     assert "moe_fusion._ffn_grouped_backward.default(" not in code
     assert "moe_fusion._segment_mm.default(" in code
-    # The activation runs on the counted rows only, never on the padding past them.
-    assert "moe_fusion._segment_activation.default(" in code
+    # Every re-routed row is counted: the activation is inductor's own pointwise code.
+    assert "moe_fusion._segment_activation" not in code
     experts = block.experts.gate_up_proj.size(0)
     # The GLU reorder of the stored (E, 2I, H) gate_up_proj is never copied (training: its
     # gradient is written in the stored order, not assembled from swapped halves).
@@ -216,3 +216,40 @@ def test_halves_of_a_torch_stack_of_expert_weights_are_read_in_place(cut):
 
     gm = _traced(across_experts, a, *weights, ends)
     assert unstack_segment_weights(gm.graph) == 0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_dispatched_rows_run_the_activation_on_the_counted_rows_only(train):
+    """``npu_ffn_grouped`` of ``dispatch_v2``'s ``expand_x`` (its static worst case: 4 tokens x 2
+    slots of up to 8 rows, mostly padding): the activation and its gradient are the segment ops,
+    which touch only the counted rows, not inductor pointwise code over every row; the results
+    equal eager's."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, H, generator=g, requires_grad=train)
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]], dtype=torch.int32)
+    w1 = torch.randn(2, H, INNER, generator=g, requires_grad=train)
+    w2 = torch.randn(2, INNER, H, generator=g, requires_grad=train)
+    weights = torch.rand(4, 2, generator=g)
+
+    def layer(x, w1, w2):
+        expand_x, _, assist, counts, ep_counts, tp_counts, _ = moe_fusion.npu_moe_distribute_dispatch_v2(
+            x, ids, "", 1, 0, 2, expert_token_nums_type=1)
+        y = moe_fusion.npu_ffn_grouped(expand_x, w1, w2, "silu", expert_tokens=counts)
+        out = moe_fusion.npu_moe_distribute_combine_v2(y, ids, assist, ep_counts, weights, "", 1, 0, 2,
+                                                       tp_send_counts=tp_counts)
+        return (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum() if train else out
+
+    def run(fn):
+        with torch.set_grad_enabled(train):
+            out = fn(x, w1, w2)
+            if not train:
+                return [out]
+            return [out, *torch.autograd.grad(out, (x, w1, w2))]
+
+    torch._dynamo.reset()
+    got, codes = run_and_get_code(run, torch.compile(layer, backend=backend(cost_gate=False)))
+    code = "\n".join(codes)
+    assert "moe_fusion._segment_activation.default(" in code
+    assert ("moe_fusion._segment_activation_grad.default(" in code) == train
+    for g_, w_ in zip(got, run(layer)):
+        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
