@@ -30,7 +30,8 @@ import torch
 from ..kernels._precision import accumulator
 from ..kernels._zeroed import zero_past
 from ..kernels.ffn import apply_activation, expert_segments, of_expert, stored_activation
-from ..kernels.ffn_grouped import _segment_ends, glu_halves, real_rows, segment_activation, segment_mm, segment_outer
+from ..kernels.ffn_grouped import (_bounds, _segment_ends, glu_halves, real_rows, segment_activation, segment_mm,
+                                   segment_outer)
 from ..meta import LIBRARY
 from ..op_protos.ffn import GLU_ACTIVATIONS, expert_counts_of
 from ._common import gradients, input_names, needed, not_differentiable, refuse_needed, register_formula
@@ -188,7 +189,7 @@ LIBRARY.define("_segment_activation_grad(Tensor h, Tensor? gate, Tensor ga, Tens
 def _segment_sum_kernel(rows: Tensor, ends: Tensor) -> Tensor:
     """``moe_fusion::_segment_sum``: ``(E, N)``, the rows ``(M, N)`` of each segment (``ends``
     ``(E,)`` int32 cumulative, read on the host) summed; rows past ``ends[-1]`` are not read."""
-    bounds = [0, *ends.tolist()]
+    bounds = _bounds(ends)
     return torch.stack([rows[start:end].sum(0) for start, end in zip(bounds, bounds[1:])])
 
 
