@@ -38,7 +38,7 @@ from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
 QUANT_GROUP = 8                       # elements per comm-quant scale (one 32-byte fp32 block)
-BLOCK_ELEMENTS = 1 << 16              # accumulator elements per token block of the weighted sum (256 KB in fp32)
+BLOCK_ELEMENTS = 1 << 18              # accumulator elements per token block of the weighted sum (1 MB in fp32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,13 +143,33 @@ def _tp_reduce(op: str, group: dist.ProcessGroup, cfg: DistConfig, expand_x: Ten
     return summed[:own].to(expand_x.dtype)
 
 
+def _pack_return(rows: Tensor, triples: Tensor, comm_quant_mode: int,
+                 staging: tuple[str, str]) -> tuple[RowLayout, Tensor]:
+    """The return exchange's rows: ``rows`` ``(own, H)`` (this rank's computed rows) with their
+    ``(token, slot)`` from ``triples`` ``(own, 3)`` int64, sorted by source rank (stable), packed
+    ``[row or int8 row + per-8-group scales | token, slot]`` into the ``staging`` send buffer.
+    Returns ``(layout, buf (own, row_bytes) uint8)``."""
+    dtype, h = rows.dtype, rows.size(1)
+    order = torch.argsort(triples[:, 0], stable=True)
+    meta = triples[order, 1:]
+    if comm_quant_mode == combine_proto.COMM_QUANT_INT8:
+        q, scales = comm_quant(rows[order])
+        layout = RowLayout(((torch.int8, h), (dtype, scales.size(1)), (torch.int32, 2)))
+        return layout, layout.pack([q, scales, meta], staging)
+    layout = RowLayout(((dtype, h), (torch.int32, 2)))
+    buf = layout.empty(order.numel(), rows.device, staging)
+    payload, buf_meta = layout.unpack(buf)
+    torch.index_select(rows, 0, order, out=payload)
+    buf_meta.copy_(meta)
+    return layout, buf
+
+
 def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """Steps 1–2: every row this rank computed for another rank's token, delivered there.
     Returns ``(rows (R, H), token (R,), slot (R,))`` of the rows this rank received (rows in
     expand_x's dtype, or its dtype after int8 comm quant; without it, a view of the receive
     staging buffer, valid until the next exchange)."""
     expand_x, expert_ids = inputs["expand_x"], inputs["expert_ids"]
-    dtype, h = expand_x.dtype, expand_x.size(1)
     assist, comm_quant_mode = inputs["assist"], inputs["comm_quant_mode"]
     exchange = open_exchange(op, inputs["group_ep"], cfg.world, cfg.rank, inputs["group_tp"], cfg.tp_world,
                              cfg.tp_rank)
@@ -161,25 +181,17 @@ def _return_rows(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tens
     # agreement (W entries always fit its count area).
     triples = assist[:3 * own].view(-1, 3).long()
     send_counts = torch.bincount(triples[:, 0], minlength=cfg.world) if error is None else None
-    ep_rows, _ = exchange.agree(fields, error, expand_x.device, _tp_counts_check(op, cfg.tp_rank, own, peer, len(fields)),
-                                counts=None if send_counts is None else send_counts.unsqueeze(1))
-    recv_counts = exchange.counts_after(ep_rows, send_counts.unsqueeze(1))
-
-    rows = _tp_reduce(op, exchange.tp, cfg, expand_x, own, peer) if cfg.tp_world == 2 else expand_x[:own]
-    order = torch.argsort(triples[:, 0], stable=True)
-
     staging = ("send", "" if exchange.ep is None else exchange.ep.group_name)
-    meta = triples[order, 1:]
-    if comm_quant_mode == combine_proto.COMM_QUANT_INT8:
-        q, scales = comm_quant(rows[order])
-        layout = RowLayout(((torch.int8, h), (dtype, scales.size(1)), (torch.int32, 2)))
-        buf = layout.pack([q, scales, meta], staging)
-    else:
-        layout = RowLayout(((dtype, h), (torch.int32, 2)))
-        buf = layout.empty(order.numel(), rows.device, staging)
-        payload, buf_meta = layout.unpack(buf)
-        torch.index_select(rows, 0, order, out=payload)
-        buf_meta.copy_(meta)
+    # Without TP the rows to return are expand_x's own: packed while the agreement is in flight.
+    pack_own = None if cfg.tp_world == 2 else lambda: _pack_return(expand_x[:own], triples, comm_quant_mode, staging)
+    ep_rows, _, packed = exchange.agree(fields, error, expand_x.device,
+                                        _tp_counts_check(op, cfg.tp_rank, own, peer, len(fields)),
+                                        counts=None if send_counts is None else send_counts.unsqueeze(1),
+                                        meanwhile=pack_own)
+    recv_counts = exchange.counts_after(ep_rows, send_counts.unsqueeze(1))
+    if packed is None:
+        packed = _pack_return(_tp_reduce(op, exchange.tp, cfg, expand_x, own, peer), triples, comm_quant_mode, staging)
+    layout, buf = packed
     parts = layout.unpack(exchange_rows(op, exchange.ep, buf, send_counts, recv_counts.squeeze(1)))
     got = comm_dequant(parts[0], parts[1]) if comm_quant_mode == combine_proto.COMM_QUANT_INT8 else parts[0]
     return got, parts[-1][:, 0].long(), parts[-1][:, 1].long()

@@ -145,23 +145,25 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     # The counts ride on the agreement when they fit (W * (L + 1) entries: agreed values, so every
     # rank decides alike), else they are exchanged after it (``Exchange.counts_after``).
     carried = counts if counts is not None and exchange.carries(counts.numel()) else None
-    ep_rows, _ = exchange.agree(_fields(config, expert_scales is not None, global_bs), error, x.device,
-                                counts=carried)
+    h, k = cfg.hidden, cfg.top_k
+    payload = RowLayout(((x.dtype if quant_mode != QUANT_DYNAMIC else torch.int8, h),)
+                        + ((torch.float32, 1),) * (quant_mode == QUANT_DYNAMIC))
+    row_bytes = -(-payload.row_bytes // 4) * 4          # meta rows are int32 words
+    n_meta = 3 + (expert_scales is not None)            # token, slot, payload row[, expand scale bits]
+    send_rows = None if counts is None else counts[:, lm] + _meta_rows(counts[:, :lm].sum(1), n_meta, row_bytes)
+
+    def pack() -> Tensor:                               # while the agreement is in flight
+        return _pack(payload, row_bytes, n_meta, plan, counts[:, lm], send_rows, x, scales, expert_scales,
+                     quant_mode, k, exchange.ep)
+
+    ep_rows, _, send = exchange.agree(_fields(config, expert_scales is not None, global_bs), error, x.device,
+                                      counts=carried, meanwhile=pack)
     recv_all = exchange.counts_after(ep_rows, counts)
     recv_counts, recv_unique = recv_all[:, :lm], recv_all[:, lm]
 
     outs = _zeroed_outputs(PROTO.infer_shape(config), x.device)
     expand_x, dynamic_scales, assist, token_nums, ep_counts, tp_counts, expand_scales = outs
-    h, k = cfg.hidden, cfg.top_k
-
-    payload = RowLayout(((x.dtype if quant_mode != QUANT_DYNAMIC else torch.int8, h),)
-                        + ((torch.float32, 1),) * (quant_mode == QUANT_DYNAMIC))
-    row_bytes = -(-payload.row_bytes // 4) * 4          # meta rows are int32 words
-    n_meta = 3 + (expert_scales is not None)            # token, slot, payload row[, expand scale bits]
-    send_rows = counts[:, lm] + _meta_rows(counts[:, :lm].sum(1), n_meta, row_bytes)
     recv_rows = recv_unique + _meta_rows(recv_counts.sum(1), n_meta, row_bytes)
-    send = _pack(payload, row_bytes, n_meta, plan, counts[:, lm], send_rows, x, scales, expert_scales, quant_mode,
-                 k, exchange.ep)
     buf = exchange_rows(NAME, exchange.ep, send, send_rows, recv_rows)
 
     # Each source's segment: its unique payload rows, then its copies' meta words (send order).
