@@ -210,6 +210,30 @@ def test_segment_ops_opcheck(bias):
     torch.library.opcheck(ops._segment_outer.default, (a, torch.randn(9, 5, generator=g), ends))
 
 
+def test_segment_outer_ops_match_plain_loops():
+    """``_segment_outer`` and ``_segment_outer_list`` (column blocks of ``a``, any strides, stacked
+    in list order): per segment ``sum_r a[r, k] * b[r, n]`` as plain loops compute it, 0 for an
+    empty segment, rows past the last segment never read (NaN there changes nothing)."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(9, 7, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    a[7:], b[7:] = float("nan"), float("nan")
+    ends = torch.tensor([2, 2, 7], dtype=torch.int32)
+    ops = torch.ops.moe_fusion
+    whole = ops._segment_outer(a.float(), b.float(), ends)
+    blocks = [a[:, 4:].float(), a[:, :4].float()]          # the column blocks swapped
+    swapped = ops._segment_outer_list(blocks, b.float(), ends)
+    assert swapped.shape == (3, 7, 5)
+    order = [4, 5, 6, 0, 1, 2, 3]
+    for e, (start, end) in enumerate([(0, 2), (2, 2), (2, 7)]):
+        for k in range(7):
+            for n in range(5):
+                want = sum(float(a[r, k]) * float(b[r, n]) for r in range(start, end))
+                assert abs(float(whole[e, k, n]) - want) <= 1e-5 * (1 + abs(want))
+                want = sum(float(a[r, order[k]]) * float(b[r, n]) for r in range(start, end))
+                assert abs(float(swapped[e, k, n]) - want) <= 1e-5 * (1 + abs(want))
+    torch.library.opcheck(ops._segment_outer_list.default, (blocks, b.float(), ends))
+
+
 def test_segment_activation_ops_touch_only_the_segments():
     """The activation between the grouped matmuls and its gradient (``_segment_activation``,
     ``_segment_activation_grad``) and the per-segment row sum (``_segment_sum``): the rows inside

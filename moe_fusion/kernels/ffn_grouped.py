@@ -115,7 +115,10 @@ def _grouped_mm(a: Tensor, w: Tensor, ends: Tensor) -> Tensor:
 
 
 def _grouped_outer_kernel(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
-    """``moe_fusion::_segment_outer``: see ``segment_outer``."""
+    """``moe_fusion::_segment_outer``: see ``segment_outer``. On the CPU by ``_listed_outer_kernel``
+    (the same products, as fast)."""
+    if a.device.type == "cpu":
+        return _listed_outer_kernel([a], b, ends)
     k, n = a.size(1), b.size(1)
     if a.dtype == torch.float64:
         rows = real_rows(ends)     # rows past the segments are not read
@@ -128,6 +131,26 @@ def _grouped_outer_kernel(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     return y[:, :k, :n].contiguous() if pad_k or pad_n else y     # row-major, as the fake kernel says
 
 
+def _listed_outer_kernel(a: list[Tensor], b: Tensor, ends: Tensor) -> Tensor:
+    """``moe_fusion::_segment_outer_list``: ``(E, K_0 + K_1 + ..., N)``, the ``segment_outer`` of
+    each column block ``a[i]`` ``(M, K_i)`` (slices of one matrix, any strides) with ``b`` ``(M, N)``,
+    stacked along dim 1 in list order: a reordering of a matrix's column blocks costs no copy of it.
+    On the CPU one ``mm`` per segment and block into its place, rows past the segments never read;
+    elsewhere ``torch._grouped_mm`` per block."""
+    if b.device.type != "cpu":
+        return torch.cat([_grouped_outer_kernel(block, b, ends) for block in a], dim=1)
+    acc = accumulator(a[0].dtype)
+    bounds = _bounds(ends)
+    y = torch.empty((len(bounds) - 1, sum(block.size(1) for block in a), b.size(1)), dtype=acc, device=b.device)
+    for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        rows = b[start:end].to(acc)
+        first = 0
+        for block in a:
+            torch.mm(block[start:end].to(acc).t(), rows, out=y[e, first:first + block.size(1)])
+            first += block.size(1)
+    return y
+
+
 # ``torch._grouped_mm``'s fake kernel accepts bf16 only, so its fp32 calls cannot be traced: the two
 # grouped matmuls are ops of their own, with fake kernels, which inductor calls as extern kernels
 # around the pointwise code it generates (``passes.lowering``).
@@ -137,6 +160,8 @@ LIBRARY.define("_segment_mm_list(Tensor a, Tensor[] w, Tensor ends, Tensor? bias
 LIBRARY.impl("_segment_mm_list", _listed_mm_kernel, "CompositeExplicitAutograd")
 LIBRARY.define("_segment_outer(Tensor a, Tensor b, Tensor ends) -> Tensor")
 LIBRARY.impl("_segment_outer", _grouped_outer_kernel, "CompositeExplicitAutograd")
+LIBRARY.define("_segment_outer_list(Tensor[] a, Tensor b, Tensor ends) -> Tensor")
+LIBRARY.impl("_segment_outer_list", _listed_outer_kernel, "CompositeExplicitAutograd")
 # Any strides will do (GLU halves arrive as column slices or as two matmul outputs): inductor must
 # not copy its operands into the strides they had in the traced graph.
 LIBRARY.define("_segment_activation(Tensor h, Tensor? gate, Tensor ends, str activation, ScalarType store, "
@@ -157,6 +182,11 @@ def _segment_mm_list_fake(a: Tensor, w: list[Tensor], ends: Tensor, bias: Option
 @torch.library.register_fake("moe_fusion::_segment_outer", lib=LIBRARY)
 def _segment_outer_fake(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     return a.new_empty((ends.size(0), a.size(1), b.size(1)), dtype=accumulator(a.dtype))
+
+
+@torch.library.register_fake("moe_fusion::_segment_outer_list", lib=LIBRARY)
+def _segment_outer_list_fake(a: list[Tensor], b: Tensor, ends: Tensor) -> Tensor:
+    return b.new_empty((ends.size(0), sum(block.size(1) for block in a), b.size(1)), dtype=accumulator(a[0].dtype))
 
 
 @torch.library.register_fake("moe_fusion::_segment_activation", lib=LIBRARY)

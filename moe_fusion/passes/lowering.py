@@ -178,40 +178,74 @@ def split_concatenated_weights(graph: fx.Graph) -> int:
         weight = _concatenated_weight(matmul.args[1])
         if weight is not None and (_split_columns(graph, matmul, weight) or _split_contraction(graph, matmul, weight)):
             split += 1
-    for add in graph.find_nodes(op="call_function", target=aten.add.Tensor):
-        split += _reordered_outer(graph, add)
+    for node in [*graph.find_nodes(op="call_function", target=aten.add.Tensor),
+                 *graph.find_nodes(op="call_function", target=aten.cat.default)]:
+        split += _reordered_outer(graph, node)
     if split:
         graph.eliminate_dead_code()
     return split
 
 
-def _reordered_outer(graph: fx.Graph, add: fx.Node) -> bool:
-    """The gradient of the stored weight when the concatenation swapped its pieces: autograd
-    writes the two column blocks of ``G = segment_outer(a, b)`` into zeros at swapped places,
-    ``slice_scatter(0, G[:, j1], ...) + slice_scatter(0, G[:, j0], ...)`` (two copies of the
-    weight's size). That is ``segment_outer`` of ``a`` with its column blocks reordered, a
-    concatenation inductor fuses into the code producing ``a`` (dim 2: the blocks of ``b``)."""
-    scatters = [_scatter_of_block(arg) for arg in add.args]
-    if None in scatters or len({(dim, source) for dim, source, _, _ in scatters}) != 1:
+def _reordered_outer(graph: fx.Graph, node: fx.Node) -> bool:
+    """The gradient of the stored weight when the concatenation swapped its pieces: autograd puts
+    the column blocks of ``G = segment_outer(a, b)`` back in the weight's order, either into zeros
+    at swapped places, ``slice_scatter(0, G[:, j1], ...) + slice_scatter(0, G[:, j0], ...)``, or as
+    ``cat([G[:, j1], G[:, j0]])`` (a copy of the weight's size, or two). That is ``segment_outer``
+    of ``a`` with its column blocks reordered: ``_segment_outer_list`` of the blocks, which reads
+    them in place (dim 2, the blocks of ``b``: a concatenation of them, which inductor fuses into
+    the code producing ``b``)."""
+    found = _outer_blocks(node)
+    if found is None:
         return False
-    dim, outer, _, _ = scatters[0]
-    if outer.target is not torch.ops.moe_fusion._segment_outer.default or len(outer.users) != 2:
-        return False
-    if tuple(add.meta["val"].shape) != tuple(outer.meta["val"].shape):
-        return False        # scattered into a larger tensor: not a reordering of G
-    size = outer.meta["val"].shape[dim]
-    placed = sorted((target, block) for _, _, target, block in scatters)        # by destination
-    if [t for t, _ in placed] != [(0, placed[0][0][1]), (placed[0][0][1], size)] or any(
-            t[1] - t[0] != b[1] - b[0] for t, b in placed):
-        return False        # the blocks do not tile the gradient
+    outer, dim, blocks = found
     operands = list(outer.args)
     side = dim - 1          # dim 1: a's columns, dim 2: b's columns
-    with graph.inserting_before(add):
-        blocks = [_call(graph, aten.slice.Tensor, (operands[side], 1, *block)) for _, block in placed]
-        operands[side] = _call(graph, aten.cat.default, (blocks, 1))
-        reordered = _call(graph, outer.target, tuple(operands), outer.kwargs)
-    add.replace_all_uses_with(reordered)
+    with graph.inserting_before(node):
+        pieces = [_call(graph, aten.slice.Tensor, (operands[side], 1, *block)) for block in blocks]
+        if side == 0:
+            reordered = _call(graph, torch.ops.moe_fusion._segment_outer_list.default, (pieces, *operands[1:]))
+        else:
+            operands[side] = _call(graph, aten.cat.default, (pieces, 1))
+            reordered = _call(graph, outer.target, tuple(operands), outer.kwargs)
+    node.replace_all_uses_with(reordered)
     return True
+
+
+def _outer_blocks(node: fx.Node) -> "tuple[fx.Node, int, list[tuple[int, int]]] | None":
+    """``(G, dim, blocks)`` when ``node`` (an ``add`` of ``slice_scatter``s into zeros, or a
+    ``cat``) is blocks of a ``_segment_outer`` ``G`` along ``dim`` (1 or 2) laid side by side:
+    ``blocks`` are G's ranges along ``dim`` in the order ``node`` holds them, G read by nothing
+    else; else None."""
+    if node.target is aten.add.Tensor:
+        scatters = [_scatter_of_block(arg) for arg in node.args]
+        if None in scatters:
+            return None
+        placed = sorted((target, block) for _, _, target, block in scatters)        # by destination
+        sources = {(dim, source) for dim, source, _, _ in scatters}
+    elif node.target is aten.cat.default and len(node.args[0]) > 1:
+        slices = [_block_of(arg) for arg in node.args[0]]
+        if None in slices:
+            return None
+        sources = {(dim, source) for dim, source, _ in slices}
+        placed, first = [], 0
+        for _, _, block in slices:                      # a cat places its blocks one after another
+            placed.append(((first, first + block[1] - block[0]), block))
+            first += block[1] - block[0]
+    else:
+        return None
+    if len(sources) != 1:
+        return None
+    dim, outer = next(iter(sources))
+    if outer.target is not torch.ops.moe_fusion._segment_outer.default or dim not in (1, 2):
+        return None
+    if len(outer.users) != len(placed) or tuple(node.meta["val"].shape) != tuple(outer.meta["val"].shape):
+        return None         # G is read elsewhere too, or the blocks land in a larger tensor
+    size, first = outer.meta["val"].shape[dim], 0
+    for target, block in placed:
+        if target != (first, first + block[1] - block[0]):
+            return None     # the blocks do not tile the result
+        first = target[1]
+    return (outer, dim, [block for _, block in placed]) if first == size else None
 
 
 def _scatter_of_block(node: Any) -> "tuple[int, fx.Node, tuple[int, int], tuple[int, int]] | None":
@@ -222,13 +256,29 @@ def _scatter_of_block(node: Any) -> "tuple[int, fx.Node, tuple[int, int], tuple[
     base, block, dim, start, end = (*node.args, *(None,) * (5 - len(node.args)))[:5]
     if not (isinstance(base, fx.Node) and base.target is aten.full.default and base.args[1] == 0):
         return None
-    if not (isinstance(block, fx.Node) and block.target is aten.slice.Tensor and len(block.args) == 4):
+    sliced = _block_of(block)
+    if sliced is None or not (isinstance(start, int) and isinstance(end, int)):
         return None
-    source, block_dim, first, last = block.args
+    if dim % block.meta["val"].dim() != sliced[0]:
+        return None         # scattered along another dim than the block was cut
+    source_dim, source, (first, last) = sliced
+    size = source.meta["val"].shape[source_dim]     # (an open end is traced as sys.maxsize)
+    return (source_dim, source, (start, min(end, size)), (first, last)) if start >= 0 else None
+
+
+def _block_of(node: Any) -> "tuple[int, fx.Node, tuple[int, int]] | None":
+    """``(dim, G, (s0, s1))`` of ``slice(G, dim, s0, s1)`` with static bounds (an open end cut to the
+    size), else None."""
+    if not (isinstance(node, fx.Node) and node.target is aten.slice.Tensor and len(node.args) == 4):
+        return None
+    source, dim, first, last = node.args
+    if not (isinstance(source, fx.Node) and all(isinstance(v, int) for v in (dim, first, last))):
+        return None
     rank = source.meta["val"].dim()
-    if dim % rank != block_dim % rank or not all(isinstance(v, int) for v in (start, end, first, last)):
+    size = source.meta["val"].shape[dim % rank]
+    if not isinstance(size, int) or first < 0:
         return None
-    return dim % rank, source, (start, end), (first, last)
+    return dim % rank, source, (first, min(last, size))
 
 
 def _concatenated_weight(weight: Any) -> Optional[_ConcatenatedWeight]:

@@ -218,6 +218,40 @@ def test_halves_of_a_torch_stack_of_expert_weights_are_read_in_place(cut):
     assert unstack_segment_weights(gm.graph) == 0
 
 
+@pytest.mark.parametrize("form", ["cat", "scatter"])
+def test_reordered_blocks_of_a_segment_outer_read_the_operand_in_place(form):
+    """``G = segment_outer(a, b)`` with its dim-1 blocks swapped, as autograd writes a swapped GLU
+    weight's gradient back (a ``cat`` of slices, or ``slice_scatter``s into zeros to the open end,
+    summed): the pass computes it as ``_segment_outer_list`` of ``a``'s blocks, G and the copies
+    gone, values equal; blocks that do not fill the result are left alone."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(9, 6, generator=g), torch.randn(9, 5, generator=g)
+    ends = torch.tensor([3, 7], dtype=torch.int32)
+
+    def fn(a, b, ends):
+        outer = torch.ops.moe_fusion._segment_outer(a, b, ends)              # (2, 6, 5)
+        if form == "cat":
+            return torch.cat([outer[:, 4:], outer[:, :4]], dim=1)
+        base = torch.zeros_like(outer)
+        return (torch.slice_scatter(base, outer[:, 4:], 1, 0, 2)
+                + torch.slice_scatter(base, outer[:, :4], 1, 2, 9223372036854775807))
+
+    gm = _traced(fn, a, b, ends)
+    assert split_concatenated_weights(gm.graph) == 1
+    gm.recompile()
+    assert torch.ops.moe_fusion._segment_outer.default not in _targets(gm)
+    assert torch.ops.moe_fusion._segment_outer_list.default in _targets(gm)
+    assert torch.ops.aten.cat.default not in _targets(gm)
+    want = torch.stack([torch.cat([a[s:t, 4:], a[s:t, :4]], dim=1).t() @ b[s:t] for s, t in [(0, 3), (3, 7)]])
+    torch.testing.assert_close(gm(a, b, ends), want)
+
+    def partial(a, b, ends):
+        outer = torch.ops.moe_fusion._segment_outer(a, b, ends)
+        return torch.cat([outer[:, 4:], outer[:, :2]], dim=1)                # not a reordering of G
+
+    assert split_concatenated_weights(_traced(partial, a, b, ends).graph) == 0
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_dispatched_rows_run_the_activation_on_the_counted_rows_only(train):
     """``npu_ffn_grouped`` of ``dispatch_v2``'s ``expand_x`` (its static worst case: 4 tokens x 2
@@ -251,5 +285,44 @@ def test_dispatched_rows_run_the_activation_on_the_counted_rows_only(train):
     code = "\n".join(codes)
     assert "moe_fusion._segment_activation.default(" in code
     assert ("moe_fusion._segment_activation_grad.default(" in code) == train
+    for g_, w_ in zip(got, run(layer)):
+        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_of_glu_halves_stored_in_the_other_order_is_not_copied():
+    """Megatron's fc1 weights hold ``[gate; up]``, the op's GLU takes the activated half second: the
+    FFN pass swaps the halves of the stacked weights, and autograd writes the two halves of the
+    weight gradient back into zeros at swapped places (``slice_scatter`` of slices to the open end).
+    The lowering computes that gradient as ``_segment_outer_list`` of the activation gradient's
+    column blocks in the weight's order: the experts' gradients are views of its output, no
+    weight-sized copy; results and gradients equal eager's."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, H, generator=g, requires_grad=True)
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]], dtype=torch.int32)
+    fc1 = [torch.randn(2 * INNER, H, generator=g, requires_grad=True) for _ in range(2)]     # (2I, H) each
+    w2 = torch.randn(2, INNER, H, generator=g, requires_grad=True)
+    weights = torch.rand(4, 2, generator=g)
+
+    def layer(x, fc1_0, fc1_1, w2):
+        expand_x, _, assist, counts, ep_counts, tp_counts, _ = moe_fusion.npu_moe_distribute_dispatch_v2(
+            x, ids, "", 1, 0, 2, expert_token_nums_type=1)
+        stacked = torch.stack([fc1_0, fc1_1])
+        swapped = torch.cat([stacked[:, INNER:], stacked[:, :INNER]], dim=1)          # [up; gate]
+        y = moe_fusion.npu_ffn_grouped(expand_x, swapped.transpose(1, 2), w2, "swiglu", expert_tokens=counts)
+        out = moe_fusion.npu_moe_distribute_combine_v2(y, ids, assist, ep_counts, weights, "", 1, 0, 2,
+                                                       tp_send_counts=tp_counts)
+        return (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum()
+
+    def run(fn):
+        out = fn(x, *fc1, w2)
+        return [out, *torch.autograd.grad(out, (x, *fc1, w2))]
+
+    torch._dynamo.reset()
+    got, codes = run_and_get_code(run, torch.compile(layer, backend=backend(cost_gate=False)))
+    backward = codes[-1]
+    assert "moe_fusion._segment_outer_list.default(" in backward
+    # The experts' fc1 gradients are returned as views of one buffer, not written by a copy kernel.
+    returned = re.search(r"return \((.*)\)", backward).group(1)
+    assert len(re.findall(rf"reinterpret_tensor\(buf\d+, \({2 * INNER}, {H}\)", returned)) == 2, returned
     for g_, w_ in zip(got, run(layer)):
         torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
