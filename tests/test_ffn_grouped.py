@@ -210,6 +210,28 @@ def test_segment_ops_opcheck(bias):
     torch.library.opcheck(ops._segment_outer.default, (a, torch.randn(9, 5, generator=g), ends))
 
 
+def test_segment_mm_of_few_rows_against_transposed_weights_matches_plain_loops():
+    """Segments of at most ``FEW_ROWS`` rows against ``nn.Linear``-style ``(N, K)`` weights (read as
+    transposed views) take the kernel's other product order; every segment size around the bound,
+    an empty one and rows past the last segment give the plain-loop products (fp32-close) and 0."""
+    from moe_fusion.kernels.ffn_grouped import FEW_ROWS
+
+    g = torch.Generator().manual_seed(5)
+    sizes = [1, 0, FEW_ROWS, FEW_ROWS + 1, 3]
+    ends = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
+    a = torch.randn(int(ends[-1]) + 2, 6, generator=g)
+    linear = [torch.randn(5, 6, generator=g) for _ in sizes]             # (N, K) each
+    got = torch.ops.moe_fusion._segment_mm_list(a, [w.t() for w in linear], ends)
+    start = 0
+    for e, end in enumerate(ends.tolist()):
+        for r in range(start, end):
+            for n in range(5):
+                want = sum(float(a[r, k]) * float(linear[e][n, k]) for k in range(6))
+                assert abs(float(got[r, n]) - want) <= 1e-5 * (1 + abs(want))
+        start = end
+    assert not got[start:].any()
+
+
 def test_segment_outer_ops_match_plain_loops():
     """``_segment_outer`` and ``_segment_outer_list`` (column blocks of ``a``, any strides, stacked
     in list order): per segment ``sum_r a[r, k] * b[r, n]`` as plain loops compute it, 0 for an

@@ -25,6 +25,11 @@ from .ffn import stored_activation
 
 Tensor = torch.Tensor
 ALIGN = 4     # fp32 elements per 16 bytes
+# A segment of at most this many rows against a transposed weight (an ``(N, K)`` row-major
+# ``nn.Linear`` / HF expert weight) is computed as ``(N, K) @ (K, rows)``, which streams the weight
+# as it is stored: as ``(rows, K) @ (K, N)`` the CPU BLAS took 1.5x as long (HF ``batched_mm`` decode
+# steps, 4 rows per expert). From 16 rows on the two orders ran alike.
+FEW_ROWS = 8
 
 
 def _segment_ends(expert_tokens: Tensor, tokens_index_flag: bool) -> Tensor:
@@ -48,13 +53,18 @@ def _grouped_mm_kernel(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor
 def _listed_mm_kernel(a: Tensor, w: list[Tensor], ends: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``moe_fusion::_segment_mm_list``: ``segment_mm`` with the experts' ``(K, N)`` weights as a list
     (views of the model's own parameters: no ``(E, K, N)`` stack is built), by one ``mm`` per
-    segment on host-read ends, the products ``torch._grouped_mm`` computes on the CPU bit for bit.
+    segment on host-read ends, the products ``torch._grouped_mm`` computes on the CPU (bit for bit
+    but in segments of at most ``FEW_ROWS`` rows against a transposed weight: see there).
     ``passes.lowering.unstack_segment_weights`` puts it in place of ``_segment_mm`` of a stack."""
     acc = accumulator(a.dtype)
     bounds = _bounds(ends)
     y = zero_past(bounds[-1], (a.size(0), w[0].size(1)), acc, a.device)
     for e, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        torch.mm(a[start:end].to(acc), w[e].to(acc), out=y[start:end])
+        rows, weight = a[start:end].to(acc), w[e].to(acc)
+        if end - start <= FEW_ROWS and weight.t().is_contiguous():
+            y[start:end] = torch.mm(weight.t(), rows.t()).t()
+        else:
+            torch.mm(rows, weight, out=y[start:end])
     return _add_bias(y, bounds, bias)
 
 
