@@ -2,7 +2,7 @@
 
 Every call runs, before any payload moves, one **agreement exchange** (``agree``): an all-gather of
 a vector of ``AGREEMENT_LEN`` int64 over the TP pair (when ``T == 2``), then over the EP group (sent
-as an all-to-all of copies, ``_all_gather``). Its
+as an all-to-all of copies, ``_start_all_gather``). Its
 size is fixed (independent of every attribute, of the op and of the inputs), so ranks that disagree
 on anything, or that rejected their inputs, still complete it, and every rank then raises together:
 

@@ -222,8 +222,8 @@ def segment_mm(a: Tensor, w: Tensor, ends: Tensor, bias: Optional[Tensor] = None
 
 def segment_outer(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     """``(E, K, N)``: ``a[s_e:s_{e+1}]^T @ b[s_e:s_{e+1}]`` per segment of ``a`` ``(M, K)`` and ``b``
-    ``(M, N)``, fp32 (0 for empty ones); fp64 for fp64 ``a`` (by a dense einsum: ``_grouped_mm`` has
-    no fp64)."""
+    ``(M, N)``, fp32 (0 for empty ones); fp64 for fp64 ``a``. On the CPU one ``mm`` per segment;
+    elsewhere ``torch._grouped_mm`` (fp64 by a dense einsum: ``_grouped_mm`` has no fp64)."""
     return torch.ops.moe_fusion._segment_outer(a, b, ends)
 
 

@@ -224,8 +224,9 @@ def _outer_blocks(node: fx.Node) -> "tuple[fx.Node, int, list[tuple[int, int]]] 
         sources = {(dim, source) for dim, source, _, _ in scatters}
     elif node.target is aten.cat.default and len(node.args[0]) > 1:
         slices = [_block_of(arg) for arg in node.args[0]]
-        if None in slices:
-            return None
+        cat_dim = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
+        if None in slices or any(dim != cat_dim for dim, _, _ in slices):
+            return None     # (blocks cut along one dim, joined along another)
         sources = {(dim, source) for dim, source, _ in slices}
         placed, first = [], 0
         for _, _, block in slices:                      # a cat places its blocks one after another
@@ -257,7 +258,7 @@ def _scatter_of_block(node: Any) -> "tuple[int, fx.Node, tuple[int, int], tuple[
     if not (isinstance(base, fx.Node) and base.target is aten.full.default and base.args[1] == 0):
         return None
     sliced = _block_of(block)
-    if sliced is None or not (isinstance(start, int) and isinstance(end, int)):
+    if sliced is None or not all(isinstance(v, int) for v in (dim, start, end)):
         return None
     if dim % block.meta["val"].dim() != sliced[0]:
         return None         # scattered along another dim than the block was cut
