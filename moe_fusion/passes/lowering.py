@@ -37,6 +37,7 @@ from ..kernels.ffn import npu_ffn as ffn_kernel
 from ..kernels.ffn_grouped import grouped_ffn
 from ..op_protos import PROTOS
 from ..op_protos.ffn_grouped import device_value_checks
+from ._graph import strip_views
 from .context import LOWERED
 
 Tensor = torch.Tensor
@@ -80,8 +81,7 @@ def _dispatched_rows(node: fx.Node) -> bool:
     counted rows only (``kernels.ffn_grouped.grouped_ffn``). Other rows (re-routed tokens) are
     all counted: inductor's pointwise code on every row is then the fastest."""
     x = node.args[0 if node.target is torch.ops.moe_fusion.npu_ffn_grouped.default else 1]
-    while isinstance(x, fx.Node) and x.target in (aten.view.default, aten.reshape.default):
-        x = x.args[0]
+    x = strip_views(x)
     return (isinstance(x, fx.Node) and x.target is operator.getitem and isinstance(x.args[0], fx.Node)
             and x.args[0].target is torch.ops.moe_fusion.npu_moe_distribute_dispatch_v2.default)
 
@@ -400,11 +400,10 @@ def _cut_of(node: Any) -> "tuple[Any, Optional[tuple[int, int, int]]]":
     ``stack[:, :, start:end]`` (dim 2) by ``slice`` or a ``split`` item, else ``(node, None)``."""
     if not isinstance(node, fx.Node):
         return node, None
-    if node.target is aten.slice.Tensor and len(node.args) == 4:
-        source, dim, start, end = node.args
-        if isinstance(dim, int) and dim % 3 in (1, 2) and isinstance(start, int) and isinstance(end, int) \
-                and start >= 0:
-            return source, (dim % 3 - 1, start, min(end, source.meta["val"].shape[dim]))
+    block = _block_of(node)
+    if block is not None and block[0] in (1, 2):
+        dim, source, (start, end) = block
+        return source, (dim - 1, start, end)
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and \
             node.args[0].target is aten.split.Tensor:
         source, size, dim = (*node.args[0].args, 0)[:3]
