@@ -27,10 +27,12 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
     return Parser(description=doc)
 
 
-def print_table(rows: list[Row]) -> None:
-    """Print the rows, then what the columns mean and how sure the intervals are."""
+def print_table(rows: list[Row], unit: str = "ms") -> None:
+    """Print the rows (timings in ``unit``, as the timer measured them), then what the columns mean
+    and how sure the intervals are."""
     width = max([len("case")] + [len(row.case) for row in rows])
-    print(f"{'case':{width}s} {'kernel ms min/med/max':>24s} {'baseline ms min/med/max':>26s} "
+    kernel, baseline = f"kernel {unit} min/med/max", f"baseline {unit} min/med/max"
+    print(f"{'case':{width}s} {kernel:>24s} {baseline:>26s} "
           f"{'ratio [interval]':>22s} {'target':>7s}  verdict")
     for row in rows:
         t = row.timing

@@ -8,13 +8,16 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
+import torch.distributed as dist
 
 from moe_fusion.__main__ import build_parser
 from moe_fusion.__main__ import main as moe_fusion_main
 from moe_fusion.demo.run import _timing_summary
-from moe_fusion.demo.timing import Comparison, interleave, median_interval, spread
+from moe_fusion.demo.timing import Comparison, group_cpu_seconds, interleave, median_interval, spread
+from moe_fusion.launch import run_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -193,6 +196,27 @@ def test_export_produces_each_end_of_its_opset_range(examples_on_path, tmp_path,
 
 
 # -- the timing summary ------------------------------------------------------------------------
+
+def _busy(seconds: float) -> None:
+    """Spin on this process's CPU clock for ``seconds`` of CPU time."""
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+
+
+def _cpu_timings(rank: int, world: int) -> tuple[float, float]:
+    """``group_cpu_seconds`` of 50 ms of CPU work on every rank, and of rank 0 waiting 200 ms in a
+    barrier for rank 1 (which sleeps meanwhile)."""
+    busy = group_cpu_seconds(lambda: _busy(0.05))
+    waiting = group_cpu_seconds(lambda: (time.sleep(0.2) if rank == 1 else None, dist.barrier()))
+    return busy, waiting
+
+
+def test_group_cpu_seconds_sums_the_ranks_work_and_not_their_waiting():
+    for busy, waiting in run_ranks(2, _cpu_timings, timeout=120):
+        assert 0.1 <= busy < 0.2          # 50 ms on each of the 2 ranks, counted on every rank
+        assert waiting < 0.05             # a barrier and a sleep put no work on the machine
+
 
 def test_median_interval_order_statistics():
     seven = median_interval([7, 1, 6, 2, 5, 3, 4])

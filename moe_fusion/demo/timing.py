@@ -47,6 +47,19 @@ def synced_seconds(fn: Callable[[], object]) -> float:
     return elapsed.item()
 
 
+def group_cpu_seconds(fn: Callable[[], object]) -> float:
+    """CPU seconds (user + system, every thread: gloo's and the store's included) one call of ``fn``
+    costs the whole default group: the sum over its ranks, every rank starting at a barrier (call
+    on every rank). Where the ranks outnumber the cores, the wall time follows this sum, and unlike
+    the wall time it does not move with the scheduler's choices: waiting in a collective costs none."""
+    dist.barrier()
+    start = time.process_time()
+    fn()
+    spent = torch.tensor([time.process_time() - start], dtype=torch.float64)
+    dist.all_reduce(spent, op=dist.ReduceOp.SUM)
+    return spent.item()
+
+
 def interleave(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1,
                timer: Timer = wall_seconds) -> list[tuple[float, ...]]:
     """``repeats`` timings of each of ``fns`` (one tuple per function), after ``warmup`` untimed
