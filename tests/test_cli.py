@@ -207,9 +207,12 @@ def _busy(seconds: float) -> None:
 def _cpu_timings(rank: int, world: int) -> tuple[float, float]:
     """``group_cpu_seconds`` of 50 ms of CPU work on every rank, and of rank 0 waiting 200 ms in a
     barrier for rank 1 (which sleeps meanwhile)."""
-    busy = group_cpu_seconds(lambda: _busy(0.05))
-    waiting = group_cpu_seconds(lambda: (time.sleep(0.2) if rank == 1 else None, dist.barrier()))
-    return busy, waiting
+    def wait() -> None:
+        if rank == 1:
+            time.sleep(0.2)
+        dist.barrier()
+
+    return group_cpu_seconds(lambda: _busy(0.05)), group_cpu_seconds(wait)
 
 
 def test_group_cpu_seconds_sums_the_ranks_work_and_not_their_waiting():

@@ -42,22 +42,25 @@ def synced_seconds(fn: Callable[[], object]) -> float:
     """Seconds one call of ``fn`` takes on the slowest rank, every rank starting at a barrier (call
     on every rank of the default group)."""
     dist.barrier()
-    elapsed = torch.tensor([wall_seconds(fn)], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return elapsed.item()
+    return _over_ranks(wall_seconds(fn), dist.ReduceOp.MAX)
 
 
 def group_cpu_seconds(fn: Callable[[], object]) -> float:
     """CPU seconds (user + system, every thread: gloo's and the store's included) one call of ``fn``
     costs the whole default group: the sum over its ranks, every rank starting at a barrier (call
-    on every rank). Where the ranks outnumber the cores, the wall time follows this sum, and unlike
-    the wall time it does not move with the scheduler's choices: waiting in a collective costs none."""
+    on every rank). Where the ranks outnumber the cores, the wall time follows this sum; waiting in
+    a collective costs none of it (contention for the cores and their caches still inflates it)."""
     dist.barrier()
     start = time.process_time()
     fn()
-    spent = torch.tensor([time.process_time() - start], dtype=torch.float64)
-    dist.all_reduce(spent, op=dist.ReduceOp.SUM)
-    return spent.item()
+    return _over_ranks(time.process_time() - start, dist.ReduceOp.SUM)
+
+
+def _over_ranks(seconds: float, op: dist.ReduceOp) -> float:
+    """``seconds`` of this rank reduced with ``op`` over the default group (call on every rank)."""
+    reduced = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(reduced, op=op)
+    return reduced.item()
 
 
 def interleave(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1,
