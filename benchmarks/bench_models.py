@@ -11,9 +11,10 @@ The variants alternate; the table gives spreads, the median paired ratio with it
 the verdict against the target (<= 1.0: fusing must not slow the block down).
 
 Expert-parallel layers on 4 gloo ranks (``--only ep``): DeepSpeed 0.19.8 ``MoE`` (k=2 dropless, k=1
-with capacity factor 1), fairscale 0.4.13 ``MOELayer`` + ``Top2Gate`` and Megatron-core 0.16.1
-``MoELayer`` (alltoall, SequentialMLP, SwiGLU) and torchtitan 0.3.0 ``MoE`` (its own expert-parallel
-``parallelize``, all-to-all token dispatcher, bf16 grouped SwiGLU experts), fp32, 2 experts per rank:
+with capacity factors 1 and 2: the first left unfused by the cost gate), fairscale 0.4.13
+``MOELayer`` + ``Top2Gate`` and Megatron-core 0.16.1 ``MoELayer`` (alltoall, SequentialMLP, SwiGLU)
+and torchtitan 0.3.0 ``MoE`` (its own expert-parallel ``parallelize``, all-to-all token dispatcher,
+bf16 grouped SwiGLU experts), fp32, 2 experts per rank:
 ``moe_fusion.compile`` vs plain ``torch.compile`` of an identical layer, each step timed on the
 slowest rank (``--cpu``: the CPU time of the step summed over the ranks, the work it puts on the
 machine, which sets the wall time where ranks outnumber cores).
@@ -119,6 +120,8 @@ EP_LAYERS = {  # name -> builder(rank, world): the layer, built alike on every c
     "deepspeed k=2 dropless": lambda rank, world: _deepspeed(rank, world, k=2, drop_tokens=False),
     "deepspeed k=1 capacity 1.0": lambda rank, world: _deepspeed(rank, world, k=1, drop_tokens=True,
                                                                  capacity_factor=1.0),
+    "deepspeed k=1 capacity 2.0": lambda rank, world: _deepspeed(rank, world, k=1, drop_tokens=True,
+                                                                 capacity_factor=2.0),
     "fairscale top2": _fairscale,
     "megatron alltoall top2": _megatron,
     "torchtitan alltoall top2": _torchtitan,

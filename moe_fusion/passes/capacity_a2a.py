@@ -57,6 +57,7 @@ import torch.fx as fx
 from ._graph import ancestors, in_graph_order, insert_call, is_op, is_size, val, widening_cast
 from .collectives import Collective, as_collective, collective_nodes, find_collectives, group_rank, output_value
 from .context import FusionReport, PassContext, Refusal, attempt
+from . import cost
 from .capacity_slots import check_slot_form, is_slot_dispatch, read_slot_form
 from .evaluate import FULL, Instance, NotReducible, bind_unbacked, evaluate, on_real_tensors, reduced_instance
 from .ffn_forms import FfnMatch, check_same_form, find_ffn_forms
@@ -539,6 +540,7 @@ def _read_slot_block(a2a: Collective, received: fx.Node, back: Collective, used:
     dtype = val(form.x).dtype
     if ordered[0].dtype != dtype or val(form.y).dtype != dtype:
         raise Refusal(f"x is {dtype} but the experts run in {ordered[0].dtype} and the combine in {val(form.y).dtype}")
+    cost.refuse_unpadded_slot_block(val(a2a.input).numel() // hidden, tokens * k, val(form.x).device)
     out, shared = shared_addend(form.y)
     read = {form.x, form.keep, form.gates, *form.choices} | ({shared} if shared is not None else set())
     return MoeBlock(PATTERN, a2a.nodes[0], form.x, stacked_columns(form.choices), k, transposed(form.gates), ordered,

@@ -7,7 +7,9 @@ compiles, ``moe_fusion.compile(..., cost_gate=True)`` by default) such a rewrite
 graph keeps the unfused chain, and the report says why. GE compiles the fused ops to CANN's kernels
 and ONNX exports them as they are: neither is gated.
 
-The known case: an FFN stored in bf16 or fp16 on a device that multiplies that dtype natively
+The known cases:
+
+* an FFN stored in bf16 or fp16 on a device that multiplies that dtype natively
 (CPU AMX / AVX512-BF16 / AMX-FP16 through oneDNN, CUDA tensor cores). ``npu_ffn`` keeps such an
 FFN's first matmul and its activation in fp32 (SPEC §5.4, the device's high-precision mode), and no
 portable ATen matmul takes bf16 operands to an fp32 result, so the reference multiplies in fp32: on
@@ -15,17 +17,27 @@ an AMX CPU 4-8x the time of the unfused chain's bf16 matmuls (``benchmarks/bench
 --hf-dtype bfloat16``). Kept despite that: the gathered form (HF ``batched_mm``) in a training
 graph, whose unfused backward scatters a weight gradient per row; fused, its training step measured
 6-8x faster (0.12-0.18x) there.
+* a capacity block in DeepSpeed's sparse slot form (``capacity_slots``) whose static capacity pads
+  its experts' rows little: its unfused experts then compute about the rows the grouped FFN would,
+  so fusing saves no FFN work, while the reference ``dispatch_v2`` / ``combine_v2`` cost more host
+  work and collective rounds than the block's two fixed-size all-to-alls. Measured with DeepSpeed
+  k=1 (``bench_models.py --only ep``, 4 ranks, 512 tokens each, 8 experts; fused / plain inductor,
+  inference / training): capacity factor 1.0 (1.0 expert row per route) 1.25 / 1.10, 1.25 (1.25
+  rows) 1.04 / - (gated), 1.5 0.83 / 0.86, 2.0 0.70 / 0.60. Not gated: a capacity read from the data
+  (dropless: its padding is unknown when compiling; k=2 measured 0.95 / 0.89) and the GShard einsum
+  form, whose unfused dispatch and combine are dense matmuls over every slot (fairscale: 0.87 / 0.83).
 """
 from __future__ import annotations
 
 import contextvars
-from typing import ContextManager, Optional
+from typing import ContextManager, Optional, Union
 
 import torch
 
 from .context import Refusal, fusing_for_training, scoped
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+MIN_PADDING = 1.3   # expert rows per route below which a slot-form capacity block is not worth fusing
 _gate: contextvars.ContextVar[bool] = contextvars.ContextVar("moe_fusion_cost_gate", default=False)
 
 
@@ -74,3 +86,20 @@ def refuse_slower_ffn(dtype: torch.dtype, device: torch.device, *, gathered: boo
                   f"activation in float32 (SPEC §5.4), which off Ascend means float32 matmuls, and this "
                   f"{device.type} multiplies {name} natively ({unit}); left unfused under inductor "
                   f"(moe_fusion.compile(..., cost_gate=False) fuses it anyway; GE always does)")
+
+
+def refuse_unpadded_slot_block(table_rows: Union[int, torch.SymInt], routes: Union[int, torch.SymInt],
+                               device: torch.device) -> None:
+    """Raise ``Refusal`` when the gate is on and a slot-form capacity block (module docstring) would
+    run slower fused: its dispatch table of ``table_rows`` rows (``E * C``: the expert rows each rank
+    computes unfused) holds fewer than ``MIN_PADDING`` rows per route of this rank (``routes``,
+    ``S * K``). A size read from the data (a ``SymInt``) is not gated, nor is an Ascend device."""
+    if not _gate.get() or not isinstance(table_rows, int) or not isinstance(routes, int) or device.type == "npu":
+        return
+    if table_rows >= MIN_PADDING * routes:
+        return
+    raise Refusal(f"slower here than the unfused code: its capacity gives the experts {table_rows} rows per rank for "
+                  f"{routes} routes ({table_rows / max(routes, 1):.2f} per route, under {MIN_PADDING}), so the grouped "
+                  "FFN would save the unfused experts few padding rows, and off Ascend the reference dispatch and "
+                  "combine cost more host work and collective rounds than the block's two all_to_alls; left unfused "
+                  "under inductor (moe_fusion.compile(..., cost_gate=False) fuses it anyway; GE always does)")

@@ -2,8 +2,10 @@
 DeepSpeed 0.19 writes it, on 2 gloo ranks, and look-alikes that must not fuse: a second choice that
 does not mask the first (a token may pick one expert twice: dispatch_v2 needs distinct ids), slot
 positions that let two routes share a row (the scatter overwrites one: no dispatch computes that),
-and the A2 target (its protos refuse the block with their reason). Each compiled layer equals the eager one: the fused
-block and the refused ones (whose expert FFNs still fuse alone) within fp32 rounding."""
+and the A2 target (its protos refuse the block with their reason). Under inductor the cost gate
+leaves a static capacity with few rows per route unfused (``cost.refuse_unpadded_slot_block``) and
+fuses a roomier one and a capacity read from the data. Each compiled layer equals the eager one: the
+fused block and the refused ones (whose expert FFNs still fuse alone) within fp32 rounding."""
 from __future__ import annotations
 
 from typing import Any
@@ -19,13 +21,19 @@ from moe_fusion.launch import run_ranks
 from moe_fusion.passes import FusionReport
 
 HIDDEN, FFN, EXPERTS, TOKENS, WORLD = 16, 24, 4, 12, 2
-VARIANTS = {  # name -> (target, refusal reason expected, or None when it fuses)
-    "deepspeed-like": ("portable", None),
-    "repeated-choice": ("portable", "does not mask the earlier choices"),
-    "shared-rows": ("portable", "two kept routes share a row"),
-    "capacity-drops": ("portable", None),
-    "A2-target": ("A2", "invalid on target A2"),
+SLOWER = "slower here than the unfused code"
+VARIANTS = {  # name -> (target, compiler, refusal reason expected, or None when it fuses)
+    "deepspeed-like": ("portable", "eager", None),
+    "repeated-choice": ("portable", "eager", "does not mask the earlier choices"),
+    "shared-rows": ("portable", "eager", "two kept routes share a row"),
+    "capacity-drops": ("portable", "eager", None),
+    "A2-target": ("A2", "eager", "invalid on target A2"),
+    # Under inductor the cost gate weighs the dispatch table's rows per route (E * C / (S * K)):
+    "capacity-drops-inductor": ("portable", "inductor", SLOWER),       # 16 rows for 24 routes
+    "roomy-capacity-inductor": ("portable", "inductor", None),         # 48 rows for 24 routes
+    "deepspeed-like-inductor": ("portable", "inductor", None),         # capacity from the data: not gated
 }
+CAPACITIES = {"capacity-drops": 4, "capacity-drops-inductor": 4, "roomy-capacity-inductor": 12}
 
 
 class SlotMoE(torch.nn.Module):
@@ -56,8 +64,8 @@ class SlotMoE(torch.nn.Module):
         loc2 = torch.cumsum(mask2, 0) - 1
         if self.variant != "shared-rows":                        # second choices after the first ones
             loc2 = loc2 + mask1.sum(0, keepdim=True)
-        if self.variant == "capacity-drops":
-            capacity = 4
+        if self.variant in CAPACITIES:
+            capacity = CAPACITIES[self.variant]
             mask1 = mask1 * (loc1 < capacity)
             mask2 = mask2 * (loc2 < capacity)
         else:
@@ -82,14 +90,14 @@ class SlotMoE(torch.nn.Module):
 
 def _run(rank: int, world: int) -> dict[str, Any]:
     results = {}
-    for name, (target, _) in VARIANTS.items():
+    for name, (target, compiler, _) in VARIANTS.items():
         layer = SlotMoE(name, rank)
         x = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(50 + rank))
         report = FusionReport()
         torch._dynamo.reset()
         with torch.no_grad():
             eager = layer(x)
-            fused = moe_fusion.compile(layer, target=target, report=report, compiler="eager")(x)
+            fused = moe_fusion.compile(layer, target=target, report=report, compiler=compiler)(x)
         results[name] = {"eager": eager, "fused": fused,
                          "events": [(e.pattern, e.fused, e.detail) for e in report.events if e.pattern ==
                                     "moe_capacity_a2a"]}
@@ -103,7 +111,7 @@ def ranks() -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_slot_block_fuses_only_when_exact(ranks, name):
-    refusal = VARIANTS[name][1]
+    refusal = VARIANTS[name][2]
     for rank, result in enumerate(ranks):
         case = result[name]
         assert len(case["events"]) == 1, case["events"]
