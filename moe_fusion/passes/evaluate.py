@@ -102,9 +102,11 @@ class Instance:
     # ``.item()``): any value is one instance of the region.
     bindings: tuple[tuple[Any, int], ...] = ()
 
-    def size(self, n: int) -> int:
+    def size(self, n: Any) -> Any:
         if isinstance(n, torch.SymInt):
             n = _bound(n, self.bindings)
+        if self.factor != 1 and isinstance(n, float) and n.is_integer() and n > 1:
+            return float(self._scalar_size(int(n)))
         if self.factor == 1 or isinstance(n, bool) or not isinstance(n, int):
             return n
         batches = self._batch_factors(abs(n))
@@ -114,6 +116,20 @@ class Instance:
 
     def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(self.size(d) if isinstance(d, torch.SymInt) else self.size(int(d)) for d in shape)
+
+    def _scalar_size(self, n: int) -> int:
+        """An integral float scalar: sizes in the region's scalar arithmetic (a capacity formula's
+        ``S / E``, a Python float in the graph) are resized like ints, and a batch size divided by a
+        product of the fixed sizes is divided too (it is a share of a batch size: tokens per expert).
+        A fixed size stays (ambiguous: a misread shows up as a guard failing, a refusal)."""
+        if n in self.smalls:
+            return n
+        if self._batch_factors(n):
+            return self.size(n)
+        products = _products(self.smalls)
+        if n % self.factor == 0 and any(big % n == 0 and big // n in products for big in self.bigs):
+            return n // self.factor
+        return n
 
     def _batch_factors(self, n: int) -> int:
         """How many batch sizes ``n`` holds: 0 for a fixed size itself, else the most batch sizes

@@ -47,7 +47,9 @@ CASES = {  # name -> (world, MoE options, compiler, dtype)
 # name -> (tokens per rank, hidden): blocks large enough that the guards evaluate a reduced instance,
 # with sizes that coincide (E * C == tokens, H == E * C / 2) as powers of two do.
 LARGE = {"k2-dropless-large": (2, {"k": 2, "drop_tokens": False}, "eager", torch.float32),
-         "k1-capacity-large": (2, {"k": 1, "drop_tokens": True, "capacity_factor": 1.0}, "eager", torch.float32)}
+         "k1-capacity-large": (2, {"k": 1, "drop_tokens": True, "capacity_factor": 1.0}, "eager", torch.float32),
+         # top-2's capacity ceil(2.0 * S / E) reads S / E as a float: the reduced instance divides it too
+         "k2-capacity-large": (2, {"k": 2, "drop_tokens": True, "capacity_factor": 1.0}, "eager", torch.float32)}
 LARGE_SIZES = (512, 256)
 CASES.update(LARGE)
 # Training steps (forward and backward of a fixed loss): output, input and every parameter gradient.

@@ -157,6 +157,19 @@ def _fused_vs_eager(rank: int, world: int) -> dict[str, Any]:
     return {"max_diff": float((fused - eager).abs().max()), "fused": [e.pattern for e in report.fused()]}
 
 
+def test_a_reduced_instance_resizes_the_integral_floats_of_size_arithmetic():
+    """DeepSpeed's top-2 capacity is ``ceil(2.0 * (S / E))`` with ``S / E`` a Python float in the
+    graph: a reduced instance divides it with the tokens, else the capacity the routing compares
+    against would not be its table's (the block was refused at 512 tokens and H=1024)."""
+    from moe_fusion.passes.evaluate import reduced_instance
+
+    instance = reduced_instance((512, 128, 1024), (8, 4, 2, 2), 16)     # S, C, H; E, W, L, K
+    assert instance.factor == 8
+    assert instance.size(64.0) == 8.0                                    # S / E, tokens per expert
+    assert (instance.size(128), instance.size(128.0), instance.size(1024.0)) == (16, 16.0, 128.0)
+    assert [instance.size(v) for v in (8.0, 3.0, 0.5, 1.0)] == [8.0, 3.0, 0.5, 1.0]   # fixed, not sizes
+
+
 def test_fused_through_a_reduced_instance_equals_eager():
     assert 320 * 4 * 320 > capacity_a2a.FULL_SIZE_LIMIT
     for result in run_ranks(WORLD, _fused_vs_eager, timeout=300):
