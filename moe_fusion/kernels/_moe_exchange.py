@@ -268,24 +268,24 @@ def _op_name(code: int) -> str:
     return next((name for name, c in OP_CODES.items() if c == code), f"an unknown op (code {code})")
 
 
-def _disagreement(op: str, arg: str, fields: Sequence[Field], rows: Tensor, rank: int, scope: str) -> Optional[str]:
-    """The first disagreement among ``rows`` ``(G, AGREEMENT_LEN)`` (this rank's is row ``rank``) as a
+def _disagreement(op: str, arg: str, fields: Sequence[Field], rows: list[list[int]], rank: int,
+                  scope: str) -> Optional[str]:
+    """The first disagreement among ``rows`` (every rank's ``AGREEMENT_LEN`` header values, this
+    rank's at ``rank``; Python ints: a few dozen comparisons cost less than tensor ops) as a
     message, None when every rank agrees: first the op itself, then each field of the scope."""
-    ops = rows[:, 0]
-    if bool((ops != ops[rank]).any()):
-        peer = int((ops != ops[rank]).nonzero()[0])
-        return (f"{op}: {arg} must be called by every rank of the group in the same order, got {op} on this rank, "
-                f"{_op_name(int(ops[peer]))} on rank {peer}")
-    checked = [i for i, f in enumerate(fields) if f.scope in (EVERYWHERE, scope)]
-    columns = rows[:, [2 + i for i in checked]]
-    differs = (columns != columns[rank]).any(dim=0)       # per checked field, one comparison for all
-    if not bool(differs.any()):
-        return None
-    first = int(differs.nonzero()[0])
-    f, column = fields[checked[first]], columns[:, first]
-    peer = int((column != column[rank]).nonzero()[0])
-    return (f"{op}: {f.name} must be the same on every rank of {arg}, got {int(column[rank])} on this rank, "
-            f"{int(column[peer])} on rank {peer}")
+    mine = rows[rank]
+    for peer, theirs in enumerate(rows):
+        if theirs[0] != mine[0]:
+            return (f"{op}: {arg} must be called by every rank of the group in the same order, got {op} on this "
+                    f"rank, {_op_name(theirs[0])} on rank {peer}")
+    for i, f in enumerate(fields):
+        if f.scope not in (EVERYWHERE, scope):
+            continue
+        for peer, theirs in enumerate(rows):
+            if theirs[2 + i] != mine[2 + i]:
+                return (f"{op}: {f.name} must be the same on every rank of {arg}, got {mine[2 + i]} on this rank, "
+                        f"{theirs[2 + i]} on rank {peer}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -318,11 +318,12 @@ class Exchange:
             tp_rows, _ = self._gather(self.tp, "group_tp", _vector(self.op, status, fields, device))
             if error is None:
                 t = self.tp.rank()
-                if bool(tp_rows[1 - t, 1] != OK):
-                    error = OpValidationError(f"{self.op}: group_tp ranks must all accept their inputs, got a rejection "
-                                              f"by TP rank {1 - t} (see that rank's error)")
+                tp_header = tp_rows[:, :AGREEMENT_LEN].tolist()
+                if tp_header[1 - t][1] != OK:
+                    error = OpValidationError(f"{self.op}: group_tp ranks must all accept their inputs, got a "
+                                              f"rejection by TP rank {1 - t} (see that rank's error)")
                 else:
-                    message = _disagreement(self.op, "group_tp", fields, tp_rows, t, TP_ONLY)
+                    message = _disagreement(self.op, "group_tp", fields, tp_header, t, TP_ONLY)
                     error = OpValidationError(message) if message else (tp_check(tp_rows) if tp_check else None)
         # A TP verdict travels in the EP status: both EP domains of the pair stop together.
         area = 0 if self.ep is None else counts_capacity(self.ep.size())
@@ -336,16 +337,17 @@ class Exchange:
         else:
             ep_rows, prepared = self._gather(self.ep, "group_ep", vector, meanwhile)
         rank = 0 if self.ep is None else self.ep.rank()
-        message = _disagreement(self.op, "group_ep", [], ep_rows, rank, EP_ONLY)   # the op itself first
+        ep_header = ep_rows[:, :AGREEMENT_LEN].tolist()
+        message = _disagreement(self.op, "group_ep", [], ep_header, rank, EP_ONLY)   # the op itself first
         if message:
             raise OpValidationError(message)
         if error is not None:
             raise error
-        bad = (ep_rows[:, 1] != OK).nonzero()
-        if bad.numel():
+        bad = [peer for peer, theirs in enumerate(ep_header) if theirs[1] != OK]
+        if bad:
             fail(self.op, "group_ep", "ranks must all accept their inputs",
-                 f"a rejection by rank {int(bad[0])} of group_ep or its TP peer (see that rank's error)")
-        message = _disagreement(self.op, "group_ep", fields, ep_rows, rank, EP_ONLY)
+                 f"a rejection by rank {bad[0]} of group_ep or its TP peer (see that rank's error)")
+        message = _disagreement(self.op, "group_ep", fields, ep_header, rank, EP_ONLY)
         if message:
             raise OpValidationError(message)
         return ep_rows, tp_rows, prepared

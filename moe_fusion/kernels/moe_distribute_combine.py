@@ -240,13 +240,17 @@ def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tenso
     acc = zeroed((bs, h), wide, dev)
     block = max(1, BLOCK_ELEMENTS // max(h, 1))
     row = rows.new_empty((min(block, bs), h))    # slot j's row of each token of the block
-    term = row if row.dtype == wide else acc.new_empty(row.shape)
+    widen = row.dtype != wide
+    term = acc.new_empty(row.shape) if widen else row
     for first in range(0, bs, block):            # token blocks: each one's accumulator stays in cache
         t = slice(first, min(first + block, bs))
         a, r, w_r = acc[t], row[:t.stop - first], term[:t.stop - first]
         for j in range(k):                       # fixed slot order 0..K-1, as the kernel sums
             w = weights[t, j:j + 1]
-            a += torch.mul(_slot_rows(rows, pos[j, t], None if absent is None else absent[t, j:j + 1], r), w, out=w_r)
+            slot_rows = _slot_rows(rows, pos[j, t], None if absent is None else absent[t, j:j + 1], r)
+            if widen:                    # first: a same-dtype multiply vectorizes, a mixed one does not
+                w_r.copy_(slot_rows)
+            a += w_r.mul_(w)             # (w_r is slot_rows' memory when the rows are already wide)
             if copy_end > zero_end:
                 e = ids[t, j]
                 a += torch.where((active[t, j] & (e >= zero_end) & (e < copy_end)).unsqueeze(1), ori[t] * w, 0.0)
