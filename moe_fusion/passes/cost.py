@@ -24,9 +24,9 @@ graph, whose unfused backward scatters a weight gradient per row; fused, its tra
   k=1 (``bench_models.py --only ep``, 4 ranks, 512 tokens each, 8 experts; fused / plain inductor,
   inference / training): capacity factor 1.0 (1.0 expert row per route) 1.25 / 1.10, 1.25 (1.25
   rows) 1.04 / - (gated), 1.5 0.83 / 0.86, 2.0 0.70 / 0.60; k=2 at capacity factor 1.0: 1.15 in
-  inference. Not gated: a capacity read from the data
-  (dropless: its padding is unknown when compiling; k=2 measured 0.95 / 0.89) and the GShard einsum
-  form, whose unfused dispatch and combine are dense matmuls over every slot (fairscale: 0.87 / 0.83).
+  inference. Not gated: a capacity read from the data (dropless: its padding is unknown when
+  compiling; k=2 measured 0.95 / 0.89) and the GShard einsum form, whose unfused dispatch and
+  combine are dense matmuls over every slot (fairscale: 0.87 / 0.83).
 """
 from __future__ import annotations
 

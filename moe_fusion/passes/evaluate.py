@@ -88,9 +88,11 @@ class Instance:
     A guard whose evaluation grows with the batch runs on the reduced instance instead: every int
     of the region's nodes (view sizes, iota lengths, scalar bounds such as the capacity) that is a
     batch size times a product of the fixed sizes ``smalls`` (experts, top-k, ranks, hidden) is
-    divided by ``factor`` (by ``factor**2`` for two batch sizes), and every node's result must then
-    have its shape divided the same way, else ``NotReducible``: an int read wrongly (sizes are
-    often all powers of two) shows up as a shape that does not shrink as its sizes say. The ratios
+    divided by ``factor`` (by ``factor**2`` for two batch sizes; an integral float of the region's
+    scalar arithmetic too, and one that is a batch size over such a product, ``_scalar_size``),
+    and every node's result must then have its shape divided the same way, else ``NotReducible``:
+    an int read wrongly (sizes are often all powers of two) shows up as a shape that does not shrink
+    as its sizes say. The ratios
     between the batch sizes are kept (``factor`` divides each), so it does not matter which one an
     int was.
     """
