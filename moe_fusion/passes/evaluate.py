@@ -92,9 +92,8 @@ class Instance:
     scalar arithmetic too, and one that is a batch size over such a product, ``_scalar_size``),
     and every node's result must then have its shape divided the same way, else ``NotReducible``:
     an int read wrongly (sizes are often all powers of two) shows up as a shape that does not shrink
-    as its sizes say. The ratios
-    between the batch sizes are kept (``factor`` divides each), so it does not matter which one an
-    int was.
+    as its sizes say. The ratios between the batch sizes are kept (``factor`` divides each), so it
+    does not matter which one an int was.
     """
 
     bigs: tuple[int, ...] = ()
