@@ -1,6 +1,6 @@
 """Module route ``megatron_moe``: megatron-core's ``MoELayer`` (0.16) with the all-to-all or the all-gather
-token dispatcher and ``SequentialMLP`` experts, as dispatch_v2 -> grouped FFN -> combine_v2 over its EP
-group.
+token dispatcher and ``SequentialMLP`` or ``GroupedMLP`` experts, as dispatch_v2 -> grouped FFN -> combine_v2
+over its EP group.
 
 Megatron's all-to-all dispatcher cannot be captured as one graph (split sizes read to the host as
 numpy arrays for ``all_to_all_single``, ``.tolist()`` of the per-expert counts, CUDA side streams
@@ -20,9 +20,12 @@ experts, and replaces the dispatcher and experts with the fused ops:
 * Token dropping by a capacity factor (without padding to capacity) leaves fewer than K experts
   in a row of ``routing_map``: the slots of dropped copies are masked out with dispatch's and
   combine's 2-D ``x_active_mask`` (a token with every copy dropped gives 0, as Megatron's unpermute).
-* The local experts' ``linear_fc1`` / ``linear_fc2`` weights, stacked, are ``npu_ffn_grouped``'s
-  ``(L, H, N1)`` / ``(L, F, H)``; Megatron's GLU is ``act(first half) * second half``, the op's
-  ``second-half-activated`` form gets fc1's halves swapped.
+* ``SequentialMLP``: the local experts' ``linear_fc1`` / ``linear_fc2`` weights, stacked, are
+  ``npu_ffn_grouped``'s ``(L, H, N1)`` / ``(L, F, H)``. ``GroupedMLP`` (the legacy grouped-GEMM experts,
+  no biases) already holds them so: its ``weight1`` ``(H, L * N1)`` and ``weight2`` ``(L * F, H)`` are
+  read through the same views its grouped GEMMs take, ``(L, H, N1)`` and ``(L, F, H)``. Megatron's GLU
+  is ``act(first half) * second half`` in both; the op's ``second-half-activated`` form gets fc1's
+  halves swapped.
 
 Refused (the report says which): other dispatchers and expert modules, tensor / expert tensor
 parallelism, padding to capacity, router padding for quantization, activations the op has no exact
@@ -46,6 +49,7 @@ from .cost import refuse_slower_ffn
 LAYER = ("megatron.core.transformer.moe.moe_layer", "MoELayer")
 # The dispatchers the route replaces -> their name in the report.
 DISPATCHERS = {"MoEAlltoAllTokenDispatcher": "alltoall", "MoEAllGatherTokenDispatcher": "allgather"}
+EXPERTS = ("SequentialMLP", "GroupedMLP")      # the expert modules whose weights the route reads
 
 
 def is_megatron_moe_layer(module: torch.nn.Module) -> bool:
@@ -101,8 +105,8 @@ def _layer_refusal(layer: torch.nn.Module) -> Optional[str]:
     dispatcher = type(layer.token_dispatcher).__name__
     if dispatcher not in DISPATCHERS:
         return f"token dispatcher {dispatcher} (the route replaces {' and '.join(DISPATCHERS)})"
-    if type(layer.experts).__name__ != "SequentialMLP":
-        return f"experts {type(layer.experts).__name__} (the route reads SequentialMLP's local MLPs)"
+    if type(layer.experts).__name__ not in EXPERTS:
+        return f"experts {type(layer.experts).__name__} (the route reads the weights of {' and '.join(EXPERTS)})"
     if layer.attn_tp_group.size() > 1 or layer.token_dispatcher.tp_size > 1:
         return "tensor / expert tensor parallelism (dispatch over EP only)"
     checks = (
@@ -119,7 +123,7 @@ def _layer_refusal(layer: torch.nn.Module) -> Optional[str]:
     for refused, why in checks:
         if refused:
             return why
-    for expert in layer.experts.local_experts:
+    for expert in getattr(layer.experts, "local_experts", ()):      # SequentialMLP's
         for linear in (expert.linear_fc1, expert.linear_fc2):
             if type(linear).__name__ not in ("ColumnParallelLinear", "RowParallelLinear"):
                 return f"expert linear {type(linear).__name__} (local ColumnParallelLinear / RowParallelLinear only)"
@@ -140,14 +144,21 @@ def candidate(module: torch.nn.Module) -> Optional[str]:
     why = _layer_refusal(module)
     if why is not None:
         raise Refusal(why)
-    weight = module.experts.local_experts[0].linear_fc1.weight
+    weight = _fc1_weight(module.experts)
     refuse_slower_ffn(weight.dtype, weight.device)
     act = _activation(module.experts.config)
     shared = ", shared experts added" if module.shared_experts is not None else ""
     dispatcher = DISPATCHERS[type(module.token_dispatcher).__name__]
-    return (f"Megatron MoELayer ({dispatcher}, SequentialMLP x{module.num_local_experts}) -> "
+    return (f"Megatron MoELayer ({dispatcher}, {type(module.experts).__name__} x{module.num_local_experts}) -> "
             f"npu_moe_distribute_dispatch_v2 / npu_ffn_grouped({act}) / npu_moe_distribute_combine_v2 "
             f"over EP {module.ep_group.size()}{shared}")
+
+
+def _fc1_weight(experts: torch.nn.Module) -> torch.Tensor:
+    """The first local expert's fc1 weight (``GroupedMLP``: all of them in one)."""
+    if type(experts).__name__ == "GroupedMLP":
+        return experts.weight1
+    return experts.local_experts[0].linear_fc1.weight
 
 
 def swap(layer: torch.nn.Module) -> Callable[[], None]:
@@ -176,10 +187,17 @@ def _routed_forward(layer: torch.nn.Module) -> Callable[..., Any]:
     glu = activation in ("swiglu", "reglu", "geglu")
     probs_on_input = bool(config.moe_apply_probs_on_input)
     may_drop = config.moe_expert_capacity_factor is not None
+    grouped = type(layer.experts).__name__ == "GroupedMLP"
     original = type(layer).forward
 
     def expert_weights(self: torch.nn.Module) -> tuple:
         """``(L, H, N1)``, ``(L, F, H)`` and the biases of the local experts (fc1's halves swapped for GLU)."""
+        if grouped:         # GroupedMLP's views for its grouped GEMMs; it has no biases
+            hidden = self.experts.config.hidden_size
+            w1 = self.experts.weight1.view(self.num_local_experts, hidden, -1)
+            if glu:
+                w1 = torch.cat(w1.chunk(2, dim=2)[::-1], dim=2)
+            return w1, self.experts.weight2.view(self.num_local_experts, -1, hidden), None, None
         mlps = self.experts.local_experts
         w1 = torch.stack([m.linear_fc1.weight for m in mlps])           # (L, N1, H)
         if glu:

@@ -13,7 +13,8 @@ code it cannot capture:
   (tokens sorted by expert, one grouped matmul per projection), which the FFN pass fuses into
   ``npu_ffn_grouped``. The model's config is not touched (other modules keep their implementation).
 * ``megatron_moe`` (``megatron_route``): megatron-core's ``MoELayer`` with the all-to-all token
-  dispatcher, whose split sizes go through the host, gets a forward of the fused ops themselves:
+  dispatcher (whose split sizes go through the host) or the all-gather one, and ``SequentialMLP``
+  or ``GroupedMLP`` experts, gets a forward of the fused ops themselves:
   its own router, then ``npu_moe_distribute_dispatch_v2`` -> ``npu_ffn_grouped`` ->
   ``npu_moe_distribute_combine_v2`` over its EP group.
 
