@@ -43,6 +43,9 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "grouped-swiglu-bf16": (_GROUPED, False, True),
     "grouped-relu-capacity-bf16": ({**_GROUPED, "gated_linear_unit": False, "activation_func": F.relu,
                                     "moe_expert_capacity_factor": 0.75}, True, True),
+    "grouped-top1-probs-on-input-bf16": ({**_GROUPED, "moe_router_topk": 1, "moe_router_pre_softmax": True,
+                                          "moe_apply_probs_on_input": True, "gated_linear_unit": False,
+                                          "activation_func": F.silu}, False, True),
     "erf-gelu": ({"gated_linear_unit": False, "activation_func": F.gelu}, False, False),
     "pad-to-capacity": ({"moe_expert_capacity_factor": 1.0, "moe_pad_expert_input_to_capacity": True,
                          "num_moe_experts": 2}, False, False),
@@ -169,10 +172,12 @@ def test_megatron_moe_layer(ranks, name, train):
         assert not train or len(case["eager"]) > 4     # output, x and the layer's parameters
         for key, want in case["eager"].items():
             got = case["compiled"][key]
-            if want.dtype == torch.bfloat16:    # Megatron rounds fc1's output to bf16, the fused FFN keeps it fp32
+            if want.dtype == torch.bfloat16:
+                # Megatron rounds fc1's output to bf16, the fused FFN keeps it in fp32: the weight gradients
+                # summed over those rows differ by up to 2-3 bf16 ulps (the module route's own bf16 rtol).
                 scale = want.float().abs().max().item()
                 error = (got.float() - want.float()).abs().max().item()
-                assert got.dtype == want.dtype and error <= 1e-2 * scale + 1e-3, f"rank {rank} {key}: {error}, {scale}"
+                assert got.dtype == want.dtype and error <= 2e-2 * scale + 1e-3, f"rank {rank} {key}: {error}, {scale}"
             else:
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"rank {rank} {key}")
 
