@@ -12,9 +12,10 @@ the verdict against the target (<= 1.0: fusing must not slow the block down).
 
 Expert-parallel layers on 4 gloo ranks (``--only ep``): DeepSpeed 0.19.8 ``MoE`` (k=2 dropless, k=1
 with capacity factors 1 and 2: the first left unfused by the cost gate), fairscale 0.4.13
-``MOELayer`` + ``Top2Gate`` and Megatron-core 0.16.1 ``MoELayer`` (alltoall, SequentialMLP, SwiGLU)
-and torchtitan 0.3.0 ``MoE`` (its own expert-parallel ``parallelize``, all-to-all token dispatcher,
-bf16 grouped SwiGLU experts), fp32, 2 experts per rank:
+``MOELayer`` + ``Top2Gate`` and Megatron-core 0.16.1 ``MoELayer`` (alltoall, SwiGLU, SequentialMLP;
+and GroupedMLP, which Megatron runs in bf16 only, on the integration tests' CPU ``gmm``) and
+torchtitan 0.3.0 ``MoE`` (its own expert-parallel ``parallelize``, all-to-all token dispatcher,
+bf16 grouped SwiGLU experts), fp32 (tokens in the layer's dtype), 2 experts per rank:
 ``moe_fusion.compile`` vs plain ``torch.compile`` of an identical layer, each step timed on the
 slowest rank (``--cpu``: the CPU time of the step summed over the ranks, the work it puts on the
 machine, which sets the wall time where ranks outnumber cores).
@@ -107,13 +108,13 @@ def _torchtitan(rank: int, world: int) -> torch.nn.Module:
     return make_ep_moe(_torchtitan_dims(world), world * EP_LOCAL, False, HIDDEN, INNER)
 
 
-def _megatron(rank: int, world: int) -> torch.nn.Module:
+def _megatron(rank: int, world: int, **overrides) -> torch.nn.Module:
     import megatron_shims
     from test_megatron import make_layer
 
     megatron_shims.install()
     megatron_shims.init_parallel(world)
-    return make_layer({}, False, hidden=HIDDEN, ffn=INNER, experts=world * EP_LOCAL, world=world)
+    return make_layer(overrides, False, hidden=HIDDEN, ffn=INNER, experts=world * EP_LOCAL, world=world)
 
 
 EP_LAYERS = {  # name -> builder(rank, world): the layer, built alike on every call
@@ -124,8 +125,11 @@ EP_LAYERS = {  # name -> builder(rank, world): the layer, built alike on every c
                                                                  capacity_factor=2.0),
     "fairscale top2": _fairscale,
     "megatron alltoall top2": _megatron,
+    "megatron alltoall top2 GroupedMLP bf16": lambda rank, world: _megatron(
+        rank, world, moe_grouped_gemm=True, bf16=True, params_dtype=torch.bfloat16),
     "torchtitan alltoall top2": _torchtitan,
 }
+EP_TOKEN_DTYPES = {"megatron alltoall top2 GroupedMLP bf16": torch.bfloat16}   # the others take fp32 tokens
 
 
 def _measure_ep(rank: int, world: int, names: list[str], train: bool, repeats: int, cpu: bool) -> dict:
@@ -134,9 +138,10 @@ def _measure_ep(rank: int, world: int, names: list[str], train: bool, repeats: i
     from moe_fusion.demo.timing import group_cpu_seconds, synced_seconds
 
     out = {}
-    x = torch.randn(EP_TOKENS, 1, HIDDEN, generator=torch.Generator().manual_seed(rank), requires_grad=train)
+    tokens = torch.randn(EP_TOKENS, 1, HIDDEN, generator=torch.Generator().manual_seed(rank))
     for name in names:
         fused_layer, plain_layer = EP_LAYERS[name](rank, world), EP_LAYERS[name](rank, world)
+        x = tokens.to(EP_TOKEN_DTYPES.get(name, torch.float32)).requires_grad_(train)
         report = FusionReport()
         torch._dynamo.reset()
         fused = moe_fusion.compile(fused_layer, report=report)
