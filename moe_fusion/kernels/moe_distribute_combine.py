@@ -15,7 +15,9 @@ Combine consumes only what the paired dispatch wrote (canonical layout, see
    quantizes per group of 8 elements, SPEC §4.3);
 3. on the token's rank, in fp32: ``acc = sum_j w_j * row_j`` over slots ``j = 0..K-1`` (copy
    experts use ``ori_x``, const experts ``ori_x * alpha_1 + v * alpha_2``, zero experts nothing),
-   then the shared-expert rows and ``shared_expert_x`` unweighted.
+   then the shared-expert rows and ``shared_expert_x`` unweighted. On CPU, a large call whose every
+   slot is a received row (no masked slot, no copy/const experts) sums in one inductor-generated
+   loop (``_slot_sum``), bit-identical to the ATen passes used otherwise.
 
 Rows of tokens that are not processed (masked out) are zero in every output (rstd too).
 """
@@ -33,6 +35,7 @@ from ..op_protos import moe_distribute_combine_v2 as combine_proto
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ._precision import accumulator
 from ._moe_exchange import PER_RANK, Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard
+from ._slot_sum import fused_slot_sum
 from ._zeroed import zeroed
 from ._moe_tokens import active_slots, valid_tokens
 
@@ -237,6 +240,25 @@ def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tenso
     wide = accumulator(inputs["expand_x"].dtype)
     weights = expert_scales.to(wide)
     ori = inputs["ori_x"].to(wide) if inputs["ori_x"] is not None else None
+    acc = None
+    if absent is None and const_end == zero_end:   # every slot a received row, no copy/const experts configured
+        # Shared-expert rows are added unweighted: a weight of 1 multiplies exactly.
+        acc = fused_slot_sum(rows, pos, torch.cat([weights, weights.new_ones((bs, cfg.n_shared))], dim=1))
+    if acc is None:
+        acc = _weighted_sum(rows, pos, absent, weights, ids, active, ori, inputs, cfg, h)
+    if inputs["shared_expert_x"] is not None:
+        acc = acc + inputs["shared_expert_x"].reshape(bs, h).to(wide)
+    return acc, processed
+
+
+def _weighted_sum(rows: Tensor, pos: Tensor, absent: Optional[Tensor], weights: Tensor, ids: Tensor, active: Tensor,
+                  ori: Optional[Tensor], inputs: dict[str, Any], cfg: DistConfig, h: int) -> Tensor:
+    """SPEC §4.3 step 3 with ATen ops, token block by token block: ``(BS, H)`` in ``weights``' dtype.
+    ``rows`` ``(R, H)`` received, ``pos`` ``(K + n_shared, BS)`` the row of each (slot, token),
+    ``absent`` ``(BS, K + n_shared)`` bool where none was received (a zero row) or None."""
+    bs, k = ids.shape
+    slots, dev, wide = pos.size(0), ids.device, weights.dtype
+    _, zero_end, copy_end, const_end = cfg.special_bounds
     acc = zeroed((bs, h), wide, dev)
     block = max(1, BLOCK_ELEMENTS // max(h, 1))
     row = rows.new_empty((min(block, bs), h))    # slot j's row of each token of the block
@@ -260,9 +282,7 @@ def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tenso
                 a += torch.where(is_const.unsqueeze(1), _const_expert(inputs, ori[t], e - copy_end) * w, 0.0)
         for q in range(k, slots):                # shared experts: unweighted (SPEC §9 #3)
             a += _slot_rows(rows, pos[q, t], None if absent is None else absent[t, q:q + 1], r)
-    if inputs["shared_expert_x"] is not None:
-        acc = acc + inputs["shared_expert_x"].reshape(bs, h).to(wide)
-    return acc, processed
+    return acc
 
 
 def _slot_rows(rows: Tensor, pos: Tensor, absent: Optional[Tensor], out: Tensor) -> Tensor:
