@@ -13,12 +13,15 @@ from test_moe_distribute_fuzz import Case, check_case, run_case
 
 
 def spec_sum(rows: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """SPEC §4.3 step 3 per token: ``acc = 0``; for each slot in order, ``acc = acc + f32(row) * w``."""
+    """SPEC §4.3 step 3 per token: ``acc = 0``; for each of the ``K`` weighted slots in order,
+    ``acc = acc + f32(row) * w``; then each shared-expert slot (those past ``K``) ``acc = acc + f32(row)``."""
+    k = weights.size(1)
     out = torch.empty((pos.size(1), rows.size(1)), dtype=weights.dtype)
     for i in range(pos.size(1)):
         acc = torch.zeros(rows.size(1), dtype=weights.dtype)
         for j in range(pos.size(0)):
-            acc = acc + rows[pos[j, i]].to(weights.dtype) * weights[i, j]
+            row = rows[pos[j, i]].to(weights.dtype)
+            acc = acc + (row * weights[i, j] if j < k else row)
         out[i] = acc
     return out
 
@@ -37,8 +40,7 @@ def test_compiled_sum_is_the_spec_sum_bit_for_bit(monkeypatch, dtype):
     rows[::7] = -0.0                                             # signed zeros through the sum
     pos = torch.randperm(rows.size(0), generator=gen)[:bs * slots].view(slots, bs)
     wide = torch.float64 if dtype == torch.float64 else torch.float32
-    weights = torch.rand(bs, slots, generator=gen, dtype=wide) - 0.5
-    weights[:, -1] = 1.0                                         # a shared expert's unweighted row
+    weights = torch.rand(bs, slots - 1, generator=gen, dtype=wide) - 0.5   # the last slot: a shared expert's
     got = _slot_sum.fused_slot_sum(rows, pos, weights)
     assert got is not None, "the compiled loop was not taken"
     assert got.dtype == wide and torch.equal(bits(got), bits(spec_sum(rows, pos, weights)))

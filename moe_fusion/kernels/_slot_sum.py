@@ -42,15 +42,18 @@ def _sum_slots(rows: Tensor, pos: Tensor, weights: Tensor) -> Tensor:
 
 def fused_slot_sum(rows: Tensor, pos: Tensor, weights: Tensor) -> Optional[Tensor]:
     """``_sum_slots`` as one compiled loop, or None where it does not apply (not CPU, too small, or
-    inductor unavailable): the caller then sums with ATen ops."""
+    inductor unavailable): the caller then sums with ATen ops. ``weights`` ``(BS, K)`` weigh the
+    first ``K`` slots of ``pos``; the slots after them (shared experts) are added unweighted, as a
+    weight of 1, which multiplies exactly."""
     global _compiled, _unavailable
     if _unavailable or rows.device.type != "cpu" or pos.numel() * rows.size(1) < MIN_ELEMENTS:
         return None
     if _compiled is None:
         _compiled = torch.compile(_sum_slots, dynamic=True, fullgraph=True)
+    unweighted = weights.new_ones((weights.size(0), pos.size(0) - weights.size(1)))
     try:
         with torch.no_grad():
-            return _compiled(rows, pos, weights)
+            return _compiled(rows, pos, torch.cat([weights, unweighted], dim=1))
     except Exception as error:      # noqa: BLE001  (no C++ toolchain here: the ATen passes compute the same sum)
         _unavailable = True
         warnings.warn(f"moe_fusion: combine's weighted sum runs as ATen ops (inductor could not compile it: "

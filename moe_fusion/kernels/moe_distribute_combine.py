@@ -242,8 +242,7 @@ def combine_sum(op: str, cfg: DistConfig, inputs: dict[str, Any]) -> tuple[Tenso
     ori = inputs["ori_x"].to(wide) if inputs["ori_x"] is not None else None
     acc = None
     if absent is None and const_end == zero_end:   # every slot a received row, no copy/const experts configured
-        # Shared-expert rows are added unweighted: a weight of 1 multiplies exactly.
-        acc = fused_slot_sum(rows, pos, torch.cat([weights, weights.new_ones((bs, cfg.n_shared))], dim=1))
+        acc = fused_slot_sum(rows, pos, weights)
     if acc is None:
         acc = _weighted_sum(rows, pos, absent, weights, ids, active, ori, inputs, cfg, h)
     if inputs["shared_expert_x"] is not None:

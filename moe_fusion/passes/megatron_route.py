@@ -91,7 +91,8 @@ def _activation_base(f: Callable) -> Optional[str]:
             and f.keywords == {"approximate": "tanh"}:
         return "gelu"
     module, name = getattr(f, "__module__", ""), getattr(f, "__name__", "")
-    if (module, name) in {("megatron.core.activations", "fast_gelu"), ("megatron.core.transformer.utils", "openai_gelu")}:
+    if (module, name) in {("megatron.core.activations", "fast_gelu"),
+                          ("megatron.core.transformer.utils", "openai_gelu")}:
         return "gelu"       # 0.5 x (1 + tanh(0.79788456 (x + 0.044715 x^3))): the op's gelu
     if (module, name) in {("megatron.core.activations", "quick_gelu"),
                           ("megatron.core.fusions.fused_bias_geglu", "quick_gelu")}:
@@ -154,9 +155,14 @@ def candidate(module: torch.nn.Module) -> Optional[str]:
             f"over EP {module.ep_group.size()}{shared}")
 
 
+def _is_grouped(experts: torch.nn.Module) -> bool:
+    """Megatron's legacy ``GroupedMLP`` (every local expert in one weight), not ``SequentialMLP``."""
+    return type(experts).__name__ == "GroupedMLP"
+
+
 def _fc1_weight(experts: torch.nn.Module) -> torch.Tensor:
     """The first local expert's fc1 weight (``GroupedMLP``: all of them in one)."""
-    if type(experts).__name__ == "GroupedMLP":
+    if _is_grouped(experts):
         return experts.weight1
     return experts.local_experts[0].linear_fc1.weight
 
@@ -187,27 +193,26 @@ def _routed_forward(layer: torch.nn.Module) -> Callable[..., Any]:
     glu = activation in ("swiglu", "reglu", "geglu")
     probs_on_input = bool(config.moe_apply_probs_on_input)
     may_drop = config.moe_expert_capacity_factor is not None
-    grouped = type(layer.experts).__name__ == "GroupedMLP"
+    grouped = _is_grouped(layer.experts)
     original = type(layer).forward
+
+    def op_glu_order(fc1: torch.Tensor, dim: int) -> torch.Tensor:
+        """``fc1``'s output columns (along ``dim``) in the op's GLU order: Megatron activates the first
+        half, the op the second, so the halves are swapped (a copy); as they are without GLU."""
+        return torch.cat(fc1.chunk(2, dim=dim)[::-1], dim=dim) if glu else fc1
 
     def expert_weights(self: torch.nn.Module) -> tuple:
         """``(L, H, N1)``, ``(L, F, H)`` and the biases of the local experts (fc1's halves swapped for GLU)."""
         if grouped:         # GroupedMLP's views for its grouped GEMMs; it has no biases
             hidden = self.experts.config.hidden_size
-            w1 = self.experts.weight1.view(self.num_local_experts, hidden, -1)
-            if glu:
-                w1 = torch.cat(w1.chunk(2, dim=2)[::-1], dim=2)
+            w1 = op_glu_order(self.experts.weight1.view(self.num_local_experts, hidden, -1), 2)
             return w1, self.experts.weight2.view(self.num_local_experts, -1, hidden), None, None
         mlps = self.experts.local_experts
-        w1 = torch.stack([m.linear_fc1.weight for m in mlps])           # (L, N1, H)
-        if glu:
-            w1 = torch.cat(w1.chunk(2, dim=1)[::-1], dim=1)
+        w1 = op_glu_order(torch.stack([m.linear_fc1.weight for m in mlps]), 1)     # (L, N1, H)
         w2 = torch.stack([m.linear_fc2.weight for m in mlps])           # (L, H, F)
         b1 = b2 = None
         if mlps[0].linear_fc1.bias is not None:
-            b1 = torch.stack([m.linear_fc1.bias for m in mlps])
-            if glu:
-                b1 = torch.cat(b1.chunk(2, dim=1)[::-1], dim=1)
+            b1 = op_glu_order(torch.stack([m.linear_fc1.bias for m in mlps]), 1)
             b2 = torch.stack([m.linear_fc2.bias for m in mlps])
             if w1.dtype != torch.float16:
                 b1, b2 = b1.float(), b2.float()
