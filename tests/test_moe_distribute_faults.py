@@ -8,8 +8,9 @@ issue reported: it hosts the store and the first all-gather slot). Two kinds of 
   peers (moe_expert_num, H, K, global_bs, quant modes, ep_world_size, the op itself). Every rank
   must raise ``OpValidationError`` naming the op, quickly (the fixed-size agreement exchange);
 * gone (one spawn each, ``pg_timeout`` = PG_TIMEOUT seconds): the faulty rank names an unknown
-  group, never calls the op, or exits. Every survivor must raise ``GroupPeerError`` naming the op,
-  the group and the faulty rank within PG_TIMEOUT + SLACK seconds.
+  group, never calls the op, or exits (also while a healthy rank is late: it must not be named).
+  Every survivor must raise ``GroupPeerError`` naming the op, the group and the faulty rank within
+  PG_TIMEOUT + SLACK seconds.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ BF16, I32 = torch.bfloat16, torch.int32
 DISPATCH, COMBINE = "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2"
 PG_TIMEOUT, SLACK = 4.0, 4.0
 QUICK = 2.0            # seconds: an agreed error never waits for a timeout
+LATE = 0.5             # seconds a healthy rank arrives late: it must not be named as the absent one
 
 
 def _call(op: str, **kw: Any) -> Any:
@@ -68,8 +70,9 @@ JOINABLE: dict[str, tuple[str, int, Callable[[int, int], dict], str, str | None]
                    r"group_ep must hold this process at rank 0"),
     "bad-ids": (DISPATCH, -1, lambda r, w: dict(expert_ids=torch.full((3, 2), 99, dtype=I32)),
                 r"rejection by rank {bad}", r"expert_ids values must be in"),
-    "moe-expert-num": (DISPATCH, 0, lambda r, w: dict(moe_expert_num=4 * w), r"moe_expert_num must be the same on every "
-                       r"rank of group_ep, got \d+ on this rank, \d+ on rank \d", None),
+    "moe-expert-num": (DISPATCH, 0, lambda r, w: dict(moe_expert_num=4 * w),
+                       r"moe_expert_num must be the same on every rank of group_ep, got \d+ on this rank, "
+                       r"\d+ on rank \d", None),
     "hidden-size": (DISPATCH, -1, lambda r, w: dict(x=torch.zeros(3, 24, dtype=BF16)),
                     r"x \(hidden size H\) must be the same on every rank of group_ep", None),
     "top-k": (DISPATCH, 0, lambda r, w: dict(expert_ids=torch.tensor([[0], [1], [2]], dtype=I32)),
@@ -131,12 +134,14 @@ def _gone_rank(rank: int, world: int, op: str, fault: str) -> tuple[str, str, fl
     bad = world - 1
     kw = _combine_kw(rank, world) if op == COMBINE else _dispatch_kw(rank, world)
     if rank == bad:
-        if fault == "exits":
+        if fault.startswith("exits"):
             os._exit(7)
         if fault == "never-calls":
             time.sleep(PG_TIMEOUT + SLACK)
             return ("skipped", "", 0.0)
         kw["group_ep"] = "no-such-group"
+    if fault == "exits-one-late" and rank == 1:
+        time.sleep(LATE)      # healthy, but reaches the exchange after the peers saw the exit
     start = time.monotonic()
     try:
         _call(op, **kw)
@@ -146,7 +151,7 @@ def _gone_rank(rank: int, world: int, op: str, fault: str) -> tuple[str, str, fl
 
 
 GONE = [(DISPATCH, "unknown-group", 3), (COMBINE, "unknown-group", 4), (DISPATCH, "never-calls", 4),
-        (COMBINE, "never-calls", 3), (DISPATCH, "exits", 3), (COMBINE, "exits", 4)]
+        (COMBINE, "never-calls", 3), (DISPATCH, "exits", 3), (COMBINE, "exits", 4), (DISPATCH, "exits-one-late", 4)]
 
 
 @pytest.mark.parametrize("op,fault,world", [pytest.param(*g, id=f"{g[0].split('_')[-1]}-{g[1]}-w{g[2]}")

@@ -30,6 +30,7 @@ A group of one rank is never looked up and moves nothing (``group is None``).
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
@@ -171,8 +172,25 @@ def _default_store() -> Optional[dist.Store]:
         return None
 
 
+ARRIVAL_GRACE = 2.0   # seconds a failed exchange waits for merely late peers before naming absentees
+
+
 def _missing_peers(group: dist.ProcessGroup, seq: int) -> list[int]:
-    """Group ranks whose arrival count is below ``seq`` (they did not reach this exchange)."""
+    """Group ranks that did not reach this exchange (arrival count below ``seq``).
+
+    A peer's exit fails the collective at once, possibly before a slow but healthy peer has
+    arrived; so the store is read again until at most one rank is missing (the collective failed,
+    so one is absent for sure) or ``ARRIVAL_GRACE`` has passed."""
+    deadline = time.monotonic() + ARRIVAL_GRACE
+    missing = _absent_now(group, seq)
+    while len(missing) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        missing = _absent_now(group, seq)
+    return missing
+
+
+def _absent_now(group: dist.ProcessGroup, seq: int) -> list[int]:
+    """Group ranks whose published arrival count is below ``seq`` at this moment."""
     store = _default_store()
     if store is None:
         return []
