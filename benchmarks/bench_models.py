@@ -13,7 +13,8 @@ the verdict against the target (<= 1.0: fusing must not slow the block down).
 Expert-parallel layers on 4 gloo ranks (``--only ep``): DeepSpeed 0.19.8 ``MoE`` (k=2 dropless, k=1
 with capacity factors 1 and 2: the first left unfused by the cost gate), fairscale 0.4.13
 ``MOELayer`` + ``Top2Gate`` and Megatron-core 0.16.1 ``MoELayer`` (alltoall, SwiGLU, SequentialMLP;
-and GroupedMLP, which Megatron runs in bf16 only, on the integration tests' CPU ``gmm``) and
+and GroupedMLP, which Megatron runs in bf16 only, on the integration tests' CPU ``gmm``; both left
+unfused by the cost gate on this CPU) and
 torchtitan 0.3.0 ``MoE`` (its own expert-parallel ``parallelize``, all-to-all token dispatcher,
 bf16 grouped SwiGLU experts), fp32 (tokens in the layer's dtype), 2 experts per rank:
 ``moe_fusion.compile`` vs plain ``torch.compile`` of an identical layer, each step timed on the

@@ -30,7 +30,8 @@ experts, and replaces the dispatcher and experts with the fused ops:
 Refused (the report says which): other dispatchers and expert modules, tensor / expert tensor
 parallelism, padding to capacity, router padding for quantization, activations the op has no exact
 form of (erf GELU, squared ReLU, GLU of quick GELU, clamped or offset GLUs, TE activations), FP8/FP4,
-latent projections, CUDA graphs, recomputation of the whole layer. Every rank of the EP group decides
+latent projections, CUDA graphs, recomputation of the whole layer; under inductor's cost gate off
+Ascend, also the all-to-all dispatcher (``cost.refuse_unpadded_exchange``). Every rank of the EP group decides
 the same: the candidate depends on the config only, and the first-call verdict is the MIN over the
 group (``agree``).
 """
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .context import Refusal
-from .cost import refuse_slower_ffn
+from .cost import refuse_slower_ffn, refuse_unpadded_exchange
 
 LAYER = ("megatron.core.transformer.moe.moe_layer", "MoELayer")
 # The dispatchers the route replaces -> their name in the report.
@@ -147,9 +148,11 @@ def candidate(module: torch.nn.Module) -> Optional[str]:
         raise Refusal(why)
     weight = _fc1_weight(module.experts)
     refuse_slower_ffn(weight.dtype, weight.device)
+    dispatcher = DISPATCHERS[type(module.token_dispatcher).__name__]
+    if dispatcher == "alltoall":
+        refuse_unpadded_exchange("Megatron's all-to-all token dispatcher", weight.device)
     act = _activation(module.experts.config)
     shared = ", shared experts added" if module.shared_experts is not None else ""
-    dispatcher = DISPATCHERS[type(module.token_dispatcher).__name__]
     return (f"Megatron MoELayer ({dispatcher}, {type(module.experts).__name__} x{module.num_local_experts}) -> "
             f"npu_moe_distribute_dispatch_v2 / npu_ffn_grouped({act}) / npu_moe_distribute_combine_v2 "
             f"over EP {module.ep_group.size()}{shared}")

@@ -101,23 +101,28 @@ def _run(rank: int, world: int) -> dict[str, Any]:
                 "refused": [e.detail for e in report.refused("module_route")], "report": report.format(),
                 "settings": [e.detail for e in report.refused("dynamo_settings")]}
     results["one-rank-differs"] = _one_rank_differs(rank)
-    results["bf16-gated"] = _bf16_gated(rank)
+    torch.cpu._is_amx_tile_supported = lambda: True     # as on a CPU that multiplies bf16 natively
+    for name, overrides in GATED.items():
+        results[name] = _under_the_cost_gate(rank, overrides)
     return results
 
 
-def _bf16_gated(rank: int) -> list[str]:
-    """The route's refusals for bf16 experts under the cost gate (inductor's default), on a CPU that
-    multiplies bf16 natively (the flag set here, whatever this CPU has)."""
+# name -> TransformerConfig overrides of a layer the route meets under the cost gate (inductor's default)
+GATED = {"bf16-gated": {"params_dtype": torch.bfloat16}, "alltoall-gated": {},
+         "allgather-under-the-gate": {"moe_token_dispatcher_type": "allgather"}}
+
+
+def _under_the_cost_gate(rank: int, overrides: dict) -> dict[str, Any]:
+    """Whether the route swapped the layer's forward under the cost gate, and its refusals."""
     from moe_fusion.passes import cost, module_routes
 
-    torch.cpu._is_amx_tile_supported = lambda: True
-    layer = make_layer({"params_dtype": torch.bfloat16}, False).eval()
-    x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank)).bfloat16()
+    dtype = overrides.get("params_dtype", torch.float32)
+    layer = make_layer(overrides, False).eval()
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank)).to(dtype)
     report = FusionReport()
     with cost.gated(True):
         module_routes.apply_checked(layer, (x,), {}, report)
-    assert "forward" not in vars(layer)         # not swapped
-    return [e.detail for e in report.refused("module_route")]
+    return {"swapped": "forward" in vars(layer), "refused": [e.detail for e in report.refused("module_route")]}
 
 
 def _one_rank_differs(rank: int) -> dict[str, Any]:
@@ -200,9 +205,27 @@ def test_untraceable_layer_compiles_with_dynamo_defaults(ranks):
 
 def test_bf16_experts_are_not_routed_under_the_cost_gate(ranks):
     for result in ranks:
-        refused = result["bf16-gated"]
-        assert len(refused) == 1 and "megatron_moe: not routed: slower here" in refused[0], refused
+        case = result["bf16-gated"]
+        refused = case["refused"]
+        assert not case["swapped"] and len(refused) == 1, case
+        assert "megatron_moe: not routed: slower here" in refused[0], refused
         assert "bfloat16 natively (AMX)" in refused[0], refused
+
+
+def test_alltoall_dispatcher_is_not_routed_under_the_cost_gate(ranks):
+    """Its experts compute only their routed rows: fusing saves them no work off Ascend (cost.py)."""
+    for result in ranks:
+        case = result["alltoall-gated"]
+        refused = case["refused"]
+        assert not case["swapped"] and len(refused) == 1, case
+        assert "slower here" in refused[0] and "Megatron's all-to-all token dispatcher" in refused[0], refused
+
+
+def test_allgather_dispatcher_is_routed_under_the_cost_gate(ranks):
+    """Plain inductor cannot run it (upstream masked_select crash): the gate leaves it fused."""
+    for result in ranks:
+        case = result["allgather-under-the-gate"]
+        assert case["swapped"] and not case["refused"], case
 
 
 def test_a_rank_that_differs_undoes_the_route_on_every_rank(ranks):
