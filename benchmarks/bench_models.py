@@ -13,8 +13,9 @@ the verdict against the target (<= 1.0: fusing must not slow the block down).
 Expert-parallel layers on 4 gloo ranks (``--only ep``): DeepSpeed 0.19.8 ``MoE`` (k=2 dropless, k=1
 with capacity factors 1 and 2: the first left unfused by the cost gate), fairscale 0.4.13
 ``MOELayer`` + ``Top2Gate`` and Megatron-core 0.16.1 ``MoELayer`` (alltoall, SwiGLU, SequentialMLP;
-and GroupedMLP, which Megatron runs in bf16 only, on the integration tests' CPU ``gmm``; both left
-unfused by the cost gate on this CPU) and
+and GroupedMLP, which Megatron runs in bf16 only, on the integration tests' CPU ``gmm``; the cost
+gate leaves both unfused here: the all-to-all dispatcher off Ascend, bf16 experts on CPUs with
+native bf16 matmuls; ``--no-cost-gate`` fuses them) and
 torchtitan 0.3.0 ``MoE`` (its own expert-parallel ``parallelize``, all-to-all token dispatcher,
 bf16 grouped SwiGLU experts), fp32 (tokens in the layer's dtype), 2 experts per rank:
 ``moe_fusion.compile`` vs plain ``torch.compile`` of an identical layer, each step timed on the
@@ -56,8 +57,8 @@ def _step(run, layer: torch.nn.Module, x: torch.Tensor, train: bool) -> None:
             layer.zero_grad(set_to_none=True)
 
 
-def _measure(name: str, implementation: str, train: bool, repeats: int,
-             dtype: torch.dtype) -> tuple[Comparison, int]:
+def _measure(name: str, implementation: str, train: bool, repeats: int, dtype: torch.dtype,
+             cost_gate: bool) -> tuple[Comparison, int]:
     block = make_block(name, implementation, HIDDEN, INNER).to(dtype)
     x = torch.randn(TOKENS[implementation], 1, HIDDEN, dtype=dtype, requires_grad=train)
 
@@ -66,7 +67,7 @@ def _measure(name: str, implementation: str, train: bool, repeats: int,
 
     report = FusionReport()
     torch._dynamo.reset()
-    fused = moe_fusion.compile(block, report=report)
+    fused = moe_fusion.compile(block, report=report, cost_gate=cost_gate)
     plain = torch.compile(block, backend="inductor")
     step(fused), step(plain)          # compile outside the timing
     timed_fused, timed_plain = interleave((lambda: step(fused), lambda: step(plain)), repeats, timer=wall_seconds)
@@ -133,7 +134,8 @@ EP_LAYERS = {  # name -> builder(rank, world): the layer, built alike on every c
 EP_TOKEN_DTYPES = {"megatron alltoall top2 GroupedMLP bf16": torch.bfloat16}   # the others take fp32 tokens
 
 
-def _measure_ep(rank: int, world: int, names: list[str], train: bool, repeats: int, cpu: bool) -> dict:
+def _measure_ep(rank: int, world: int, names: list[str], train: bool, repeats: int, cpu: bool,
+                cost_gate: bool) -> dict:
     """Per layer: fused vs plain inductor step times (slowest rank; with ``cpu``, the CPU time of
     all ranks), and the fusions of rank 0."""
     from moe_fusion.demo.timing import group_cpu_seconds, synced_seconds
@@ -145,7 +147,7 @@ def _measure_ep(rank: int, world: int, names: list[str], train: bool, repeats: i
         x = tokens.to(EP_TOKEN_DTYPES.get(name, torch.float32)).requires_grad_(train)
         report = FusionReport()
         torch._dynamo.reset()
-        fused = moe_fusion.compile(fused_layer, report=report)
+        fused = moe_fusion.compile(fused_layer, report=report, cost_gate=cost_gate)
         plain = torch.compile(plain_layer, backend="inductor")
 
         def step(run, layer: torch.nn.Module) -> None:
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true",
                         help="with --only ep: compare the CPU time per step summed over the ranks (the work each "
                              "variant puts on the machine) instead of the slowest rank's wall time")
+    parser.add_argument("--no-cost-gate", dest="cost_gate", action="store_false",
+                        help="fuse what the cost gate would leave unfused (to measure why it does)")
     args = parser.parse_args()
     if args.cpu and args.only != "ep":
         parser.error("--cpu needs --only ep (the HF blocks run in one process, whose wall time is its CPU time)")
@@ -188,14 +192,15 @@ def main() -> None:
         for name in args.hf_block or BLOCKS:
             for implementation in TOKENS:
                 for train in modes:
-                    timing, fusions = _measure(name, implementation, train, args.repeats, getattr(torch, args.hf_dtype))
+                    timing, fusions = _measure(name, implementation, train, args.repeats, getattr(torch, args.hf_dtype),
+                                               args.cost_gate)
                     rows.append(Row(f"hf {name} {implementation} {args.hf_dtype} {'train' if train else 'infer'} "
                                     f"T={TOKENS[implementation]} H={HIDDEN} I={INNER}: fused vs plain inductor "
                                     f"({fusions} fusions)", timing, TARGET))
     if args.only in (None, "ep"):
         for train in modes:
             results = run_ranks(args.ep_world, _measure_ep, args.ep_layer or list(EP_LAYERS), train, args.repeats,
-                                args.cpu, timeout=3600, pg_timeout=1200)[0]
+                                args.cpu, args.cost_gate, timeout=3600, pg_timeout=1200)[0]
             for name, (timing, fused) in results.items():
                 rows.append(Row(f"{name} {'train' if train else 'infer'} EP={args.ep_world} T={EP_TOKENS}/rank "
                                 f"H={HIDDEN} I={INNER} E={args.ep_world * EP_LOCAL}: fused vs plain inductor "

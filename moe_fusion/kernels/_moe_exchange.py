@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -179,28 +179,33 @@ def _missing_peers(group: dist.ProcessGroup, seq: int) -> list[int]:
     """Group ranks that did not reach this exchange (arrival count below ``seq``).
 
     A peer's exit fails the collective at once, possibly before a slow but healthy peer has
-    arrived; so the store is read again until at most one rank is missing (the collective failed,
-    so one is absent for sure) or ``ARRIVAL_GRACE`` has passed."""
+    arrived; so the ranks still missing are read again until at most one is left (the usual cause
+    of the failure: one absent rank) or ``ARRIVAL_GRACE`` has passed. A peer that arrived and then
+    failed while a healthy one is late still leaves the late one named."""
     deadline = time.monotonic() + ARRIVAL_GRACE
-    missing = _absent_now(group, seq)
+    missing = _absent_now(group, seq, range(group.size())) or []
     while len(missing) > 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-        missing = _absent_now(group, seq)
+        still = _absent_now(group, seq, missing)      # arrival counts only grow
+        if still is None:
+            break
+        missing = still
     return missing
 
 
-def _absent_now(group: dist.ProcessGroup, seq: int) -> list[int]:
-    """Group ranks whose published arrival count is below ``seq`` at this moment."""
+def _absent_now(group: dist.ProcessGroup, seq: int, ranks: Iterable[int]) -> Optional[list[int]]:
+    """Those of the group ``ranks`` whose published arrival count is below ``seq`` at this moment;
+    None when there is no store to read (gone with the peers, or never there)."""
     store = _default_store()
     if store is None:
-        return []
+        return None
     missing = []
-    for r in range(group.size()):
+    for r in ranks:
         key = _arrival_key(group, r)
         try:
             reached = int(store.get(key)) if store.check([key]) else 0
         except RuntimeError:     # the store itself is gone with the peers: nothing more to learn
-            return []
+            return None
         if reached < seq:
             missing.append(r)
     return missing

@@ -31,10 +31,11 @@ graph, whose unfused backward scatters a weight gradient per row; fused, its tra
   exactly the rows routed to them (``SequentialMLP`` splits the permuted tokens per expert; padding
   to capacity is refused by the route), so the grouped FFN saves them no work, and off Ascend the
   reference ``dispatch_v2`` / ``combine_v2`` cost more host work and collective rounds than its own
-  all-to-alls. Measured with SequentialMLP
-  SwiGLU top-2 in fp32 (``bench_models.py --only ep --repeats 11``, 4 ranks, 512 tokens each, 8
-  experts): 1.04 [1.01, 1.08] / 1.10 [1.00, 1.16]. Not gated: its all-gather dispatcher, which
-  plain inductor cannot run (megatron-core 0.16.1: ``masked_select: expected BoolTensor for mask``).
+  all-to-alls. Measured with SequentialMLP SwiGLU top-2 in fp32 (``bench_models.py --only ep
+  --repeats 11 --no-cost-gate``, 4 ranks, 512 tokens each, 8 experts): 1.04 [1.01, 1.08] /
+  1.10 [1.00, 1.16]. Gated over more than one rank only (what was measured: an exchange). Not
+  gated: its all-gather dispatcher, which plain inductor cannot run (megatron-core 0.16.1:
+  ``masked_select: expected BoolTensor for mask``).
 """
 from __future__ import annotations
 
@@ -115,9 +116,9 @@ def refuse_unpadded_slot_block(table_rows: Union[int, torch.SymInt], routes: Uni
 
 
 def refuse_unpadded_exchange(block: str, device: torch.device) -> None:
-    """Raise ``Refusal`` when the gate is on, off Ascend, for ``block``: a dropless all-to-all block
-    whose unfused experts compute exactly their routed rows (module docstring), so that fusing would
-    only trade its own exchange for the reference one."""
+    """Raise ``Refusal`` when the gate is on, off Ascend, for ``block``: an all-to-all block whose
+    experts compute exactly their routed rows, unpadded (module docstring), so that fusing would only
+    trade its own exchange for the reference one."""
     if not _gate.get() or device.type == "npu":
         return
     raise Refusal(f"slower here than the unfused code: {block} computes only the rows routed to its experts, so "

@@ -31,9 +31,10 @@ Refused (the report says which): other dispatchers and expert modules, tensor / 
 parallelism, padding to capacity, router padding for quantization, activations the op has no exact
 form of (erf GELU, squared ReLU, GLU of quick GELU, clamped or offset GLUs, TE activations), FP8/FP4,
 latent projections, CUDA graphs, recomputation of the whole layer; under inductor's cost gate off
-Ascend, also the all-to-all dispatcher (``cost.refuse_unpadded_exchange``). Every rank of the EP group decides
-the same: the candidate depends on the config only, and the first-call verdict is the MIN over the
-group (``agree``).
+Ascend, also the all-to-all dispatcher over more than one rank (``cost.refuse_unpadded_exchange``).
+Every rank of the EP group decides the same: the candidate depends on the config, the device type,
+the gate and this machine's native matmul units (alike on the group's ranks), and the first-call
+verdict is the MIN over the group (``agree``).
 """
 from __future__ import annotations
 
@@ -147,10 +148,10 @@ def candidate(module: torch.nn.Module) -> Optional[str]:
     if why is not None:
         raise Refusal(why)
     weight = _fc1_weight(module.experts)
-    refuse_slower_ffn(weight.dtype, weight.device)
     dispatcher = DISPATCHERS[type(module.token_dispatcher).__name__]
-    if dispatcher == "alltoall":
+    if dispatcher == "alltoall" and module.ep_group.size() > 1:    # first: it holds whatever the dtype
         refuse_unpadded_exchange("Megatron's all-to-all token dispatcher", weight.device)
+    refuse_slower_ffn(weight.dtype, weight.device)
     act = _activation(module.experts.config)
     shared = ", shared experts added" if module.shared_experts is not None else ""
     return (f"Megatron MoELayer ({dispatcher}, {type(module.experts).__name__} x{module.num_local_experts}) -> "
