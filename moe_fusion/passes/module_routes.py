@@ -20,8 +20,9 @@ code it cannot capture:
 
 A route that recognizes a module but cannot express it exactly raises ``Refusal`` from its
 ``candidate``: the module keeps its forward and the report gives the reason. A route whose swapped
-forward communicates (``agree``) settles its first-call verdict with the other ranks of the
-module's group, so that a rank that swapped never meets one that did not.
+forward communicates (``agree``) settles both its candidacy (before any swapped forward runs: a
+refusal can depend on the machine, e.g. its native matmul units) and its first-call verdict with
+the other ranks of the module's group, so that a rank that swapped never meets one that did not.
 """
 from __future__ import annotations
 
@@ -92,20 +93,31 @@ def candidates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Modul
     return _scan(model)[0]
 
 
-def _scan(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module, ModuleRoute, str]],
-                                           list[tuple[str, ModuleRoute, str]]]:
-    """The candidates of ``model`` and the ``(path, route, reason)`` of the modules a route refused."""
+def _scan(model: torch.nn.Module, settle: bool = False) -> tuple[list[tuple[str, torch.nn.Module, ModuleRoute, str]],
+                                                                 list[tuple[str, ModuleRoute, str]]]:
+    """The candidates of ``model`` and the ``(path, route, reason)`` of the modules a route refused.
+
+    With ``settle``, a route whose forward communicates (``agree``) settles each module it recognizes
+    with the other processes sharing it, in module order: a candidate that another process refused
+    (its CPU's native matmul units differ, say) is refused here too, so that a process checking a
+    swapped forward never waits in its collectives for one that kept the original."""
     found, refused = [], []
     for path, module in model.named_modules():
         for route in ROUTES:
             try:
-                what = route.candidate(module)
-            except Refusal as why:
-                refused.append((path or type(model).__name__, route, str(why)))
-                break
-            if what is not None:
-                found.append((path or type(model).__name__, module, route, what))
-                break
+                what, why = route.candidate(module), None
+            except Refusal as refusal:
+                what, why = None, str(refusal)
+            if what is None and why is None:
+                continue
+            where = path or type(model).__name__
+            if settle and route.agree is not None and not route.agree(module, why is None) and why is None:
+                why = f"{what}: refused on another process sharing the module (its report says why)"
+            if why is None:
+                found.append((where, module, route, what))
+            else:
+                refused.append((where, route, why))
+            break
     return found, refused
 
 
@@ -116,7 +128,7 @@ def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Opt
     The check leaves the random number generators as it found them (the model's own run draws
     what it would have drawn), and replays each module's call from the CPU generator state it
     started with, so a module drawing random numbers is compared on the same draws."""
-    found, refused = _scan(model)
+    found, refused = _scan(model, settle=True)
     for path, route, why in refused:
         _record(report, False, path, f"{route.name}: not routed: {why}")
     if not found:

@@ -106,10 +106,24 @@ def _run(rank: int, world: int) -> dict[str, Any]:
                 "refused": [e.detail for e in report.refused("module_route")], "report": report.format(),
                 "settings": [e.detail for e in report.refused("dynamo_settings")]}
     results["one-rank-differs"] = _one_rank_differs(rank)
+    results["cpus-differ"] = _cpus_differ(rank)
     torch.cpu._is_amx_tile_supported = lambda: True     # as on a CPU that multiplies bf16 natively
     for name, overrides in GATED.items():
         results[name] = _under_the_cost_gate(rank, overrides)
     return results
+
+
+def _cpus_differ(rank: int) -> dict[str, Any]:
+    """bf16 experts under the cost gate where only rank 0's CPU multiplies bf16 natively: rank 0's
+    route refuses, rank 1's would swap; both must keep the original forward (rank 1 would otherwise
+    wait in the swapped forward's collectives for rank 0, which runs Megatron's own)."""
+    native = torch.cpu._is_amx_tile_supported, torch.cpu._is_avx512_bf16_supported
+    torch.cpu._is_amx_tile_supported = lambda: rank == 0
+    torch.cpu._is_avx512_bf16_supported = lambda: rank == 0
+    try:
+        return _under_the_cost_gate(rank, GATED["bf16-gated"])
+    finally:
+        torch.cpu._is_amx_tile_supported, torch.cpu._is_avx512_bf16_supported = native
 
 
 def _under_the_cost_gate(rank: int, overrides: dict) -> dict[str, Any]:
@@ -210,6 +224,14 @@ def test_bf16_experts_are_not_routed_under_the_cost_gate(ranks):
         assert not case["swapped"] and len(refused) == 1, case
         assert "megatron_moe: not routed: slower here" in refused[0], refused
         assert "bfloat16 natively (AMX)" in refused[0], refused
+
+
+def test_ranks_whose_cpus_differ_keep_the_original_forward_together(ranks):
+    first, second = (result["cpus-differ"] for result in ranks)
+    assert not first["swapped"] and not second["swapped"], (first, second)
+    assert len(first["refused"]) == 1 and "bfloat16 natively (AMX)" in first["refused"][0], first
+    assert len(second["refused"]) == 1 and "refused on another process sharing the module" in second["refused"][0], \
+        second
 
 
 def test_alltoall_dispatcher_is_not_routed_under_the_cost_gate(ranks):
