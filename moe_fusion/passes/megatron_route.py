@@ -33,8 +33,8 @@ form of (erf GELU, squared ReLU, GLU of quick GELU, clamped or offset GLUs, TE a
 latent projections, CUDA graphs, recomputation of the whole layer; under inductor's cost gate off
 Ascend, also the all-to-all dispatcher over more than one rank (``cost.refuse_unpadded_exchange``).
 Every rank of the EP group decides the same: the candidate depends on the config, the device type,
-the gate and this machine's native matmul units (alike on the group's ranks), and the first-call
-verdict is the MIN over the group (``agree``).
+the gate and this machine's native matmul units, and both it and the first-call verdict are the MIN
+over the group (``agree``, called by ``module_routes`` before any swapped forward runs).
 """
 from __future__ import annotations
 
