@@ -56,6 +56,12 @@ def gated(on: bool) -> ContextManager[None]:
     return scoped(_gate, on)
 
 
+def _slower(why: str) -> Refusal:
+    """The gate's refusal of a rewrite, ``why`` saying what makes it slower here."""
+    return Refusal(f"slower here than the unfused code: {why}; left unfused under inductor "
+                   "(moe_fusion.compile(..., cost_gate=False) fuses it anyway; GE always does)")
+
+
 def native_matmul(dtype: torch.dtype, device: torch.device) -> Optional[str]:
     """The unit that multiplies ``dtype`` matrices natively on ``device`` (faster than fp32), or None."""
     if dtype not in LOW_PRECISION:
@@ -92,10 +98,8 @@ def refuse_slower_ffn(dtype: torch.dtype, device: torch.device, *, gathered: boo
     if unit is None:
         return
     name = str(dtype).removeprefix("torch.")
-    raise Refusal(f"slower here than the unfused code: the fused FFN computes a {name} FFN's first matmul and "
-                  f"activation in float32 (SPEC §5.4), which off Ascend means float32 matmuls, and this "
-                  f"{device.type} multiplies {name} natively ({unit}); left unfused under inductor "
-                  f"(moe_fusion.compile(..., cost_gate=False) fuses it anyway; GE always does)")
+    raise _slower(f"the fused FFN computes a {name} FFN's first matmul and activation in float32 (SPEC §5.4), "
+                  f"which off Ascend means float32 matmuls, and this {device.type} multiplies {name} natively ({unit})")
 
 
 def refuse_unpadded_slot_block(table_rows: Union[int, torch.SymInt], routes: Union[int, torch.SymInt],
@@ -108,11 +112,10 @@ def refuse_unpadded_slot_block(table_rows: Union[int, torch.SymInt], routes: Uni
         return
     if table_rows >= MIN_PADDING * routes:
         return
-    raise Refusal(f"slower here than the unfused code: its capacity gives the experts {table_rows} rows per rank for "
-                  f"{routes} routes ({table_rows / max(routes, 1):.2f} per route, under {MIN_PADDING}), so the grouped "
-                  "FFN would save the unfused experts few padding rows, and off Ascend the reference dispatch and "
-                  "combine cost more host work and collective rounds than the block's two all_to_alls; left unfused "
-                  "under inductor (moe_fusion.compile(..., cost_gate=False) fuses it anyway; GE always does)")
+    raise _slower(f"its capacity gives the experts {table_rows} rows per rank for {routes} routes "
+                  f"({table_rows / max(routes, 1):.2f} per route, under {MIN_PADDING}), so the grouped FFN would save "
+                  "the unfused experts few padding rows, and off Ascend the reference dispatch and combine cost more "
+                  "host work and collective rounds than the block's two all_to_alls")
 
 
 def refuse_unpadded_exchange(block: str, device: torch.device) -> None:
@@ -121,7 +124,6 @@ def refuse_unpadded_exchange(block: str, device: torch.device) -> None:
     trade its own exchange for the reference one."""
     if not _gate.get() or device.type == "npu":
         return
-    raise Refusal(f"slower here than the unfused code: {block} computes only the rows routed to its experts, so "
-                  "the grouped FFN saves it no work, and off Ascend the reference dispatch and combine cost more "
-                  "host work and collective rounds than its own all-to-alls; left unfused under inductor "
-                  "(moe_fusion.compile(..., cost_gate=False) fuses it anyway; GE always does)")
+    raise _slower(f"{block} computes only the rows routed to its experts, so the grouped FFN saves it no work, and "
+                  "off Ascend the reference dispatch and combine cost more host work and collective rounds than its "
+                  "own all-to-alls")
