@@ -13,7 +13,8 @@ test-side: ``megatron_shims``.
 from __future__ import annotations
 
 import collections
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -106,24 +107,26 @@ def _run(rank: int, world: int) -> dict[str, Any]:
                 "refused": [e.detail for e in report.refused("module_route")], "report": report.format(),
                 "settings": [e.detail for e in report.refused("dynamo_settings")]}
     results["one-rank-differs"] = _one_rank_differs(rank)
-    results["cpus-differ"] = _cpus_differ(rank)
-    torch.cpu._is_amx_tile_supported = lambda: True     # as on a CPU that multiplies bf16 natively
-    for name, overrides in GATED.items():
-        results[name] = _under_the_cost_gate(rank, overrides)
+    # bf16 experts where only rank 0's CPU multiplies bf16 natively: rank 0's route refuses, rank 1's
+    # would swap; both must keep the original forward (rank 1 would otherwise wait in the swapped
+    # forward's collectives for rank 0, which runs Megatron's own).
+    with _native_bf16(rank == 0):
+        results["cpus-differ"] = _under_the_cost_gate(rank, GATED["bf16-gated"])
+    with _native_bf16(True):
+        for name, overrides in GATED.items():
+            results[name] = _under_the_cost_gate(rank, overrides)
     return results
 
 
-def _cpus_differ(rank: int) -> dict[str, Any]:
-    """bf16 experts under the cost gate where only rank 0's CPU multiplies bf16 natively: rank 0's
-    route refuses, rank 1's would swap; both must keep the original forward (rank 1 would otherwise
-    wait in the swapped forward's collectives for rank 0, which runs Megatron's own)."""
-    native = torch.cpu._is_amx_tile_supported, torch.cpu._is_avx512_bf16_supported
-    torch.cpu._is_amx_tile_supported = lambda: rank == 0
-    torch.cpu._is_avx512_bf16_supported = lambda: rank == 0
+@contextlib.contextmanager
+def _native_bf16(native: bool) -> Iterator[None]:
+    """This process's CPU reports AMX (native bf16 matmuls) or no native bf16 unit, whatever it has."""
+    flags = torch.cpu._is_amx_tile_supported, torch.cpu._is_avx512_bf16_supported
+    torch.cpu._is_amx_tile_supported = torch.cpu._is_avx512_bf16_supported = lambda: native
     try:
-        return _under_the_cost_gate(rank, GATED["bf16-gated"])
+        yield
     finally:
-        torch.cpu._is_amx_tile_supported, torch.cpu._is_avx512_bf16_supported = native
+        torch.cpu._is_amx_tile_supported, torch.cpu._is_avx512_bf16_supported = flags
 
 
 def _under_the_cost_gate(rank: int, overrides: dict) -> dict[str, Any]:
