@@ -28,8 +28,8 @@ Implementation-defined outputs (SPEC §3.4), all zero where not written:
 ``ep_recv_counts`` inclusive prefix sums over (local expert, source) (peer's at ``[W:2W]`` with
 TP); ``tp_recv_counts = [rows of tp rank 0, rows of tp rank 1]`` (T == 1: ``[own rows]``);
 ``expand_scales[row]`` = the source's ``expert_scales`` weight for that copy (0 for shared rows).
-Rows past the received count are zero: the outputs come zero-filled from ``calloc`` on CPU
-(``_zeroed_outputs``), whose untouched pages cost nothing.
+Rows past the received count are zero (``_zeroed_outputs``): on CPU ``expand_x`` comes from a
+mapping whose untouched pages cost nothing, reused across calls with its written rows resident.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from ..op_protos._proto import OutSpec
 from ..op_protos.moe_distribute_common import DistConfig, validate_id_values, validate_mask_values
 from ..op_protos.moe_distribute_dispatch_v2 import NAME, PROTO, QUANT_DYNAMIC, DispatchConfig
 from ._moe_exchange import Field, RowLayout, dist_fields, exchange_rows, open_exchange, peer_guard, staging_rows
-from ._zeroed import zeroed
+from ._zeroed import zero_past, zeroed
 from ._moe_tokens import active_slots, valid_tokens
 
 Tensor = torch.Tensor
@@ -161,7 +161,8 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     recv_all = exchange.counts_after(ep_rows, counts)
     recv_counts, recv_unique = recv_all[:, :lm], recv_all[:, lm]
 
-    outs = _zeroed_outputs(PROTO.infer_shape(config), x.device)
+    own = int(recv_counts.sum())
+    outs = _zeroed_outputs(PROTO.infer_shape(config), own, x.device)
     expand_x, dynamic_scales, assist, token_nums, ep_counts, tp_counts, expand_scales = outs
     recv_rows = recv_unique + _meta_rows(recv_counts.sum(1), n_meta, row_bytes)
     buf = exchange_rows(NAME, exchange.ep, send, send_rows, recv_rows)
@@ -183,7 +184,6 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     code = torch.repeat_interleave(torch.arange(world * lm, device=x.device), recv_counts.reshape(-1))
     source, local = code // lm, code % lm
     order = torch.argsort(local * world + source, stable=True)
-    own = order.numel()
     meta = meta_all[order]
     prow = meta[:, 2].long()
     torch.index_select(parts[0], 0, prow, out=expand_x[:own])
@@ -205,10 +205,13 @@ def moe_distribute_dispatch_v2(config: DispatchConfig, x: Tensor, expert_ids: Te
     return outs
 
 
-def _zeroed_outputs(specs: Sequence[OutSpec], device: torch.device) -> tuple[Tensor, ...]:
-    """Zero-filled tensors of ``specs`` (``infer_shape``'s), from ``_zeroed.zeroed``: on CPU
-    the padding rows past the received count, most of ``expand_x``, are never written."""
-    return tuple(zeroed(spec.shape, spec.dtype, device) for spec in specs)
+def _zeroed_outputs(specs: Sequence[OutSpec], own: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Tensors of ``specs`` (``infer_shape``'s), zero-filled but for ``expand_x``'s first ``own`` rows,
+    which the caller writes (``_zeroed.zero_past``): on CPU its padding rows, most of it, are never
+    written."""
+    expand_x, *rest = specs
+    return (zero_past(own, expand_x.shape, expand_x.dtype, device),) + tuple(
+        zeroed(spec.shape, spec.dtype, device) for spec in rest)
 
 
 def _meta_rows(copies: Tensor, n_meta: int, row_bytes: int) -> Tensor:

@@ -1,0 +1,68 @@
+"""The kernels' zero-filled outputs (``kernels/_zeroed``): ``zero_past`` reuses a freed mapping, and
+whatever its last user wrote, the rows past the ones the caller writes read as zeros."""
+import gc
+
+import pytest
+import torch
+
+from moe_fusion.kernels import _zeroed
+from moe_fusion.kernels._zeroed import MAPPED_BYTES, POOLED_MAPPINGS, zero_past
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not _zeroed._CLEARS_BY_DROPPING, reason="the pool clears pages the Linux way")
+
+# (rows, row elements, written rows): written rows ending on, before and inside a huge page.
+SHAPES = [(8192, 512, 2048), (8192, 512, 2047), (4099, 513, 1000), (1024, 1024, 0)]
+
+
+def _mapped(rows: int, width: int) -> tuple[tuple[int, int], torch.dtype]:
+    shape, dtype = (rows, width), torch.float32
+    assert rows * width * dtype.itemsize >= MAPPED_BYTES       # (the pooled path)
+    return shape, dtype
+
+
+@pytest.mark.parametrize("rows,width,written", SHAPES)
+def test_a_reused_mapping_reads_zeros_past_the_written_rows_whatever_its_last_user_wrote(rows, width, written):
+    shape, dtype = _mapped(rows, width)
+    first = zero_past(rows // 2, shape, dtype, CPU)
+    first.fill_(float("nan"))                       # the last user wrote everywhere, padding included
+    address = first.data_ptr()
+    del first
+    gc.collect()
+    again = zero_past(written, shape, dtype, CPU)
+    assert again.data_ptr() == address              # the same pages again, not a fresh mapping
+    tail = again[written:]
+    assert torch.equal(tail, torch.zeros_like(tail))
+
+
+def test_a_mapping_a_view_still_uses_is_not_handed_out():
+    shape, dtype = _mapped(8192, 512)
+    first = zero_past(100, shape, dtype, CPU)
+    first[:100] = 1.0
+    kept = first[:100]                              # a view keeps the storage, and so the mapping, in use
+    del first
+    gc.collect()
+    second = zero_past(100, shape, dtype, CPU)
+    second.fill_(7.0)
+    assert second.data_ptr() != kept.data_ptr()
+    assert torch.equal(kept, torch.ones_like(kept))
+
+
+def test_the_pool_keeps_at_most_its_bound_and_outputs_in_use_never_share_pages():
+    shape, dtype = _mapped(4096, 512)
+    alive = [zero_past(0, shape, dtype, CPU) for _ in range(POOLED_MAPPINGS + 3)]
+    for value, out in enumerate(alive):
+        out.fill_(float(value))
+    for value, out in enumerate(alive):
+        assert torch.equal(out, torch.full_like(out, float(value)))
+    assert len(_zeroed._POOL._mappings) <= POOLED_MAPPINGS
+    del alive, out
+    gc.collect()
+    other = zero_past(0, (4096, 1024), dtype, CPU)  # another size: a freed mapping makes room for it
+    assert torch.equal(other, torch.zeros_like(other))
+    assert len(_zeroed._POOL._mappings) <= POOLED_MAPPINGS
+
+
+def test_mostly_written_rows_come_from_the_allocator_with_the_rest_cleared():
+    out = zero_past(900, (1000, 700), torch.float32, CPU)
+    assert torch.equal(out[900:], torch.zeros(100, 700))
