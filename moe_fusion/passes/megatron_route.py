@@ -26,11 +26,15 @@ experts, and replaces the dispatcher and experts with the fused ops:
   read through the same views its grouped GEMMs take, ``(L, H, N1)`` and ``(L, F, H)``. Megatron's GLU
   is ``act(first half) * second half`` in both; the op's ``second-half-activated`` form gets fc1's
   halves swapped.
+* Experts whose activation the op has no exact form of (erf GELU, squared ReLU, GLU of quick GELU,
+  clamped or offset GLUs, TE activations): the largest exact part fuses, dispatch_v2 -> the layer's
+  own experts over the dispatched rows (``_own_experts``, probs of 1) -> combine_v2; the report says
+  the experts were left unfused and why.
 
 Refused (the report says which): other dispatchers and expert modules, tensor / expert tensor
-parallelism, padding to capacity, router padding for quantization, activations the op has no exact
-form of (erf GELU, squared ReLU, GLU of quick GELU, clamped or offset GLUs, TE activations), FP8/FP4,
-latent projections, CUDA graphs, recomputation of the whole layer; under inductor's cost gate off
+parallelism, padding to capacity, router padding for quantization, expert configs Megatron's own MLP
+raises on (``_megatron_raises``), FP8/FP4, latent projections, CUDA graphs, recomputation of the
+whole layer; under inductor's cost gate off
 Ascend, also the all-to-all dispatcher over more than one rank (``cost.refuse_unpadded_exchange``).
 Every rank of the EP group decides the same: the candidate depends on the config, the device type,
 the gate and this machine's native matmul units, and both it and the first-call verdict are the MIN
@@ -61,7 +65,8 @@ def is_megatron_moe_layer(module: torch.nn.Module) -> bool:
 
 
 def _activation(config: Any) -> str:
-    """``npu_ffn_grouped``'s name of the experts' activation, or ``Refusal``."""
+    """``npu_ffn_grouped``'s name of the experts' activation; raises ``Refusal`` (why) where the op has
+    no exact form of it: the route then keeps the layer's own experts (``_expert_form``)."""
     f, glu = config.activation_func, bool(config.gated_linear_unit)
     if getattr(config, "use_te_activation_func", False):
         raise Refusal("TE activation modules (use_te_activation_func)")
@@ -76,12 +81,26 @@ def _activation(config: Any) -> str:
         name = {"silu": "swiglu", "relu": "reglu", "gelu": "geglu"}.get(base)
         if name is None:
             raise Refusal(f"GLU of {base}: npu_ffn_grouped's GLU forms are swiglu, reglu, geglu")
-        if config.bias_activation_fusion and name != "swiglu":
-            raise Refusal("bias_activation_fusion with a GLU other than SwiGLU (Megatron itself raises)")
         return name
-    if config.bias_activation_fusion:
-        raise Refusal("bias_activation_fusion without GLU (Megatron's expert MLP raises on it)")
     return base
+
+
+def _expert_form(config: Any) -> tuple[Optional[str], Optional[str]]:
+    """``(activation, None)`` when ``npu_ffn_grouped`` computes the experts, ``(None, why not)`` when
+    the layer's own experts run between dispatch and combine (the largest exact part fused)."""
+    try:
+        return _activation(config), None
+    except Refusal as why:
+        return None, str(why)
+
+
+def _megatron_raises(config: Any) -> Optional[str]:
+    """Why Megatron's own expert MLP raises on ``config`` (it is given per-token probs), or None:
+    with ``bias_activation_fusion`` it has weighted fused forms of SwiGLU and quick-GeGLU only."""
+    if config.bias_activation_fusion and not (
+            config.gated_linear_unit and _activation_base(config.activation_func) in ("silu", "fastgelu")):
+        return "bias_activation_fusion other than with SwiGLU or quick-GeGLU (Megatron's expert MLP raises)"
+    return None
 
 
 def _activation_base(f: Callable) -> Optional[str]:
@@ -132,11 +151,7 @@ def _layer_refusal(layer: torch.nn.Module) -> Optional[str]:
                 return f"expert linear {type(linear).__name__} (local ColumnParallelLinear / RowParallelLinear only)"
     if layer.config.add_bias_linear and config.bias_activation_fusion:
         return "fc1 bias with bias_activation_fusion (Megatron's weighted SwiGLU raises)"
-    try:
-        _activation(layer.experts.config)
-    except Refusal as why:
-        return str(why)
-    return None
+    return _megatron_raises(layer.experts.config)
 
 
 def candidate(module: torch.nn.Module) -> Optional[str]:
@@ -151,11 +166,13 @@ def candidate(module: torch.nn.Module) -> Optional[str]:
     dispatcher = DISPATCHERS[type(module.token_dispatcher).__name__]
     if dispatcher == "alltoall" and module.ep_group.size() > 1:    # first: it holds whatever the dtype
         refuse_unpadded_exchange("Megatron's all-to-all token dispatcher", weight.device)
-    refuse_slower_ffn(weight.dtype, weight.device)
-    act = _activation(module.experts.config)
+    act, kept = _expert_form(module.experts.config)
+    if kept is None:            # (the layer's own experts are no fused FFN to be slower)
+        refuse_slower_ffn(weight.dtype, weight.device)
+    experts = f"npu_ffn_grouped({act})" if kept is None else f"the layer's own experts, left unfused ({kept})"
     shared = ", shared experts added" if module.shared_experts is not None else ""
     return (f"Megatron MoELayer ({dispatcher}, {type(module.experts).__name__} x{module.num_local_experts}) -> "
-            f"npu_moe_distribute_dispatch_v2 / npu_ffn_grouped({act}) / npu_moe_distribute_combine_v2 "
+            f"npu_moe_distribute_dispatch_v2 / {experts} / npu_moe_distribute_combine_v2 "
             f"over EP {module.ep_group.size()}{shared}")
 
 
@@ -193,7 +210,7 @@ def _routed_forward(layer: torch.nn.Module) -> Callable[..., Any]:
     group, world, rank = layer.ep_group, layer.ep_group.size(), layer.ep_group.rank()
     group_name = group.group_name if world > 1 else ""
     experts_total, top_k = config.num_moe_experts, config.moe_router_topk
-    activation = _activation(layer.experts.config)
+    activation, _ = _expert_form(layer.experts.config)
     glu = activation in ("swiglu", "reglu", "geglu")
     probs_on_input = bool(config.moe_apply_probs_on_input)
     may_drop = config.moe_expert_capacity_factor is not None
@@ -243,8 +260,11 @@ def _routed_forward(layer: torch.nn.Module) -> Callable[..., Any]:
         expert_ids = expert_ids.to(torch.int32)
         expand_x, _, assist, token_nums, recv_counts, _, _ = npu_moe_distribute_dispatch_v2(
             tokens, expert_ids, group_name, world, rank, experts_total, x_active_mask=mask)
-        w1, w2, b1, b2 = expert_weights(self)
-        expert_out = npu_ffn_grouped(expand_x, w1, w2, activation, expert_tokens=token_nums, bias1=b1, bias2=b2)
+        if activation is None:
+            expert_out = _own_experts(self, expand_x, token_nums, weights.dtype)
+        else:
+            w1, w2, b1, b2 = expert_weights(self)
+            expert_out = npu_ffn_grouped(expand_x, w1, w2, activation, expert_tokens=token_nums, bias1=b1, bias2=b2)
         output = npu_moe_distribute_combine_v2(
             expert_out, expert_ids, assist, recv_counts, weights.float(), group_name, world, rank, experts_total,
             x_active_mask=mask)
@@ -254,3 +274,18 @@ def _routed_forward(layer: torch.nn.Module) -> Callable[..., Any]:
         return output, None
 
     return forward
+
+
+# Run eagerly, outside any compiled graph: Megatron's expert linears warn on global rank 0 only, which
+# would break rank 0's graph alone, and ranks whose graphs differ meet in different collectives.
+@torch._dynamo.disable
+def _own_experts(layer: torch.nn.Module, expand_x: torch.Tensor, token_nums: torch.Tensor,
+                 probs_dtype: torch.dtype) -> torch.Tensor:
+    """The layer's own experts over dispatch's rows: ``expand_x`` ``(A, H)`` holds ``token_nums``
+    ``(L,)`` int64 rows per local expert first, then padding. Returns ``(A, H)`` in its dtype, the
+    padding rows zero. Each row's prob is 1 (exact): combine weighs the rows by the router's probs."""
+    rows = int(token_nums.sum())
+    out, bias = layer.experts(expand_x[:rows], token_nums, torch.ones(rows, dtype=probs_dtype, device=expand_x.device))
+    if bias is not None:
+        out = out + bias
+    return F.pad(out, (0, 0, 0, expand_x.size(0) - rows))
