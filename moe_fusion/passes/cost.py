@@ -36,6 +36,14 @@ graph, whose unfused backward scatters a weight gradient per row; fused, its tra
   1.10 [1.00, 1.16]. Gated over more than one rank only (what was measured: an exchange). Not
   gated: its all-gather dispatcher, which plain inductor cannot run (megatron-core 0.16.1:
   ``masked_select: expected BoolTensor for mask``).
+* the gathered form (HF ``batched_mm``) in an inference graph on CPU with fewer than
+  ``MIN_GATHERED_ROWS`` rows per expert (a decode-sized step): plain inductor turns its per-row
+  matmuls into one generated loop that streams each row's gathered weights, while the grouped FFN
+  runs one BLAS matmul of a few rows per expert. Measured (``bench_models.py`` HF part, fp32,
+  H=1024 I=1408, 4 experts, top-2; fused / plain inductor, inference): 4 rows per expert (8 tokens)
+  Mixtral 0.98-1.07, Qwen3-MoE 1.14, DeepSeek-V3 1.19; 8 rows 0.83 / 0.87; 16 rows 0.50 / 0.54;
+  32 rows 0.34 / 0.37. Its training step is not gated (its unfused backward scatters a weight
+  gradient per row: 0.12-0.18).
 """
 from __future__ import annotations
 
@@ -48,6 +56,7 @@ from .context import Refusal, fusing_for_training, scoped
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 MIN_PADDING = 1.3   # expert rows per route below which a slot-form capacity block is not worth fusing
+MIN_GATHERED_ROWS = 6   # rows per expert below which a gathered FFN's inference is not worth fusing on CPU
 _gate: contextvars.ContextVar[bool] = contextvars.ContextVar("moe_fusion_cost_gate", default=False)
 
 
@@ -100,6 +109,19 @@ def refuse_slower_ffn(dtype: torch.dtype, device: torch.device, *, gathered: boo
     name = str(dtype).removeprefix("torch.")
     raise _slower(f"the fused FFN computes a {name} FFN's first matmul and activation in float32 (SPEC §5.4), "
                   f"which off Ascend means float32 matmuls, and this {device.type} multiplies {name} natively ({unit})")
+
+
+def refuse_decode_gathered(rows: Union[int, torch.SymInt], experts: int, device: torch.device) -> None:
+    """Raise ``Refusal`` when the gate is on, on CPU, for the gathered form (HF ``batched_mm``) in an
+    inference graph whose ``rows`` (token-slots) give its ``experts`` fewer than ``MIN_GATHERED_ROWS``
+    rows each on average (module docstring). A row count read from the data (a ``SymInt``) is not gated."""
+    if not _gate.get() or fusing_for_training() or device.type != "cpu" or not isinstance(rows, int):
+        return
+    if rows >= MIN_GATHERED_ROWS * experts:
+        return
+    raise _slower(f"its {rows} rows over {experts} experts ({rows / max(experts, 1):.1f} per expert, under "
+                  f"{MIN_GATHERED_ROWS}) make a decode-sized step, where inductor streams each row's gathered weights "
+                  "through one generated loop faster than the grouped FFN runs one small matmul per expert")
 
 
 def refuse_unpadded_slot_block(table_rows: Union[int, torch.SymInt], routes: Union[int, torch.SymInt],

@@ -59,7 +59,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ._graph import cast, erase_unused, fused_ops_or_refusal, insert_call, insert_getitem, is_op, same_size, val
 from .activations import ActivationMatch, match_activation
 from .context import PassContext, Refusal, attempt
-from .cost import refuse_slower_ffn
+from .cost import refuse_decode_gathered, refuse_slower_ffn
 from .emit import ffn_operands
 from .vocabulary import GROUPED_MM_NAMES, VIEW_OPS
 
@@ -408,6 +408,8 @@ class FfnMatch:
         inductor lowers.
         """
         refuse_slower_ffn(self.dtype, val(self.x).device, gathered=self.ids is not None)
+        if self.ids is not None:
+            refuse_decode_gathered(val(self.x).size(0), val(self.second.weight).size(0), val(self.x).device)
         with fused_ops_or_refusal(graph, self.op):
             fused = self._emit(graph) if self.ids is None else self._emit_sorted(graph)
             if tuple(val(fused).shape) != tuple(val(self.out).shape):     # a bias added after views

@@ -2,7 +2,8 @@
 multiplies that dtype natively is left unfused (the fused reference multiplies in fp32) and the
 report says why; the gathered form keeps fusing in training; ``cost_gate=False``, the ``eager``
 compiler and fp32 FFNs are not gated. Which CPU this is must not matter: the tests set the CPU's
-capability flags themselves. The reference is the unfused module, run eagerly."""
+capability flags themselves. A decode-sized gathered form (few rows per expert) is gated in
+inference on CPU whatever the dtype. The reference is the unfused module, run eagerly."""
 from __future__ import annotations
 
 import pytest
@@ -90,6 +91,27 @@ def test_gathered_form_is_gated_in_inference_only(cpu_multiplies_bf16, train):
     report, got, want = _run(model, x, train, fullgraph=True)
     assert len(report.fused("ffn")) == (1 if train else 0), report.format()
     _close(got, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("tokens,fused", [(6, False), (12, True)], ids=["3-rows-per-expert", "6-rows-per-expert"])
+def test_decode_sized_gathered_inference_is_gated_on_cpu(tokens, fused):
+    """fp32 HF batched_mm inference: with fewer than MIN_GATHERED_ROWS rows per expert (top-2 of 4
+    experts: 2 * tokens / 4 rows each) plain inductor's one generated loop is faster here."""
+    model = GatheredExperts()
+    x = torch.randn(tokens, 8, generator=torch.Generator().manual_seed(1))
+    report, got, want = _run(model, x, False, fullgraph=True)
+    assert len(report.fused("ffn")) == int(fused), report.format()
+    if not fused:
+        why = report.refused("ffn")[0].detail
+        assert "slower here" in why and "12 rows over 4 experts (3.0 per expert, under 6)" in why, why
+    _close(got, want, torch.float32)
+
+
+def test_decode_sized_gathered_training_fuses():
+    report, got, want = _run(GatheredExperts(), torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), True,
+                             fullgraph=True)
+    assert len(report.fused("ffn")) == 1, report.format()
+    _close(got, want, torch.float32)
 
 
 def test_native_matmul():

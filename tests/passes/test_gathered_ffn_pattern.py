@@ -39,7 +39,7 @@ class GatheredExperts(torch.nn.Module):
         h = F.silu(torch.bmm(rows.unsqueeze(1), self.w1[ids]).squeeze(1))
         second = ids if not self.shift else (ids + self.shift) % E
         y = torch.bmm(h.unsqueeze(1), self.w2[second]).squeeze(1)
-        return (y * weights.reshape(-1, 1)).view(TOKENS, TOP_K, K).sum(1)
+        return (y * weights.reshape(-1, 1)).view(x.size(0), TOP_K, K).sum(1)
 
 
 def _compile(model: torch.nn.Module, train: bool) -> tuple[FusionReport, list[torch.Tensor], list[torch.Tensor]]:
