@@ -1,6 +1,7 @@
 """The kernels' zero-filled outputs (``kernels/_zeroed``): ``zero_past`` reuses a freed mapping, and
 whatever its last user wrote, the rows past the ones the caller writes read as zeros."""
 import gc
+import multiprocessing
 
 import pytest
 import torch
@@ -66,3 +67,20 @@ def test_the_pool_keeps_at_most_its_bound_and_outputs_in_use_never_share_pages()
 def test_mostly_written_rows_come_from_the_allocator_with_the_rest_cleared():
     out = zero_past(900, (1000, 700), torch.float32, CPU)
     assert torch.equal(out[900:], torch.zeros(100, 700))
+
+
+def _pooled_mappings(queue) -> None:
+    queue.put(len(_zeroed._POOL._mappings))
+
+
+def test_a_forked_child_starts_with_an_empty_pool():
+    shape, dtype = _mapped(4096, 512)
+    kept = zero_past(0, shape, dtype, CPU)
+    assert _zeroed._POOL._mappings
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_pooled_mappings, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and queue.get(timeout=5) == 0
+    del kept

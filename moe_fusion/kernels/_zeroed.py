@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import sys
 import threading
 from typing import Optional, Sequence
@@ -97,6 +98,8 @@ def _clear_from(pages: mmap.mmap, view: torch.Tensor, start: int) -> None:
 
 
 _POOL = _Pool()
+if hasattr(os, "register_at_fork"):     # a forked child starts empty (its lock may be held by a parent thread)
+    os.register_at_fork(after_in_child=_POOL.__init__)
 
 
 def zero_past(written_rows: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
