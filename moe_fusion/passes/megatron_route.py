@@ -34,8 +34,8 @@ experts, and replaces the dispatcher and experts with the fused ops:
 Refused (the report says which): other dispatchers and expert modules, tensor / expert tensor
 parallelism, padding to capacity, router padding for quantization, expert configs Megatron's own MLP
 raises on (``_megatron_raises``), FP8/FP4, latent projections, CUDA graphs, recomputation of the
-whole layer; under inductor's cost gate off
-Ascend, also the all-to-all dispatcher over more than one rank (``cost.refuse_unpadded_exchange``).
+whole layer; under inductor's cost gate off Ascend, also the all-to-all dispatcher over more than
+one rank (``cost.refuse_unpadded_exchange``).
 Every rank of the EP group decides the same: the candidate depends on the config, the device type,
 the gate and this machine's native matmul units, and both it and the first-call verdict are the MIN
 over the group (``agree``, called by ``module_routes`` before any swapped forward runs).
