@@ -12,6 +12,13 @@ from moe_fusion.kernels._zeroed import MAPPED_BYTES, POOLED_MAPPINGS, zero_past
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not _zeroed._CLEARS_BY_DROPPING, reason="the pool clears pages the Linux way")
 
+
+@pytest.fixture(autouse=True)
+def empty_pool(monkeypatch):
+    """Each test starts with an empty pool: outputs other tests keep alive must not fill it."""
+    monkeypatch.setattr(_zeroed, "_POOL", _zeroed._Pool())
+
+
 # (rows, row elements, written rows): written rows ending on, before and inside a huge page.
 SHAPES = [(8192, 512, 2048), (8192, 512, 2047), (4099, 513, 1000), (1024, 1024, 0)]
 

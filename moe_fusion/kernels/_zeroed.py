@@ -98,8 +98,16 @@ def _clear_from(pages: mmap.mmap, view: torch.Tensor, start: int) -> None:
 
 
 _POOL = _Pool()
-if hasattr(os, "register_at_fork"):     # a forked child starts empty (its lock may be held by a parent thread)
-    os.register_at_fork(after_in_child=_POOL.__init__)
+
+
+def _empty_pool_in_child() -> None:
+    """A forked child starts with an empty pool (its lock may have been held by a parent thread)."""
+    global _POOL
+    _POOL = _Pool()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_empty_pool_in_child)
 
 
 def zero_past(written_rows: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
