@@ -63,17 +63,53 @@ def test_the_pool_keeps_at_most_its_bound_and_outputs_in_use_never_share_pages()
         out.fill_(float(value))
     for value, out in enumerate(alive):
         assert torch.equal(out, torch.full_like(out, float(value)))
-    assert len(_zeroed._POOL._mappings) <= POOLED_MAPPINGS
+    assert len(_zeroed._POOL._mappings) == POOLED_MAPPINGS
     del alive, out
     gc.collect()
+    evicted = _zeroed._POOL._mappings[0][0]
     other = zero_past(0, (4096, 1024), dtype, CPU)  # another size: a freed mapping makes room for it
     assert torch.equal(other, torch.zeros_like(other))
-    assert len(_zeroed._POOL._mappings) <= POOLED_MAPPINGS
+    pooled = [pages for pages, _ in _zeroed._POOL._mappings]
+    assert len(pooled) == POOLED_MAPPINGS and evicted not in pooled
+    assert len(pooled[-1]) == other.numel() * other.element_size()
 
 
 def test_mostly_written_rows_come_from_the_allocator_with_the_rest_cleared():
     out = zero_past(900, (1000, 700), torch.float32, CPU)
     assert torch.equal(out[900:], torch.zeros(100, 700))
+
+
+def test_memory_that_cannot_be_dropped_is_cleared_instead(monkeypatch):
+    shape, dtype = _mapped(8192, 512)
+    first = zero_past(0, shape, dtype, CPU)
+    first.fill_(float("nan"))
+    del first
+    gc.collect()
+    monkeypatch.setattr(_zeroed.mmap, "MADV_DONTNEED", -1)     # madvise fails (EINVAL), as on locked memory
+    again = zero_past(100, shape, dtype, CPU)
+    assert torch.equal(again[100:], torch.zeros_like(again[100:]))
+
+
+def test_segment_ops_write_every_counted_row_of_a_reused_output():
+    """The grouped FFN's matmul and activation (``zero_past`` callers) over outputs whose last user
+    wrote NaN everywhere: the counted rows are theirs, the padding zero (oracle: per-segment torch.mm)."""
+    from moe_fusion.kernels.ffn_grouped import segment_activation, segment_mm
+
+    gen = torch.Generator().manual_seed(0)
+    rows, k, n = 4096, 64, 256                      # (rows, n) fp32: 4 MB, mapped; 1000 counted rows
+    a, w = torch.randn(rows, k, generator=gen), torch.randn(3, k, n, generator=gen)
+    ends = torch.tensor([300, 700, 1000], dtype=torch.int32)
+    want = torch.zeros(rows, n)
+    for e, (start, end) in enumerate(zip([0, 300, 700], [300, 700, 1000])):
+        want[start:end] = a[start:end] @ w[e]
+    for _ in range(2):                              # the second call reuses the first call's mappings
+        got = segment_mm(a, w, ends)
+        torch.testing.assert_close(got, want)
+        act = segment_activation(got, ends, "relu", torch.float32, False)
+        torch.testing.assert_close(act, torch.relu(want))
+        got.fill_(float("nan")), act.fill_(float("nan"))
+        del got, act
+        gc.collect()
 
 
 def _pooled_mappings(queue) -> None:

@@ -25,7 +25,10 @@ def _mapping(nbytes: int) -> mmap.mmap:
     asking for transparent huge pages, which fault in a fraction of the time 4 KB pages take."""
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):      # Linux only: elsewhere the mapping keeps small pages
-        pages.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            pages.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:                     # a kernel without transparent huge pages: small pages
+            pass
     return pages
 
 
@@ -94,7 +97,10 @@ def _clear_from(pages: mmap.mmap, view: torch.Tensor, start: int) -> None:
     flat = view.view(-1).view(torch.uint8)
     flat[start:boundary].zero_()            # dropping part of a huge page would split it
     if boundary < len(pages):
-        pages.madvise(mmap.MADV_DONTNEED, boundary, len(pages) - boundary)
+        try:
+            pages.madvise(mmap.MADV_DONTNEED, boundary, len(pages) - boundary)
+        except OSError:                     # locked memory (mlockall) cannot be dropped: clear it instead
+            flat[boundary:].zero_()
 
 
 _POOL = _Pool()
