@@ -96,9 +96,12 @@ def _expert_form(config: Any) -> tuple[Optional[str], Optional[str]]:
 
 def _megatron_raises(config: Any) -> Optional[str]:
     """Why Megatron's own expert MLP raises on ``config`` (it is given per-token probs), or None:
-    with ``bias_activation_fusion`` it has weighted fused forms of SwiGLU and quick-GeGLU only."""
-    if config.bias_activation_fusion and not (
-            config.gated_linear_unit and _activation_base(config.activation_func) in ("silu", "fastgelu")):
+    with ``bias_activation_fusion`` it has weighted fused forms of SwiGLU and quick-GeGLU only (the
+    latter for ``fused_bias_geglu.quick_gelu`` itself, which its MLP compares by identity)."""
+    f = config.activation_func
+    fused_quick_gelu = (getattr(f, "__module__", ""), getattr(f, "__name__", "")) == (
+        "megatron.core.fusions.fused_bias_geglu", "quick_gelu")
+    if config.bias_activation_fusion and not (config.gated_linear_unit and (f is F.silu or fused_quick_gelu)):
         return "bias_activation_fusion other than with SwiGLU or quick-GeGLU (Megatron's expert MLP raises)"
     return None
 
@@ -285,7 +288,9 @@ def _own_experts(layer: torch.nn.Module, expand_x: torch.Tensor, token_nums: tor
     ``(L,)`` int64 rows per local expert first, then padding. Returns ``(A, H)`` in its dtype, the
     padding rows zero. Each row's prob is 1 (exact): combine weighs the rows by the router's probs."""
     rows = int(token_nums.sum())
-    out, bias = layer.experts(expand_x[:rows], token_nums, torch.ones(rows, dtype=probs_dtype, device=expand_x.device))
+    ones = torch.ones(rows, dtype=probs_dtype, device=expand_x.device)
+    # On the host, as Megatron's dispatchers pass them: GroupedMLP's grouped_gemm requires it.
+    out, bias = layer.experts(expand_x[:rows], token_nums.cpu(), ones)
     if bias is not None:
         out = out + bias
     return F.pad(out, (0, 0, 0, expand_x.size(0) - rows))
