@@ -51,6 +51,7 @@ import contextvars
 from typing import ContextManager, Optional, Union
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true, optimization_hint
 
 from .context import Refusal, fusing_for_training, scoped
 
@@ -114,11 +115,14 @@ def refuse_slower_ffn(dtype: torch.dtype, device: torch.device, *, gathered: boo
 def refuse_decode_gathered(rows: Union[int, torch.SymInt], experts: int, device: torch.device) -> None:
     """Raise ``Refusal`` when the gate is on, on CPU, for the gathered form (HF ``batched_mm``) in an
     inference graph whose ``rows`` (token-slots) give its ``experts`` fewer than ``MIN_GATHERED_ROWS``
-    rows each on average (module docstring). A row count read from the data (a ``SymInt``) is not gated."""
-    if not _gate.get() or fusing_for_training() or device.type != "cpu" or not isinstance(rows, int):
+    rows each on average (module docstring)."""
+    if not _gate.get() or fusing_for_training() or device.type != "cpu":
         return
-    if rows >= MIN_GATHERED_ROWS * experts:
+    # A dynamic row count (a generate loop's decode steps after its prefill) is guarded on: one graph
+    # each side of the threshold. Unknown (data-dependent) rows are not gated.
+    if guard_or_true(rows >= MIN_GATHERED_ROWS * experts):
         return
+    rows = optimization_hint(rows, fallback=0)
     raise _slower(f"its {rows} rows over {experts} experts ({rows / max(experts, 1):.1f} per expert, under "
                   f"{MIN_GATHERED_ROWS}) make a decode-sized step, where inductor streams each row's gathered weights "
                   "through one generated loop faster than the grouped FFN runs one small matmul per expert")

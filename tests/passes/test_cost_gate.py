@@ -107,6 +107,22 @@ def test_decode_sized_gathered_inference_is_gated_on_cpu(tokens, fused):
     _close(got, want, torch.float32)
 
 
+def test_decode_steps_after_a_prefill_are_gated_in_their_dynamic_graph():
+    """A generate loop: the prefill compiles static and fuses; the first decode step recompiles with a
+    dynamic row count, which the gate guards on (one graph each side of the threshold)."""
+    model = GatheredExperts().eval()
+    report = FusionReport()
+    torch._dynamo.reset()
+    compiled = moe_fusion.compile(model, report=report)
+    with torch.no_grad():
+        for tokens in (64, 4, 3, 48):           # prefill, two decode steps, a second long prompt
+            x = torch.randn(tokens, 8, generator=torch.Generator().manual_seed(tokens))
+            _close([compiled(x)], [model(x)], torch.float32)
+    assert len(report.fused("ffn")) == 2, report.format()       # the static prefill, the dynamic long graph
+    refused = [e.detail for e in report.refused("ffn")]
+    assert len(refused) == 1 and "8 rows over 4 experts (2.0 per expert" in refused[0], report.format()
+
+
 def test_decode_sized_gathered_training_fuses():
     report, got, want = _run(GatheredExperts(), torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), True,
                              fullgraph=True)
