@@ -100,14 +100,10 @@ def _run(rank: int, world: int) -> dict[str, Any]:
     for name, (overrides, shared, _) in CASES.items():
         for train in (False, True):
             layer = make_layer(overrides, shared).train(train)
-            x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank))
-            x = x.to(overrides.get("params_dtype", torch.float32))
+            x = _tokens(rank, overrides.get("params_dtype", torch.float32))
             with torch.no_grad():
                 routed_copies = int(layer.router(x)[1].sum())     # fewer than SEQ*BATCH*TOP_K: tokens dropped
-            eager = named_step_results(layer, layer, x, train)
-            report = FusionReport()
-            torch._dynamo.reset()
-            compiled = named_step_results(layer, moe_fusion.compile(layer, report=report, compiler="eager"), x, train)
+            eager, compiled, report = _eager_and_compiled(layer, x, train, compiler="eager")
             results[name, train] = {
                 "eager": eager, "compiled": compiled, "ops": collections.Counter(report.ops_after),
                 "routed_copies": routed_copies, "fused": [e.detail for e in report.fused("module_route")],
@@ -137,13 +133,28 @@ def _native_bf16(native: bool) -> Iterator[None]:
         torch.cpu._is_amx_tile_supported, torch.cpu._is_avx512_bf16_supported = flags
 
 
+def _tokens(rank: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This rank's layer input ``(SEQ, BATCH, HIDDEN)`` (its own draw: ranks route differently)."""
+    return torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank)).to(dtype)
+
+
+def _eager_and_compiled(layer: torch.nn.Module, x: torch.Tensor, train: bool,
+                        **options: Any) -> tuple[dict, dict, FusionReport]:
+    """The oracle (``layer`` run eagerly first), then ``moe_fusion.compile(layer, **options)``'s step
+    results on the same input, and its report."""
+    eager = named_step_results(layer, layer, x, train)
+    report = FusionReport()
+    torch._dynamo.reset()
+    compiled = named_step_results(layer, moe_fusion.compile(layer, report=report, **options), x, train)
+    return eager, compiled, report
+
+
 def _under_the_cost_gate(rank: int, overrides: dict) -> dict[str, Any]:
     """Whether the route swapped the layer's forward under the cost gate, and its refusals."""
     from moe_fusion.passes import cost, module_routes
 
-    dtype = overrides.get("params_dtype", torch.float32)
     layer = make_layer(overrides, False).eval()
-    x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank)).to(dtype)
+    x = _tokens(rank, overrides.get("params_dtype", torch.float32))
     report = FusionReport()
     with cost.gated(True):
         module_routes.apply_checked(layer, (x,), {}, report)
@@ -155,11 +166,7 @@ def _inductor_gated(rank: int, train: bool) -> dict[str, Any]:
     unrouted: Megatron's own dispatcher uses data-dependent counts as Python list indices
     (``sort_chunks_by_idxs``), so compile falls back to dynamo's defaults instead of raising."""
     layer = make_layer({}, False).train(train)
-    x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank))
-    eager = named_step_results(layer, layer, x, train)
-    report = FusionReport()
-    torch._dynamo.reset()
-    compiled = named_step_results(layer, moe_fusion.compile(layer, report=report), x, train)
+    eager, compiled, report = _eager_and_compiled(layer, _tokens(rank), train)
     return {"eager": eager, "compiled": compiled, "refused": [e.detail for e in report.refused("module_route")],
             "settings": [e.detail for e in report.refused("dynamo_settings")]}
 
@@ -180,12 +187,8 @@ def _one_rank_differs(rank: int) -> dict[str, Any]:
     module_routes.ROUTES = tuple(module_routes.ModuleRoute(r.name, r.candidate, swap, r.agree)
                                  if r.name == "megatron_moe" else r for r in real)
     try:
-        layer = make_layer({"num_moe_experts": 2}, False).eval()     # one local expert: see CASES
-        x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(10 + rank))
-        eager = named_step_results(layer, layer, x, False)
-        report = FusionReport()
-        torch._dynamo.reset()
-        compiled = named_step_results(layer, moe_fusion.compile(layer, report=report, compiler="eager"), x, False)
+        layer = make_layer({"num_moe_experts": 2}, False).eval()     # one local expert: see _inductor_gated
+        eager, compiled, report = _eager_and_compiled(layer, _tokens(rank), False, compiler="eager")
     finally:
         module_routes.ROUTES = real
     return {"eager": eager, "compiled": compiled, "swapped": "forward" in vars(layer),
