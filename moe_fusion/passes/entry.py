@@ -65,7 +65,7 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not routed:      # the first call: the module routes, checked on its inputs, before tracing
             with cost.gated(cost_gate and compiler == "inductor"):
-                module_routes.apply_checked(model, args, kwargs, report)
+                module_routes.apply_checked(model, args, kwargs, report, compile_options.get("fullgraph", False))
             routed.append(True)
         if defaults:
             return default_forward(*args, **kwargs)

@@ -179,6 +179,12 @@ def candidate(module: torch.nn.Module) -> Optional[str]:
             f"over EP {module.ep_group.size()}{shared}")
 
 
+def graph_break(module: torch.nn.Module) -> Optional[str]:
+    """Why a candidate's swapped forward leaves part of ``module`` outside the graph, or None."""
+    kept = _expert_form(module.experts.config)[1]
+    return None if kept is None else f"runs the layer's own experts outside the graph, eagerly ({kept})"
+
+
 def _is_grouped(experts: torch.nn.Module) -> bool:
     """Megatron's legacy ``GroupedMLP`` (every local expert in one weight), not ``SequentialMLP``."""
     return type(experts).__name__ == "GroupedMLP"

@@ -50,12 +50,15 @@ class ModuleRoute:
     raises ``Refusal`` for a module it recognizes but cannot express);
     ``swap(module)``: installs the swapped forward and returns what undoes it;
     ``agree(module, ok)``: the verdict of every process sharing the module (called on each of them,
-    in the same module order), None for a route whose forward is local to the process."""
+    in the same module order), None for a route whose forward is local to the process;
+    ``graph_break(module)``: why the swapped forward of a candidate leaves part of it outside the
+    graph (None: it traces whole), None for a route whose forwards always trace whole."""
 
     name: str
     candidate: Callable[[torch.nn.Module], Optional[str]]
     swap: Callable[[torch.nn.Module], Callable[[], None]]
     agree: Optional[Callable[[torch.nn.Module, bool], bool]] = None
+    graph_break: Optional[Callable[[torch.nn.Module], Optional[str]]] = None
 
 
 def _hf_grouped_experts_forward() -> Optional[Callable[..., Any]]:
@@ -84,7 +87,8 @@ def _hf_experts_swap(module: torch.nn.Module) -> Callable[[], None]:
 
 ROUTES: tuple[ModuleRoute, ...] = (
     ModuleRoute("hf_experts", _hf_experts_candidate, _hf_experts_swap),
-    ModuleRoute("megatron_moe", megatron_route.candidate, megatron_route.swap, megatron_route.agree),
+    ModuleRoute("megatron_moe", megatron_route.candidate, megatron_route.swap, megatron_route.agree,
+                megatron_route.graph_break),
 )
 
 
@@ -121,20 +125,37 @@ def _scan(model: torch.nn.Module, settle: bool = False) -> tuple[list[tuple[str,
     return found, refused
 
 
-def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Optional[FusionReport]) -> None:
+def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Optional[FusionReport],
+                  fullgraph: bool = False) -> None:
     """Swap every candidate module of ``model`` whose swapped forward equals its original forward on
     the inputs it receives in ``model(*args, **kwargs)`` (run once eagerly, without gradients).
 
     The check leaves the random number generators as it found them (the model's own run draws
     what it would have drawn), and replays each module's call from the CPU generator state it
-    started with, so a module drawing random numbers is compared on the same draws."""
+    started with, so a module drawing random numbers is compared on the same draws.
+
+    Raises ``ValueError`` with ``fullgraph`` when a candidate's swapped forward would leave part of
+    the module outside the graph (on every process sharing it: the candidates are settled first)."""
     found, refused = _scan(model, settle=True)
     for path, route, why in refused:
         _record(report, False, path, f"{route.name}: not routed: {why}")
+    if fullgraph:
+        _refuse_graph_breaks(found)
     if not found:
         return
     with torch.random.fork_rng():
         _check_swaps(model, args, kwargs, report, found)
+
+
+def _refuse_graph_breaks(found: list[tuple[str, torch.nn.Module, ModuleRoute, str]]) -> None:
+    """Raise when a candidate's swapped forward breaks the graph ``fullgraph=True`` asks for. Not a
+    refusal: the module's original forward does not trace whole either (that is why it has a route),
+    and it would fail inside the library's code, on some ranks only where its graph breaks differ."""
+    for path, module, route, what in found:
+        reason = route.graph_break(module) if route.graph_break is not None else None
+        if reason is not None:
+            raise ValueError(f"moe_fusion.compile: fullgraph=True asks for one graph, but the {route.name} route of "
+                             f"{path} {reason}; compile with fullgraph=False to fuse the rest")
 
 
 def _check_swaps(model: torch.nn.Module, args: tuple, kwargs: dict, report: Optional[FusionReport],
