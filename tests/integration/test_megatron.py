@@ -111,6 +111,7 @@ def _run(rank: int, world: int) -> dict[str, Any]:
                 "settings": [e.detail for e in report.refused("dynamo_settings")]}
     results["one-rank-differs"] = _one_rank_differs(rank)
     results["inductor-gated"] = {train: _inductor_gated(rank, train) for train in (False, True)}
+    results["own-experts-inductor"] = {train: _own_experts_inductor(rank, train) for train in (False, True)}
     # bf16 experts where only rank 0's CPU multiplies bf16 natively: rank 0's route refuses, rank 1's
     # would swap; both must keep the original forward (rank 1 would otherwise wait in the swapped
     # forward's collectives for rank 0, which runs Megatron's own).
@@ -183,6 +184,14 @@ def _fullgraph_error(rank: int) -> Optional[str]:
     except ValueError as raised:
         return str(raised)
     return None
+
+
+def _own_experts_inductor(rank: int, train: bool) -> dict[str, Any]:
+    """The erf-GELU layer under inductor, past the cost gate: fused dispatch and combine compiled
+    around the layer's own experts, which run eagerly between them."""
+    layer = make_layer(CASES["erf-gelu-bias"][0], False).train(train)
+    eager, compiled, report = _eager_and_compiled(layer, _tokens(rank), train, cost_gate=False)
+    return {"eager": eager, "compiled": compiled, "fused": [e.detail for e in report.fused("module_route")]}
 
 
 def _one_rank_differs(rank: int) -> dict[str, Any]:
@@ -316,3 +325,13 @@ def test_fullgraph_with_own_experts_raises_on_every_rank(ranks):
         error = result["fullgraph"]
         assert error is not None and "fullgraph=True asks for one graph" in error, (rank, error)
         assert "own experts outside the graph" in error and "'gelu'" in error and "fullgraph=False" in error, error
+
+
+def test_own_experts_under_inductor(ranks):
+    for rank, result in enumerate(ranks):
+        for train, case in result["own-experts-inductor"].items():
+            assert len(case["fused"]) == 1 and "own experts, left unfused" in case["fused"][0], case["fused"]
+            assert set(case["compiled"]) == set(case["eager"]) and (not train or len(case["eager"]) > 4)
+            for key, want in case["eager"].items():
+                torch.testing.assert_close(case["compiled"][key], want, rtol=1e-4, atol=1e-5,
+                                           msg=f"rank {rank} {key} train={train}")
