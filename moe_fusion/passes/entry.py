@@ -9,8 +9,9 @@ dispatch/FFN/combine chain into pieces no pass can see whole. ``compile`` turns 
 (while it runs and recompiles), never for the rest of the program.
 
 A library module whose code dynamo cannot capture whole gets an equivalent forward the passes can
-fuse (``module_routes``), applied on the model's first call and checked against the original on
-that call's inputs.
+fuse (``module_routes``), checked against the original on the model's first call, which then runs
+eagerly (once: its side effects, a KV cache appended to, happen once); the compiled calls begin
+with the second call and run with the checked forwards installed.
 
 Some code cannot be traced under those settings at all: a count read from the data and then used
 where Python needs its value (``x[i] for i in counts.tolist()``, Megatron's ``sort_chunks_by_idxs``)
@@ -42,8 +43,9 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
             passes: Optional[Sequence[str]] = None, compiler: str = "inductor", cost_gate: bool = True,
             **compile_options: Any) -> Any:
     """``torch.compile(model, backend=moe_fusion.backend(...))`` with ``MOE_DYNAMO_CONFIG`` scoped to
-    ``model``'s calls, and for a module the checked module routes (``module_routes``; the first
-    call runs ``model`` once more, eagerly and without gradients, when a route applies).
+    ``model``'s calls, and for a module the checked module routes (``module_routes``; when a route
+    applies, the first call runs ``model`` eagerly, as written, and the compiled calls begin with
+    the second).
 
     Args:
         model: an ``nn.Module`` or a function.
@@ -60,13 +62,9 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
     if not isinstance(compiled, OptimizedModule):
         return functools.wraps(model)(scoped(compiled))
     default_forward = compiled.forward
-    compiled_forward, routed, defaults = scoped(default_forward), [], []
+    compiled_forward, routes, defaults = scoped(default_forward), [], []
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if not routed:      # the first call: the module routes, checked on its inputs, before tracing
-            with cost.gated(cost_gate and compiler == "inductor"):
-                module_routes.apply_checked(model, args, kwargs, report, compile_options.get("fullgraph", False))
-            routed.append(True)
+    def compiled_call(args: tuple, kwargs: dict) -> Any:
         if defaults:
             return default_forward(*args, **kwargs)
         try:
@@ -79,6 +77,17 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
                                                  "the model does not trace with data-dependent counts captured, "
                                                  f"compiled with dynamo's defaults instead ({reason})"))
             return default_forward(*args, **kwargs)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not routes:      # the first call: the module routes, checked on it (module_routes.apply_checked)
+            with cost.gated(cost_gate and compiler == "inductor"):
+                routed = module_routes.apply_checked(model, args, kwargs, report,
+                                                     compile_options.get("fullgraph", False))
+            routes.append(routed)
+            if routed.ran:
+                return routed.output
+        with routes[0].installed():
+            return compiled_call(args, kwargs)
 
     compiled.forward = forward
     return compiled

@@ -1,8 +1,11 @@
 """Module routes: a library module whose code cannot reach the graph passes as one graph is given,
-for that module only, an equivalent forward the passes can fuse. ``moe_fusion.compile`` applies
-them before the model is traced, and checks each on the model's first call: the swapped forward
-must give the original's output on that call's own inputs, or it is undone. The report names the
-route of every candidate module, fused or refused with the reason.
+for that module only, an equivalent forward the passes can fuse. ``moe_fusion.compile`` checks each
+on the model's first call, which runs the model once, eagerly and as written (its output is that
+call's result, its side effects happen once: a KV cache is appended to once): the swapped forward
+must give the original's output on the inputs the module received, or it is dropped. The compiled
+calls that follow run with the kept forwards installed, and only they: between calls the user's
+modules are as they were (they save, load and switch implementations as before). The report names
+the route of every candidate module, fused or refused with the reason.
 
 The graph route is preferred wherever dynamo captures a block whole; a route here exists only for
 code it cannot capture:
@@ -26,9 +29,11 @@ the other ranks of the module's group, so that a rank that swapped never meets o
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch._dynamo.utils import counters
@@ -69,12 +74,19 @@ def _hf_grouped_experts_forward() -> Optional[Callable[..., Any]]:
     return ALL_EXPERTS_FUNCTIONS.get("grouped_mm")
 
 
+_HF_EXPERTS_DECORATOR_FILE = os.path.join("transformers", "integrations", "moe.py")
+
+
 def _hf_experts_candidate(module: torch.nn.Module) -> Optional[str]:
     if not type(module).__module__.startswith("transformers."):
         return None
     implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
-    # Only modules whose class forward dispatches on the implementation (the decorator wraps it).
-    dispatching = hasattr(type(module).forward, "__wrapped__") and "forward" not in vars(module)
+    # Only experts modules: their class forward is the one ``use_experts_implementation`` wraps it in
+    # (attention and whole models share the config, and other decorators wrap their forwards).
+    # (``functools.wraps`` gives the wrapper the wrapped forward's names: its code keeps its file.)
+    code = getattr(type(module).forward, "__code__", None)
+    dispatching = (code is not None and code.co_filename.endswith(_HF_EXPERTS_DECORATOR_FILE)
+                   and "forward" not in vars(module))
     if implementation != "eager" or not dispatching or _hf_grouped_experts_forward() is None:
         return None
     return f"{type(module).__name__} with eager experts -> transformers' grouped_mm experts"
@@ -125,14 +137,42 @@ def _scan(model: torch.nn.Module, settle: bool = False) -> tuple[list[tuple[str,
     return found, refused
 
 
-def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Optional[FusionReport],
-                  fullgraph: bool = False) -> None:
-    """Swap every candidate module of ``model`` whose swapped forward equals its original forward on
-    the inputs it receives in ``model(*args, **kwargs)`` (run once eagerly, without gradients).
+@dataclass
+class Routed:
+    """What a model's first call settled: ``forwards``, the checked ``(module, swapped forward)``
+    pairs its compiled calls run with (``installed``); ``output``, that call's result when it ran
+    the model (``ran``: a route applied)."""
 
-    The check leaves the random number generators as it found them (the model's own run draws
-    what it would have drawn), and replays each module's call from the CPU generator state it
-    started with, so a module drawing random numbers is compared on the same draws.
+    forwards: list[tuple[torch.nn.Module, Callable[..., Any]]]
+    ran: bool = False
+    output: Any = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The swapped forwards in place of the modules' own, for one compiled call."""
+        previous = [vars(module).get("forward", _MISSING) for module, _ in self.forwards]
+        for module, forward in self.forwards:
+            module.forward = forward
+        try:
+            yield
+        finally:
+            for (module, _), before in zip(self.forwards, previous):
+                if before is _MISSING:
+                    del module.forward
+                else:
+                    module.forward = before
+
+
+_MISSING = object()
+
+
+def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Optional[FusionReport],
+                  fullgraph: bool = False) -> Routed:
+    """The first call ``model(*args, **kwargs)``: when a route applies, run it eagerly (with the
+    caller's grad mode and random draws) and keep every candidate's swapped forward that equals the
+    module's own on the inputs the module received there (checked without gradients, replaying the
+    module's call from the CPU generator state it started with, so a module drawing random numbers
+    is compared on the same draws; the generators are left as the model's run left them).
 
     Raises ``ValueError`` with ``fullgraph`` when a candidate's swapped forward would leave part of
     the module outside the graph (on every process sharing it: the candidates are settled first)."""
@@ -142,9 +182,19 @@ def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Opt
     if fullgraph:
         _refuse_graph_breaks(found)
     if not found:
-        return
+        return Routed([])
+    calls: dict[str, tuple] = {}
+    hooks = [hook for path, module, _, _ in found for hook in (
+        module.register_forward_pre_hook(_input_recorder(calls, path), with_kwargs=True),
+        module.register_forward_hook(_output_recorder(calls, path)))]
+    try:
+        output = model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
     with torch.random.fork_rng():
-        _check_swaps(model, args, kwargs, report, found)
+        forwards = _check_swaps(report, found, calls)
+    return Routed(forwards, True, output)
 
 
 def _refuse_graph_breaks(found: list[tuple[str, torch.nn.Module, ModuleRoute, str]]) -> None:
@@ -158,59 +208,60 @@ def _refuse_graph_breaks(found: list[tuple[str, torch.nn.Module, ModuleRoute, st
                              f"{path} {reason}; compile with fullgraph=False to fuse the rest")
 
 
-def _check_swaps(model: torch.nn.Module, args: tuple, kwargs: dict, report: Optional[FusionReport],
-                 found: list[tuple[str, torch.nn.Module, ModuleRoute, str]]) -> None:
-    calls: dict[str, tuple] = {}
-    states: dict[str, torch.Tensor] = {}
-    hooks = [hook for path, module, _, _ in found for hook in (
-        module.register_forward_pre_hook(_rng_recorder(states, path)),
-        module.register_forward_hook(_recorder(calls, path), with_kwargs=True))]
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for hook in hooks:
-            hook.remove()
+def _check_swaps(report: Optional[FusionReport], found: list[tuple[str, torch.nn.Module, ModuleRoute, str]],
+                 calls: dict[str, list]) -> list[tuple[torch.nn.Module, Callable[..., Any]]]:
+    """The ``(module, swapped forward)`` of each candidate whose swapped forward gives the module's
+    recorded first-call output on its recorded inputs; each module is left with its own forward."""
+    kept = []
     for path, module, route, what in found:
-        if path not in calls:
+        if path not in calls or len(calls[path]) < 5:     # not called, or raised before its output
             _record(report, False, path, f"{route.name}: {what}: not called on the first call, not swapped")
             continue
-        module_args, module_kwargs, want = calls[path]
+        module_args, module_kwargs, rng_state, _, want = calls[path]
         undo = route.swap(module)
-        torch.set_rng_state(states[path])
+        forward = vars(module)["forward"]
+        torch.set_rng_state(rng_state)
         try:
             with torch.no_grad():
                 got = module(*module_args, **module_kwargs)
             difference = _difference(got, want)
-        except Exception as error:      # noqa: BLE001  (reported, and the swap undone)
+        except Exception as error:      # noqa: BLE001  (reported, and the swap dropped)
             difference = f"raised {type(error).__name__}: {error}"
+        finally:
+            undo()
         if route.agree is not None and not route.agree(module, difference is None) and difference is None:
             difference = "equal here, but not on another process sharing the module"
         if difference is None:
+            kept.append((module, forward))
             _record(report, True, path, f"{route.name}: {what} (module route, equal on the first call)")
         else:
-            undo()
             _record(report, False, path, f"{route.name}: {what}: the swapped forward differs from the original on "
-                                         f"the first call ({difference}); undone")
+                                         f"the first call ({difference}); not swapped")
+    return kept
 
 
-def _rng_recorder(states: dict, path: str) -> Callable[..., None]:
-    def record(module: torch.nn.Module, args: tuple) -> None:
-        states.setdefault(path, torch.get_rng_state())   # the CPU generator as the first call began
+def _clone(value: Any) -> Any:
+    return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, value)
+
+
+def _input_recorder(calls: dict, path: str) -> Callable[..., None]:
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if path not in calls:   # the first call of the module (a module may run more than once)
+            # Before the module runs: it may change its inputs in place. The CPU generator as it began.
+            calls[path] = [_clone(args), _clone(kwargs), torch.get_rng_state()]
     return record
 
 
-def _recorder(calls: dict, path: str) -> Callable[..., None]:
-    def record(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if path not in calls:   # the first call of the module (a module may run more than once)
-            clone = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t   # noqa: E731
-            calls[path] = (tree_map(clone, args), tree_map(clone, kwargs), tree_map(clone, output))
+def _output_recorder(calls: dict, path: str) -> Callable[..., None]:
+    def record(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if len(calls[path]) == 3:
+            calls[path] += [True, _clone(output)]
     return record
 
 
 def _difference(got: Any, want: Any) -> Optional[str]:
     """Why ``got`` is not ``want`` (structure, shapes, values beyond the dtype's tolerances relative to
-    the output's scale), or None."""
+    the output's finite scale; NaN and infinities must stand where they stand in ``want``), or None."""
     got_leaves, got_spec = tree_flatten(got)
     want_leaves, want_spec = tree_flatten(want)
     if got_spec != want_spec:
@@ -221,8 +272,14 @@ def _difference(got: Any, want: Any) -> Optional[str]:
         if g.shape != w.shape or g.dtype != w.dtype:
             return f"output {tuple(g.shape)} {g.dtype} vs {tuple(w.shape)} {w.dtype}"
         rtol, atol = TOLERANCES.get(w.dtype, FP32_TOLERANCE)
+        g, w = g.float(), w.float()
+        finite = w.isfinite()
+        # A NaN in the input (a warm-up batch of torch.empty, say) is the original's output too.
+        if not torch.equal(g.isnan(), w.isnan()) or not torch.equal(g[w.isinf()], w[w.isinf()]):
+            return "NaN or infinities in other elements"
+        g, w = g[finite], w[finite]
         scale = w.abs().max().item() if w.numel() else 0.0
-        error = (g.float() - w.float()).abs().max().item() if w.numel() else 0.0
+        error = (g - w).abs().max().item() if w.numel() else 0.0
         if not error <= atol + rtol * scale:
             return f"max difference {error:.3g} at output scale {scale:.3g}"
     return None

@@ -15,11 +15,17 @@ from step_results import step_results
 
 
 def _routed_step(block: torch.nn.Module, train: bool, compiler: str = "eager"):
+    """The report, the compiled step's results (the second call: the first runs the block eagerly
+    while the route is checked) and the eager oracle's."""
     x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
     want = step_results(block, block, x, train)
     report = FusionReport()
     torch._dynamo.reset()
-    got = step_results(block, moe_fusion.compile(block, report=report, compiler=compiler), x, train)
+    compiled = moe_fusion.compile(block, report=report, compiler=compiler)
+    _assert_equal(step_results(block, compiled, x, train), want)
+    assert not report.fused("ffn") and "forward" not in vars(block.experts)    # nothing compiled yet
+    got = step_results(block, compiled, x, train)
+    assert "forward" not in vars(block.experts)    # the swapped forward is installed only during a call
     return report, got, want
 
 
@@ -41,8 +47,8 @@ def test_inductor_inference_through_the_module_route():
     _assert_equal(got, want)
 
 
-def test_a_swap_that_changes_the_output_is_undone(monkeypatch):
-    """A route whose forward differs from the original on the first call is undone and reported;
+def test_a_swap_that_changes_the_output_is_dropped(monkeypatch):
+    """A route whose forward differs from the original on the first call is dropped and reported;
     the block then runs (unfused) as the original."""
     real_swap = module_routes.ROUTES[0].swap
 
@@ -58,8 +64,7 @@ def test_a_swap_that_changes_the_output_is_undone(monkeypatch):
     report, got, want = _routed_step(block, False)
     (refused,) = report.refused(module_routes.PATTERN)
     assert "the swapped forward differs from the original on the first call (max difference" in refused.detail
-    assert "undone" in refused.detail and not report.fused(module_routes.PATTERN)
-    assert "forward" not in vars(block.experts)      # the class's own forward again
+    assert "not swapped" in refused.detail and not report.fused(module_routes.PATTERN)
     _assert_equal(got, want)
 
 
@@ -77,20 +82,102 @@ def test_a_half_precision_swap_is_checked_at_its_dtype():
     report = FusionReport()
     torch._dynamo.reset()
     with torch.no_grad():
-        got = moe_fusion.compile(block, report=report, compiler="eager")(x)[0]
+        compiled = moe_fusion.compile(block, report=report, compiler="eager")
+        compiled(x)
+        got = compiled(x)[0]
         want = block(x)[0]
     assert report.fused(module_routes.PATTERN), report.format()
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
 
-def test_the_check_leaves_the_random_generators_as_it_found_them():
-    """The first call's extra eager run (a block with dropout-like draws elsewhere) must not shift
-    the program's random stream."""
+def test_the_first_call_draws_what_the_model_draws():
+    """The first call runs the model as written (a block with dropout-like draws elsewhere): its
+    output and the program's random stream afterwards are the eager call's; the check's own draws
+    leave no trace. The swapped forward is kept, not installed."""
     block = make_block("mixtral", "eager")
     noisy = torch.nn.Sequential(torch.nn.Dropout(0.5), block).train()
     x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(0)
-    before = torch.get_rng_state()
-    module_routes.apply_checked(noisy, (x,), {}, FusionReport())
-    assert torch.equal(torch.get_rng_state(), before)
-    assert "forward" in vars(block.experts)           # swapped: equal on the first call
+    want = noisy(x)[0]
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    routed = module_routes.apply_checked(noisy, (x,), {}, FusionReport())
+    assert torch.equal(torch.get_rng_state(), after)
+    assert routed.ran and torch.equal(routed.output[0], want)
+    assert [module for module, _ in routed.forwards] == [block.experts] and "forward" not in vars(block.experts)
+    with routed.installed():
+        assert vars(block.experts)["forward"] is routed.forwards[0][1]
+    assert "forward" not in vars(block.experts)
+
+
+def _tiny_causal_lm():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=64)
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model, config
+
+
+def test_a_kv_cache_is_appended_to_once_and_only_experts_are_candidates():
+    """The first call's side effects happen once (the prompt enters the cache once), so decoding
+    continues as eager does; the route is offered to the experts only (attention, rotary embedding
+    and the models share the config and have wrapped forwards too)."""
+    from transformers import DynamicCache
+
+    model, config = _tiny_causal_lm()
+    assert [path for path, *_ in module_routes.candidates(model)] == ["model.layers.0.mlp.experts"]
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for name, run in (("eager", model), ("fused", moe_fusion.compile(model, compiler="eager"))):
+        torch._dynamo.reset()
+        cache = DynamicCache(config=config)
+        with torch.no_grad():
+            run(input_ids=ids, past_key_values=cache, use_cache=True)
+            logits[name] = run(input_ids=ids[:, :1], past_key_values=cache, use_cache=True).logits
+        assert cache.get_seq_length() == 6, name
+    torch.testing.assert_close(logits["fused"], logits["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_users_module_is_left_as_it_was():
+    """After compiled calls the experts module has no swapped forward: it saves and loads, and a
+    later switch of its experts implementation takes effect."""
+    import io
+
+    block = make_block("mixtral", "eager")
+    compiled = moe_fusion.compile(block, compiler="eager")
+    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        compiled(x)
+        compiled(x)
+    assert "forward" not in vars(block.experts)
+    buffer = io.BytesIO()
+    torch.save(block, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], block(x)[0])
+
+
+def test_a_nan_on_the_first_call_does_not_drop_the_route():
+    """NaN where the original gives NaN is agreement: later clean calls fuse."""
+    block = make_block("mixtral", "eager")
+    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    with_nan = x.clone()
+    with_nan[0, 1, 3] = float("nan")
+    report = FusionReport()
+    torch._dynamo.reset()
+    compiled = moe_fusion.compile(block, report=report, compiler="eager")
+    with torch.no_grad():
+        first = compiled(with_nan)[0]
+        assert first.isnan().any() and torch.equal(first.isnan(), block(with_nan)[0].isnan())
+        got = compiled(x)[0]
+        want = block(x)[0]
+    assert report.fused(module_routes.PATTERN) and report.fused("ffn"), report.format()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
