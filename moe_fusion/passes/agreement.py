@@ -27,9 +27,21 @@ and fuses only what is local to the rank.
 
 The FX graph cache would let one rank skip the passes (and its round) while its peer runs them, so
 graphs holding such collectives bypass it (``pipeline.MoeFusionGraphPass.uuid``).
+
+A rank can also compile a graph again alone: its input changed shape or failed a guard while its
+peers' inputs did not, so they keep running the graph compiled before. When the ranks had fused
+that graph's collectives together, its peers are in the fused exchange, and neither of this rank's
+outcomes meets them (the unfused graph's collectives would pair with the fused ops' exchange: a
+hang, or bytes read as other bytes). Its round then times out without them; when its collectives
+are among those of a graph whose rewrites an earlier round here agreed on (the recompiled graph may
+be cut differently, e.g. with dynamic sizes), it raises ``GroupPeerError`` saying so instead of
+aborting (the round's verdict is written ``abort`` first, so a peer that does compile this graph
+later keeps it unfused). A rank ending with that error closes its connections, which ends its
+peers' wait in the exchange.
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import hashlib
 import os
@@ -40,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from ..groups import registered_group
+from ..groups import GroupPeerError, registered_group
 from .collectives import as_collective
 
 TIMEOUT_ENV = "MOE_FUSION_AGREEMENT_TIMEOUT"
@@ -50,6 +62,9 @@ FUSE, ABORT = "fuse", "abort"
 
 # Rounds this process has held (the next round's number).
 _held = [0]
+# The collectives (``_kinds``) of each graph whose collective rewrites a round here agreed on: what
+# peers that do not compile a graph again may be running fused.
+_fused_kinds: list[collections.Counter] = []
 # What a rank posts for a graph it could not run the passes on (its peers then abort theirs).
 UNFUSABLE = (("moe_fusion: the passes did not run on this graph", ()),)
 
@@ -110,7 +125,8 @@ class Verdict:
 
 def agree(before: Sequence, after: Sequence) -> Verdict:
     """Hold the round (module docstring): fuse only if every rank of the job made the same
-    collective rewrites (``after``, from ``collective_calls``) of the same graph (``before``)."""
+    collective rewrites (``after``, from ``collective_calls``) of the same graph (``before``).
+    Raises ``GroupPeerError`` when the round times out on a graph whose last round here fused."""
     world, rank = dist.get_world_size(), dist.get_rank()
     store = dist.distributed_c10d._get_default_store()
     round_key = f"{KEY_PREFIX}/{_held[0]}"
@@ -118,6 +134,7 @@ def agree(before: Sequence, after: Sequence) -> Verdict:
     mine = hashlib.sha256(repr((tuple(before), tuple(after))).encode()).hexdigest()
     store.set(f"{round_key}/{rank}", mine)
     peers = [peer for peer in range(world) if peer != rank]
+    absent: list[int] = []
     try:
         store.wait([f"{round_key}/{peer}" for peer in peers], timeout())
         differing = [peer for peer in peers if store.get(f"{round_key}/{peer}").decode() != mine]
@@ -129,9 +146,29 @@ def agree(before: Sequence, after: Sequence) -> Verdict:
                f"{timeout().total_seconds():g} s (they compile other graphs, or failed before fusing; "
                f"{TIMEOUT_ENV} sets the wait)")
     verdict = store.compare_set(f"{round_key}/verdict", "", ABORT if why else FUSE).decode()
+    kinds = _kinds(before)
+    if absent and verdict == ABORT and kinds and any(not kinds - fused for fused in _fused_kinds):
+        raise GroupPeerError(
+            f"moe_fusion: rank {rank} compiled a graph again alone (its inputs changed shape or failed a "
+            f"guard while those of ranks {absent} of {world} did not) after the ranks had fused it together: "
+            "they run the fused exchange, which neither this graph's fused nor its unfused form would meet. "
+            "Give every rank inputs of the same shapes (pad a short last batch), or compile with the "
+            "varying sizes dynamic from the first call (torch._dynamo.mark_dynamic, dynamic=True), so "
+            "that no rank recompiles alone")
     if verdict == FUSE:
+        if tuple(after) != tuple(before):
+            _fused_kinds.append(kinds)
         return Verdict(True)
     return Verdict(False, why or "another rank did not see every rank make the same rewrites")
+
+
+def _kinds(calls: Sequence) -> collections.Counter:
+    """The collectives of ``collective_calls`` as a multiset of (op, group sizes), the op named as in
+    any graph that holds it (dynamo's packet or ATen's overload, the autograd variant or not)."""
+    def kind(op: str) -> str:
+        op = op.replace("_c10d_functional_autograd.", "_c10d_functional.")
+        return op[:-len(".default")] if op.endswith(".default") else op
+    return collections.Counter((kind(call[0]), call[1]) for call in calls)
 
 
 def rounds_held() -> int:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 import moe_fusion
 from moe_fusion.demo.moe_layers import TrainableCapacityAllToAllMoE
+from moe_fusion.groups import GroupPeerError
 from moe_fusion.launch import run_ranks
 from moe_fusion.passes import PIPELINE, agreement, pipeline
 
@@ -119,3 +120,54 @@ def test_a_block_every_rank_fuses_stays_fused(train):
         assert result["close"], rank
         assert "moe_capacity_a2a" in result["fused"], rank
         assert not [r for r in result["refused"] if r[0] == pipeline.AGREEMENT], (rank, result["refused"])
+
+
+def _solo_round(rank: int, world: int, first_fuses: bool) -> tuple:
+    """Both ranks hold a round on a graph (rewritten, or not, as ``first_fuses`` says); then rank 0
+    alone holds one on a graph of the same collectives (its input changed shape, its peer's did not):
+    ``("raised", message)`` or ``(fuse, reason)`` of rank 0's second round."""
+    os.environ[agreement.TIMEOUT_ENV] = "3"
+    agreement.agree(A2A, FUSED if first_fuses else A2A)
+    if rank != 0:
+        return ()
+    try:
+        verdict = agreement.agree((("_c10d_functional.all_to_all_single", (2,), ()),), A2A)
+    except GroupPeerError as error:
+        return ("raised", str(error))
+    return (verdict.fuse, verdict.reason)
+
+
+def test_a_rank_compiling_a_fused_graph_again_alone_raises():
+    """Its peer runs the fused exchange: no outcome of this rank's round would meet it."""
+    solo, _ = run_ranks(2, _solo_round, True, timeout=120)
+    assert solo[0] == "raised" and "rank 0 compiled a graph again alone" in solo[1], solo
+    assert "ranks [1] of 2 did not" in solo[1] and "pad a short last batch" in solo[1], solo
+
+
+def test_a_rank_compiling_an_unfused_graph_again_alone_aborts():
+    """Its peer runs the unfused graph, which the abort keeps here too."""
+    solo, _ = run_ranks(2, _solo_round, False, timeout=120)
+    assert solo[0] is False and "did not reach this graph's agreement round" in solo[1], solo
+
+
+def _recompile_alone(rank: int, world: int) -> list[str]:
+    """The capacity block fused on both ranks; then rank 0's batch shrinks (it recompiles alone)
+    while rank 1's does not (it runs its fused graph): what each rank's second call raised."""
+    os.environ[agreement.TIMEOUT_ENV] = "5"
+    layer = LAYERS["capacity"](HIDDEN, FFN_HIDDEN, 2 * world, 2, ep_group=dist.group.WORLD, seed=5)
+    compiled = torch.compile(layer, backend=moe_fusion.backend(compiler="eager"), fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        compiled(tokens(rank, TOKEN_COUNT, HIDDEN, torch.float32, "balanced"))
+        try:
+            compiled(tokens(rank, TOKEN_COUNT // 2 if rank == 0 else TOKEN_COUNT, HIDDEN, torch.float32, "balanced"))
+        except Exception as error:      # noqa: BLE001  (the test reads what it was)
+            return [type(error).__name__, str(error)]
+    return []
+
+
+def test_a_rank_recompiling_alone_ends_both_ranks_with_errors_not_a_hang():
+    """Before, rank 0 aborted into the unfused graph, whose all-to-all paired with rank 1's fused
+    exchange: both ranks hung. Now rank 0 says why, and rank 1's exchange names the missing peer."""
+    first, second = run_ranks(2, _recompile_alone, timeout=240, pg_timeout=20)
+    assert "compiled a graph again alone" in first[1], first
+    assert second and "rank 0 of the group did not reach it" in second[1], second
