@@ -48,7 +48,7 @@ def _explain(args: argparse.Namespace) -> int:
     from .passes import explain
 
     model, inputs = load_factory(args.factory)
-    explain(model, *inputs, target=args.target)
+    explain(model, *inputs, target=args.target, compiler=args.compiler)
     return 0
 
 
@@ -81,6 +81,9 @@ def build_parser() -> Parser:
     explain_parser.add_argument("factory", help="module:function returning (model, inputs)")
     explain_parser.add_argument("--target", choices=TARGETS, default="portable",
                                 help="compile target whose limits the fusion passes respect")
+    explain_parser.add_argument("--compiler", choices=("eager", "inductor"), default="eager",
+                                help="eager: no code generated, no cost gate; inductor: what moe_fusion.compile "
+                                     "does by default, the cost gate's refusals included")
     explain_parser.set_defaults(handler=_explain)
 
     from . import onnx_cli

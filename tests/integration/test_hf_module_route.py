@@ -181,3 +181,11 @@ def test_a_nan_on_the_first_call_does_not_drop_the_route():
         want = block(x)[0]
     assert report.fused(module_routes.PATTERN) and report.fused("ffn"), report.format()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_explain_applies_the_module_route():
+    """``explain`` compiles as ``moe_fusion.compile`` does: eager experts fuse through the route."""
+    block = make_block("mixtral", "eager")
+    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    report = moe_fusion.explain(block, x, print_report=False)
+    assert report.fused(module_routes.PATTERN) and report.fused("ffn"), report.format()

@@ -136,3 +136,12 @@ def test_native_matmul():
     with torch.backends.mkldnn.flags(enabled=False):
         assert cost.native_matmul(torch.bfloat16, cpu) is None      # no oneDNN: converted to fp32 anyway
     assert cost.native_matmul(torch.bfloat16, torch.device("meta")) is None
+
+
+def test_explain_reports_the_gate_for_inductor_only(cpu_multiplies_bf16):
+    """``explain(compiler="inductor")`` reports what the default ``moe_fusion.compile`` does; the
+    eager compiler (explain's default) never gates."""
+    x = torch.randn(TOKENS, H).bfloat16()
+    gated = moe_fusion.explain(_ffn(torch.bfloat16), x, print_report=False, compiler="inductor")
+    assert not gated.fused("ffn") and "slower here" in gated.refused("ffn")[0].detail, gated.format()
+    assert moe_fusion.explain(_ffn(torch.bfloat16), x, print_report=False).fused("ffn")
