@@ -126,7 +126,8 @@ class Verdict:
 def agree(before: Sequence, after: Sequence) -> Verdict:
     """Hold the round (module docstring): fuse only if every rank of the job made the same
     collective rewrites (``after``, from ``collective_calls``) of the same graph (``before``).
-    Raises ``GroupPeerError`` when the round times out on a graph whose last round here fused."""
+    Raises ``GroupPeerError`` when the round times out on a graph whose collectives are among those
+    of a graph an earlier round here fused (module docstring)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     store = dist.distributed_c10d._get_default_store()
     round_key = f"{KEY_PREFIX}/{_held[0]}"

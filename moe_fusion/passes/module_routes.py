@@ -183,7 +183,7 @@ def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Opt
         _refuse_graph_breaks(found)
     if not found:
         return Routed([])
-    calls: dict[str, tuple] = {}
+    calls: dict[str, _Call] = {}
     hooks = [hook for path, module, _, _ in found for hook in (
         module.register_forward_pre_hook(_input_recorder(calls, path), with_kwargs=True),
         module.register_forward_hook(_output_recorder(calls, path)))]
@@ -209,22 +209,22 @@ def _refuse_graph_breaks(found: list[tuple[str, torch.nn.Module, ModuleRoute, st
 
 
 def _check_swaps(report: Optional[FusionReport], found: list[tuple[str, torch.nn.Module, ModuleRoute, str]],
-                 calls: dict[str, list]) -> list[tuple[torch.nn.Module, Callable[..., Any]]]:
+                 calls: dict[str, _Call]) -> list[tuple[torch.nn.Module, Callable[..., Any]]]:
     """The ``(module, swapped forward)`` of each candidate whose swapped forward gives the module's
     recorded first-call output on its recorded inputs; each module is left with its own forward."""
     kept = []
     for path, module, route, what in found:
-        if path not in calls or len(calls[path]) < 5:     # not called, or raised before its output
+        call = calls.get(path)
+        if call is None:
             _record(report, False, path, f"{route.name}: {what}: not called on the first call, not swapped")
             continue
-        module_args, module_kwargs, rng_state, _, want = calls[path]
         undo = route.swap(module)
         forward = vars(module)["forward"]
-        torch.set_rng_state(rng_state)
+        torch.set_rng_state(call.rng_state)
         try:
             with torch.no_grad():
-                got = module(*module_args, **module_kwargs)
-            difference = _difference(got, want)
+                got = module(*call.args, **call.kwargs)
+            difference = _difference(got, call.output)
         except Exception as error:      # noqa: BLE001  (reported, and the swap dropped)
             difference = f"raised {type(error).__name__}: {error}"
         finally:
@@ -240,22 +240,32 @@ def _check_swaps(report: Optional[FusionReport], found: list[tuple[str, torch.nn
     return kept
 
 
+@dataclass
+class _Call:
+    """A module's first call: its inputs before it ran (it may change them in place), the CPU
+    generator's state as it began, and its output."""
+
+    args: tuple
+    kwargs: dict
+    rng_state: torch.Tensor
+    output: Any = None
+
+
 def _clone(value: Any) -> Any:
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, value)
 
 
-def _input_recorder(calls: dict, path: str) -> Callable[..., None]:
+def _input_recorder(calls: dict[str, _Call], path: str) -> Callable[..., None]:
     def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if path not in calls:   # the first call of the module (a module may run more than once)
-            # Before the module runs: it may change its inputs in place. The CPU generator as it began.
-            calls[path] = [_clone(args), _clone(kwargs), torch.get_rng_state()]
+            calls[path] = _Call(_clone(args), _clone(kwargs), torch.get_rng_state())
     return record
 
 
-def _output_recorder(calls: dict, path: str) -> Callable[..., None]:
+def _output_recorder(calls: dict[str, _Call], path: str) -> Callable[..., None]:
     def record(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if len(calls[path]) == 3:
-            calls[path] += [True, _clone(output)]
+        if calls[path].output is None:
+            calls[path].output = _clone(output)
     return record
 
 
