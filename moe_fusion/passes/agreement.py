@@ -65,6 +65,8 @@ _held = [0]
 # The collectives (``_kinds``) of each graph whose collective rewrites a round here agreed on: what
 # peers that do not compile a graph again may be running fused.
 _fused_kinds: list[collections.Counter] = []
+# How ``collective_calls`` names the fused ops (never rewritten by a pass).
+FUSED_OPS = "moe_fusion."
 # What a rank posts for a graph it could not run the passes on (its peers then abort theirs).
 UNFUSABLE = (("moe_fusion: the passes did not run on this graph", ()),)
 
@@ -204,9 +206,11 @@ def _copy_into(graph: fx.Graph, source: fx.Graph, copied: dict[fx.Node, fx.Node]
 
 
 def passes_exchange(graph: Optional[fx.Graph]) -> bool:
-    """In a multi-rank process, ``graph`` (None: not known) may hold collective rewrites."""
+    """In a multi-rank process, ``graph`` (None: not known) may hold collective rewrites: a collective
+    other than the fused ops, which no pass rewrites (a graph holding only those, called by hand or
+    by a module route, has nothing to agree on, and a rank compiling it again alone waits for no one)."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return False
     if dist.get_backend() == "fake":     # a compile-only job (FakeProcessGroup): no peer runs it
         return False
-    return graph is None or bool(collective_calls(graph))
+    return graph is None or any(not op.startswith(FUSED_OPS) for op, *_ in collective_calls(graph))

@@ -171,3 +171,35 @@ def test_a_rank_recompiling_alone_ends_both_ranks_with_errors_not_a_hang():
     first, second = run_ranks(2, _recompile_alone, timeout=240, pg_timeout=20)
     assert "compiled a graph again alone" in first[1], first
     assert second and "rank 0 of the group did not reach it" in second[1], second
+
+
+def _fused_ops_by_hand(rank: int, world: int) -> tuple[int, bool, int]:
+    """A graph calling dispatch_v2 and combine_v2 itself (as a module route's does), compiled on every
+    rank, then again on rank 0 alone (a float argument only rank 0 changes): the rounds held, whether
+    each call equals eager, and the rounds held after the lone recompile."""
+    os.environ[agreement.TIMEOUT_ENV] = "60"     # a lone round would wait this long, then abort
+    group = dist.group.WORLD.group_name
+    experts = 2 * world
+
+    def exchange(x: torch.Tensor, ids: torch.Tensor, scale: float) -> torch.Tensor:
+        expand_x, _, assist, _, recv_counts, _, _ = moe_fusion.npu_moe_distribute_dispatch_v2(
+            x, ids, group, world, rank, experts)
+        weights = torch.full(ids.shape, scale, dtype=torch.float32)
+        return moe_fusion.npu_moe_distribute_combine_v2(expand_x, ids, assist, recv_counts, weights, group, world,
+                                                        rank, experts)
+
+    x = tokens(rank, TOKEN_COUNT, HIDDEN, torch.float32, "balanced")
+    ids = torch.stack([torch.arange(TOKEN_COUNT) % experts, (torch.arange(TOKEN_COUNT) + 1) % experts], 1).int()
+    compiled = torch.compile(exchange, backend=moe_fusion.backend(compiler="eager"), fullgraph=True, dynamic=False)
+    equal = torch.allclose(compiled(x, ids, 0.5), exchange(x, ids, 0.5))
+    held = agreement.rounds_held()
+    scale = 0.25 if rank == 0 else 0.5
+    equal = equal and torch.allclose(compiled(x, ids, scale), exchange(x, ids, scale))
+    return held, equal, agreement.rounds_held()
+
+
+def test_a_graph_of_fused_ops_only_holds_no_round():
+    """No pass rewrites the fused ops: nothing to agree on, and a rank compiling such a graph again
+    alone waits for no one (before, its lone round stalled it for the agreement timeout)."""
+    for rank, (held, equal, held_after) in enumerate(run_ranks(2, _fused_ops_by_hand, timeout=120)):
+        assert held == 0 and held_after == 0 and equal, (rank, held, equal, held_after)
