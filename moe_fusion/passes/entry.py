@@ -62,7 +62,7 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
     if not isinstance(compiled, OptimizedModule):
         return functools.wraps(model)(scoped(compiled))
     default_forward = compiled.forward
-    compiled_forward, routes, defaults = scoped(default_forward), [], []
+    compiled_forward, routes, defaults, compiled_calls = scoped(default_forward), [], [], []
 
     def compiled_call(args: tuple, kwargs: dict) -> Any:
         if defaults:
@@ -86,6 +86,12 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
             routes.append(routed)
             if routed.ran:
                 return routed.output
+        # Activation checkpointing replays the first call inside the backward (the only forward that
+        # runs there before a compiled one): it must run as that call ran, eagerly, or the tensors it
+        # saves are not the first run's (torch.utils.checkpoint checks them).
+        if routes[0].ran and not compiled_calls and torch._C._current_autograd_node() is not None:
+            return model(*args, **kwargs)
+        compiled_calls[:] = [True]
         with routes[0].installed():
             return compiled_call(args, kwargs)
 

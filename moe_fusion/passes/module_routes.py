@@ -139,28 +139,30 @@ def _scan(model: torch.nn.Module, settle: bool = False) -> tuple[list[tuple[str,
 
 @dataclass
 class Routed:
-    """What a model's first call settled: ``forwards``, the checked ``(module, swapped forward)``
-    pairs its compiled calls run with (``installed``); ``output``, that call's result when it ran
-    the model (``ran``: a route applied)."""
+    """What a model's first call settled: ``forwards``, the checked ``(module, swapped forward, the
+    module's instance forward it replaces or _MISSING)`` its compiled calls run with (``installed``);
+    ``output``, that call's result when it ran the model (``ran``: a route applied)."""
 
-    forwards: list[tuple[torch.nn.Module, Callable[..., Any]]]
+    forwards: list[tuple[torch.nn.Module, Callable[..., Any], Any]]
     ran: bool = False
     output: Any = None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """The swapped forwards in place of the modules' own, for one compiled call."""
-        previous = [vars(module).get("forward", _MISSING) for module, _ in self.forwards]
-        for module, forward in self.forwards:
+        """The swapped forwards in place of the modules' own, for one compiled call; not where the
+        module's forward is no longer the one the swap was checked against (the user set another)."""
+        swaps = [(module, forward, original) for module, forward, original in self.forwards
+                 if vars(module).get("forward", _MISSING) is original]
+        for module, forward, _ in swaps:
             module.forward = forward
         try:
             yield
         finally:
-            for (module, _), before in zip(self.forwards, previous):
-                if before is _MISSING:
+            for module, _, original in swaps:
+                if original is _MISSING:
                     del module.forward
                 else:
-                    module.forward = before
+                    module.forward = original
 
 
 _MISSING = object()
@@ -209,15 +211,16 @@ def _refuse_graph_breaks(found: list[tuple[str, torch.nn.Module, ModuleRoute, st
 
 
 def _check_swaps(report: Optional[FusionReport], found: list[tuple[str, torch.nn.Module, ModuleRoute, str]],
-                 calls: dict[str, _Call]) -> list[tuple[torch.nn.Module, Callable[..., Any]]]:
-    """The ``(module, swapped forward)`` of each candidate whose swapped forward gives the module's
-    recorded first-call output on its recorded inputs; each module is left with its own forward."""
+                 calls: dict[str, _Call]) -> list[tuple[torch.nn.Module, Callable[..., Any], Any]]:
+    """``Routed.forwards`` of each candidate whose swapped forward gives the module's recorded
+    first-call output on its recorded inputs; each module is left with its own forward."""
     kept = []
     for path, module, route, what in found:
         call = calls.get(path)
         if call is None:
             _record(report, False, path, f"{route.name}: {what}: not called on the first call, not swapped")
             continue
+        original = vars(module).get("forward", _MISSING)
         undo = route.swap(module)
         forward = vars(module)["forward"]
         torch.set_rng_state(call.rng_state)
@@ -232,7 +235,7 @@ def _check_swaps(report: Optional[FusionReport], found: list[tuple[str, torch.nn
         if route.agree is not None and not route.agree(module, difference is None) and difference is None:
             difference = "equal here, but not on another process sharing the module"
         if difference is None:
-            kept.append((module, forward))
+            kept.append((module, forward, original))
             _record(report, True, path, f"{route.name}: {what} (module route, equal on the first call)")
         else:
             _record(report, False, path, f"{route.name}: {what}: the swapped forward differs from the original on "

@@ -104,7 +104,7 @@ def test_the_first_call_draws_what_the_model_draws():
     routed = module_routes.apply_checked(noisy, (x,), {}, FusionReport())
     assert torch.equal(torch.get_rng_state(), after)
     assert routed.ran and torch.equal(routed.output[0], want)
-    assert [module for module, _ in routed.forwards] == [block.experts] and "forward" not in vars(block.experts)
+    assert [module for module, *_ in routed.forwards] == [block.experts] and "forward" not in vars(block.experts)
     with routed.installed():
         assert vars(block.experts)["forward"] is routed.forwards[0][1]
     assert "forward" not in vars(block.experts)
@@ -189,3 +189,37 @@ def test_explain_applies_the_module_route():
     x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
     report = moe_fusion.explain(block, x, print_report=False)
     assert report.fused(module_routes.PATTERN) and report.fused("ffn"), report.format()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_from_the_first_call(reentrant):
+    """The first call under torch.utils.checkpoint runs eagerly; its replay inside the backward must
+    too (non-reentrant checkpointing checks the replay saves the same tensors), and the later,
+    compiled steps replay compiled. Gradients equal eager's on every step."""
+    from torch.utils.checkpoint import checkpoint
+
+    block = make_block("mixtral", "eager")
+    compiled = moe_fusion.compile(block, compiler="eager")
+    torch._dynamo.reset()
+    for step in range(3):
+        x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(step))
+        want = step_results(block, block, x, True)
+        got = step_results(block, lambda t: checkpoint(compiled, t, use_reentrant=reentrant), x, True)
+        _assert_equal(got, want)
+
+
+def test_a_forward_the_user_sets_later_is_honoured():
+    """After compiling, a forward set on the experts module (a wrapper, say) is what runs: the
+    swapped forward was checked against the class's own, so it is not installed over another."""
+    block = make_block("mixtral", "eager")
+    compiled = moe_fusion.compile(block, compiler="eager")
+    torch._dynamo.reset()
+    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        compiled(x)
+        compiled(x)
+        own = block.experts.forward
+        block.experts.forward = lambda *args, **kwargs: own(*args, **kwargs) * 2
+        got, want = compiled(x)[0], block(x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "forward" in vars(block.experts)      # the user's, left in place
