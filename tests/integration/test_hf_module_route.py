@@ -14,10 +14,15 @@ from integration.test_hf_transformers import BLOCKS, HIDDEN, _assert_equal, make
 from step_results import step_results
 
 
+def _tokens(seed: int = 3) -> torch.Tensor:
+    """A block's input ``(2, 6, HIDDEN)`` fp32."""
+    return torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
 def _routed_step(block: torch.nn.Module, train: bool, compiler: str = "eager"):
     """The report, the compiled step's results (the second call: the first runs the block eagerly
     while the route is checked) and the eager oracle's."""
-    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    x = _tokens()
     want = step_results(block, block, x, train)
     report = FusionReport()
     torch._dynamo.reset()
@@ -78,7 +83,7 @@ def test_a_half_precision_swap_is_checked_at_its_dtype():
     """fp16 eager and grouped_mm experts differ by fp16 roundings: the check allows a few, so the
     route applies (and the result stays within fp16 rounding of eager)."""
     block = make_block("mixtral", "eager").half()
-    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3)).half()
+    x = _tokens().half()
     report = FusionReport()
     torch._dynamo.reset()
     with torch.no_grad():
@@ -96,7 +101,7 @@ def test_the_first_call_draws_what_the_model_draws():
     leave no trace. The swapped forward is kept, not installed."""
     block = make_block("mixtral", "eager")
     noisy = torch.nn.Sequential(torch.nn.Dropout(0.5), block).train()
-    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    x = _tokens()
     torch.manual_seed(0)
     want = noisy(x)[0]
     after = torch.get_rng_state()
@@ -152,7 +157,7 @@ def test_the_users_module_is_left_as_it_was():
 
     block = make_block("mixtral", "eager")
     compiled = moe_fusion.compile(block, compiler="eager")
-    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    x = _tokens()
     with torch.no_grad():
         compiled(x)
         compiled(x)
@@ -168,7 +173,7 @@ def test_the_users_module_is_left_as_it_was():
 def test_a_nan_on_the_first_call_does_not_drop_the_route():
     """NaN where the original gives NaN is agreement: later clean calls fuse."""
     block = make_block("mixtral", "eager")
-    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    x = _tokens()
     with_nan = x.clone()
     with_nan[0, 1, 3] = float("nan")
     report = FusionReport()
@@ -186,7 +191,7 @@ def test_a_nan_on_the_first_call_does_not_drop_the_route():
 def test_explain_applies_the_module_route():
     """``explain`` compiles as ``moe_fusion.compile`` does: eager experts fuse through the route."""
     block = make_block("mixtral", "eager")
-    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    x = _tokens()
     report = moe_fusion.explain(block, x, print_report=False)
     assert report.fused(module_routes.PATTERN) and report.fused("ffn"), report.format()
 
@@ -202,7 +207,7 @@ def test_activation_checkpointing_from_the_first_call(reentrant):
     compiled = moe_fusion.compile(block, compiler="eager")
     torch._dynamo.reset()
     for step in range(3):
-        x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(step))
+        x = _tokens(step)
         want = step_results(block, block, x, True)
         got = step_results(block, lambda t: checkpoint(compiled, t, use_reentrant=reentrant), x, True)
         _assert_equal(got, want)
@@ -214,7 +219,7 @@ def test_a_forward_the_user_sets_later_is_honoured():
     block = make_block("mixtral", "eager")
     compiled = moe_fusion.compile(block, compiler="eager")
     torch._dynamo.reset()
-    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(3))
+    x = _tokens()
     with torch.no_grad():
         compiled(x)
         compiled(x)
