@@ -1,6 +1,6 @@
 """Communication operators on 4 gloo ranks vs the raw collectives / unfused chains they replace.
 
-    python benchmarks/bench_comm_ops.py [--repeats N] [--backward]
+    python benchmarks/bench_comm_ops.py [--repeats N] [--backward] [--cpu] [--world 2]
 
 ``--backward`` times training instead: each op's forward + backward (its autograd formula, which
 runs the fused ops themselves) vs the unfused chain it replaces written with the differentiable
@@ -12,6 +12,8 @@ side's spread, the median paired ratio with its interval, and whether each targe
 ``--cpu`` gives instead the CPU time per step summed over the ranks (``group_cpu_seconds``): the
 work each side puts on the machine, which sets the wall time where ranks outnumber cores; time
 spent waiting in a collective is not in it. The targets are wall-time targets: CPU rows have none.
+``--world 2`` runs the dispatch/combine rows on 2 ranks (one core each here, where 4 ranks share
+2 cores); the bmm pair needs EP 2 x TP 2, so 4 ranks.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from _timing import Row, argument_parser, compare, print_table
 from moe_fusion.demo.timing import Timer, group_cpu_seconds, synced_seconds
 from moe_fusion.launch import run_ranks
 
-WORLD = 4
+BMM_WORLD = 4          # the bmm pair's EP 2 x TP 2
 
 
 def _dispatch_combine_rank(rank: int, world: int, repeats: int, timer: Timer) -> list:
@@ -175,7 +177,7 @@ def _backward_rank(rank: int, world: int, repeats: int, timer: Timer) -> list:
     rows_out = [Row(f"{op} fwd+bwd {shape} vs unfused autograd chain", compare(fused, chain, repeats,
                                                                                 timer=timer), 1.5)
                 for op, (fused, chain) in cases.items()]
-    return rows_out + _bmm_backward_rows(rank, repeats, timer)
+    return rows_out + (_bmm_backward_rows(rank, repeats, timer) if world == BMM_WORLD else [])
 
 
 def _bmm_backward_rows(rank: int, repeats: int, timer: Timer) -> list:
@@ -223,7 +225,8 @@ def _rank_main(rank: int, world: int, repeats: int, train: bool, cpu: bool) -> l
     if train:
         rows = _backward_rank(rank, world, repeats, timer)
     else:
-        rows = _dispatch_combine_rank(rank, world, repeats, timer) + _bmm_pair_rank(rank, world, repeats, timer)
+        rows = _dispatch_combine_rank(rank, world, repeats, timer)
+        rows += _bmm_pair_rank(rank, world, repeats, timer) if world == BMM_WORLD else []
     # The targets are wall-time targets: a CPU-time ratio is reported against none.
     return [row._replace(target=None) for row in rows] if cpu else rows
 
@@ -235,8 +238,10 @@ def main() -> None:
                                                                  "autograd chain")
     parser.add_argument("--cpu", action="store_true", help="compare the CPU time per step summed over the ranks "
                                                             "instead of the slowest rank's wall time")
+    parser.add_argument("--world", type=int, choices=(2, BMM_WORLD), default=BMM_WORLD,
+                        help="ranks (2: the dispatch/combine rows only)")
     args = parser.parse_args()
-    rows = run_ranks(WORLD, _rank_main, args.repeats, args.backward, args.cpu, timeout=1800, pg_timeout=600)[0]
+    rows = run_ranks(args.world, _rank_main, args.repeats, args.backward, args.cpu, timeout=1800, pg_timeout=600)[0]
     print_table(rows, "CPU ms, all ranks" if args.cpu else "ms")
 
 
