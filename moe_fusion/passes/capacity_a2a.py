@@ -123,6 +123,11 @@ def _dispatch_einsum(a2a: Collective) -> tuple[fx.Node, fx.Node, set[fx.Node], t
     """``(mask, x, region, (S, E, C, H))`` of what may be ``einsum("sec,sm->ecm", mask, x)`` feeding
     ``a2a`` (its structure; ``_check_einsum`` checks the values)."""
     region, leaves = _multilinear_region(a2a.input, set())
+    sizes = [n.name for n in leaves if not isinstance(val(n), torch.Tensor)]
+    if sizes:       # a graph dynamo recompiled with dynamic sizes: the checks need concrete shapes
+        raise Refusal(f"the all_to_all input {a2a.input.name} is scaled by the dynamic size {', '.join(sizes)}: the "
+                      "block fuses at static shapes only (moe_fusion.compile recompiles a model with collectives at "
+                      "static shapes unless given dynamic=True)")
     # The mask is the operand computed from the routing (a top-k or argmaxes); the tokens are the other one.
     masks = [n for n in leaves if val(n).dim() == 3 and any(is_op(a, aten.topk, aten.argmax) for a in ancestors(n))]
     if len(leaves) != 2 or len(masks) != 1:

@@ -20,9 +20,17 @@ defaults, and so are the model's later calls (reported as a ``dynamo_settings`` 
 compiles as ``torch.compile`` would compile it. The failed call may have run the compiled graphs
 before the failing frame once more (their collectives are matched: every rank fails at the same
 frame; random draws there are drawn again).
+
+Once a graph of the model has held a collective the passes rewrite, the model recompiles at static
+shapes when an input's size changes (unless ``dynamic`` was given): the expert-parallel passes
+check and fuse a block at concrete sizes (a graph dynamo recompiles with dynamic sizes keeps its
+unfused exchange), and under captured scalars dynamo 2.13 computes a wrong ``.item()`` of a tensor
+made from a dynamic size (DeepSpeed's capacity ``ceil(S / E * factor)``: a NaN, then an index out of
+bounds).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,7 +38,7 @@ import torch
 from torch._dynamo.eval_frame import OptimizedModule
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from . import cost, module_routes
+from . import agreement, cost, module_routes
 from .context import FusionEvent, FusionReport
 from .pipeline import backend
 
@@ -57,8 +65,31 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
         What ``torch.compile`` returns (an ``OptimizedModule`` for a module) with its calls run
         under ``MOE_DYNAMO_CONFIG``.
     """
-    compiled = torch.compile(model, backend=backend(target, passes, report, compiler, cost_gate), **compile_options)
-    scoped = torch._dynamo.config.patch(MOE_DYNAMO_CONFIG)
+    fusing = backend(target, passes, report, compiler, cost_gate)
+    exchanged: list[bool] = []       # [True] once a graph of the model held a collective the passes rewrite
+
+    def observing(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        # (a library's autograd Function holds its collectives in a subgraph: DeepSpeed's _AllToAll)
+        graphs = (m.graph for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+        if not exchanged and any(agreement.passes_exchange(graph) for graph in graphs):
+            exchanged.append(True)
+        return fusing(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=observing, **compile_options)
+    settings = torch._dynamo.config.patch(MOE_DYNAMO_CONFIG)
+
+    def shapes() -> contextlib.AbstractContextManager:
+        """Static recompiles once the model exchanged (module docstring), else dynamo's choice."""
+        static = exchanged and compile_options.get("dynamic") is None
+        return torch._dynamo.config.patch(automatic_dynamic_shapes=False) if static else contextlib.nullcontext()
+
+    def scoped(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with settings, shapes():
+                return fn(*args, **kwargs)
+        return call
+
     if not isinstance(compiled, OptimizedModule):
         return functools.wraps(model)(scoped(compiled))
     default_forward = compiled.forward
@@ -66,7 +97,8 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
 
     def compiled_call(args: tuple, kwargs: dict) -> Any:
         if defaults:
-            return default_forward(*args, **kwargs)
+            with shapes():
+                return default_forward(*args, **kwargs)
         try:
             return compiled_forward(*args, **kwargs)
         except GuardOnDataDependentSymNode as error:
@@ -76,7 +108,8 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
                 report.events.append(FusionEvent(SETTINGS_EVENT, False, type(model).__name__,
                                                  "the model does not trace with data-dependent counts captured, "
                                                  f"compiled with dynamo's defaults instead ({reason})"))
-            return default_forward(*args, **kwargs)
+            with shapes():
+                return default_forward(*args, **kwargs)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not routes:      # the first call: the module routes, checked on it (module_routes.apply_checked)

@@ -43,6 +43,27 @@ def eager_and_fused(layer: torch.nn.Module, x: torch.Tensor, train: bool, compil
             "events": [(e.pattern, e.fused, e.detail) for e in report.events]}
 
 
+def steps_over_token_counts(layer: torch.nn.Module, xs: list[torch.Tensor], train: bool, compiler: str,
+                            **options: Any) -> dict[str, Any]:
+    """A step of ``layer`` on each of ``xs`` (token counts that change between calls, the same on
+    every rank), eagerly and through one ``moe_fusion.compile`` of it (with ``options``), each from
+    the same random stream: ``{"steps": [(eager, fused) step_results as fp32], "events": ...}``."""
+    import moe_fusion
+    from moe_fusion.passes import FusionReport
+
+    report = FusionReport()
+    torch._dynamo.reset()
+    compiled = moe_fusion.compile(layer, report=report, compiler=compiler, **options)
+    steps = []
+    for x in xs:
+        torch.manual_seed(7)
+        eager = step_results(layer, layer, x, train)
+        torch.manual_seed(7)
+        fused = step_results(layer, compiled, x, train)
+        steps.append(([t.float() for t in eager], [t.float() for t in fused]))
+    return {"steps": steps, "events": [(e.pattern, e.fused, e.detail) for e in report.events]}
+
+
 def run_by_world(cases: dict[str, tuple], fn: Callable[..., Any], timeout: float = 600) -> dict[int, list]:
     """``{world: run_ranks(world, fn, names)}`` for the cases (``(world, ...)`` each) of each world size."""
     by_world: dict[int, list[str]] = {}

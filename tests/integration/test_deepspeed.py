@@ -25,7 +25,7 @@ pytest.importorskip("deepspeed")
 from moe_fusion.launch import run_ranks  # noqa: E402
 
 from integration.ranked_cases import (ExpertMlp, assert_block_fused, assert_steps_equal, eager_and_fused,  # noqa: E402
-                                      run_by_world)
+                                      run_by_world, steps_over_token_counts)
 
 HIDDEN, FFN, EXPERTS, TOKENS = 16, 32, 4, 16
 CASES = {  # name -> (world, MoE options, compiler, dtype)
@@ -136,3 +136,25 @@ def test_a_block_with_experts_the_op_cannot_compute_is_refused_with_the_reason()
         assert len(blocks) == 1 and not blocks[0][0], (rank, case["events"])
         assert "an expert FFN the fused ops cannot compute" in blocks[0][1] and "erf" in blocks[0][1], blocks
         assert_steps_equal(case["fused"], case["eager"], rank, False, rtol=1e-5, atol=1e-5)
+
+
+def _changing_token_counts(rank: int, world: int) -> dict[str, Any]:
+    from integration.deepspeed_shims import deepspeed_moe, init_deepspeed
+
+    init_deepspeed()
+    layer = deepspeed_moe(ExpertMlp(HIDDEN, FFN), HIDDEN, EXPERTS, world, seed=0, rank=rank, min_capacity=4,
+                          k=1, drop_tokens=True, capacity_factor=2.0).train()
+    xs = [torch.randn(2, tokens // 2, HIDDEN, generator=torch.Generator().manual_seed(tokens + rank))
+          for tokens in (TOKENS, TOKENS + 8)]
+    return steps_over_token_counts(layer, xs, True, "eager")
+
+
+def test_a_changed_token_count_recompiles_at_static_shapes_and_fuses_again():
+    """A last batch of another size. Before, dynamo recompiled the block with dynamic sizes and,
+    under moe_fusion.compile's captured scalars, computed DeepSpeed's capacity ceil(S / E * 2) as
+    NaN: 'index 17 is out of bounds for dimension 0 with size 17' on both ranks."""
+    for rank, case in enumerate(run_ranks(2, _changing_token_counts, timeout=300)):
+        fused = [detail for pattern, ok, detail in case["events"] if pattern == "moe_capacity_a2a" and ok]
+        assert len(fused) == 2 and all("K=1" in d for d in fused), (rank, case["events"])
+        for eager, got in case["steps"]:
+            assert_steps_equal(got, eager, rank, True, rtol=1e-5, atol=1e-5)

@@ -17,8 +17,9 @@ import torch
 
 pytest.importorskip("fairscale")
 
+from moe_fusion.launch import run_ranks  # noqa: E402
 from integration.ranked_cases import (ExpertMlp, assert_block_fused, assert_steps_equal, eager_and_fused,  # noqa: E402
-                                      run_by_world)
+                                      run_by_world, steps_over_token_counts)
 
 HIDDEN, FFN, EXPERTS, TOKENS = 16, 32, 4, 16
 CASES = {  # name -> (world, compiler); fp32 (fairscale's gate does not run in bf16)
@@ -68,3 +69,32 @@ def test_fairscale_moe_fuses_and_equals_eager(ranks, name):
         # No other pass took the dispatch einsum's bmm (it is the MoE block's, not a BMM-RS pair).
         assert not any(p == "bmm_reducescatter_alltoall" and ok for p, ok, _ in case["events"])
         assert_steps_equal(case["fused"], case["eager"], rank, name in TRAINING, rtol=1e-5, atol=1e-5)
+
+
+def _changing_token_counts(rank: int, world: int) -> dict[str, Any]:
+    from fairscale.nn.moe import MOELayer, Top2Gate
+
+    results = {}
+    for dynamic in (None, True):
+        torch.manual_seed(0)
+        gate = Top2Gate(HIDDEN, EXPERTS)
+        torch.manual_seed(1 + rank)
+        layer = MOELayer(gate, torch.nn.ModuleList([ExpertMlp(HIDDEN, FFN) for _ in range(EXPERTS // world)]))
+        xs = [torch.randn(2, tokens // 2, HIDDEN, generator=torch.Generator().manual_seed(tokens + rank))
+              for tokens in (TOKENS, TOKENS + 8)]
+        results[dynamic] = steps_over_token_counts(layer.eval(), xs, False, "eager", dynamic=dynamic)
+    return results
+
+
+def test_changed_token_counts_fuse_at_static_shapes_and_a_dynamic_compile_is_refused_with_the_reason():
+    """Before, the recompile with dynamic sizes (dynamo's default, or dynamic=True) failed in the
+    pass: "AttributeError: 'SymInt' object has no attribute 'dim'"."""
+    for rank, result in enumerate(run_ranks(2, _changing_token_counts, timeout=300)):
+        static, dynamic = result[None], result[True]
+        fused = [ok for pattern, ok, _ in static["events"] if pattern == "moe_capacity_a2a"]
+        assert fused == [True, True], (rank, static["events"])
+        refused = [d for pattern, ok, d in dynamic["events"] if pattern == "moe_capacity_a2a" and not ok]
+        assert refused and all("dynamic size" in d and "static shapes only" in d for d in refused), \
+            (rank, dynamic["events"])
+        for eager, got in static["steps"] + dynamic["steps"]:
+            assert_steps_equal(got, eager, rank, False, rtol=1e-5, atol=1e-5)
