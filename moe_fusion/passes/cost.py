@@ -35,7 +35,8 @@ graph, whose unfused backward scatters a weight gradient per row; fused, its tra
   --repeats 11 --no-cost-gate``, 4 ranks, 512 tokens each, 8 experts): 1.04 [1.01, 1.08] /
   1.10 [1.00, 1.16]. Gated over more than one rank only (what was measured: an exchange). Not
   gated: its all-gather dispatcher, which plain inductor cannot run (megatron-core 0.16.1:
-  ``masked_select: expected BoolTensor for mask``).
+  ``masked_select: expected BoolTensor for mask``); where the first case applies to its experts,
+  they stay the layer's own between the fused dispatch and combine (``megatron_route``).
 * the gathered form (HF ``batched_mm``) in an inference graph on CPU with fewer than
   ``MIN_GATHERED_ROWS`` rows per expert (a decode-sized step): plain inductor turns its per-row
   matmuls into one generated loop that streams each row's gathered weights, while the grouped FFN

@@ -29,7 +29,9 @@ experts, and replaces the dispatcher and experts with the fused ops:
 * Experts whose activation the op has no exact form of (erf GELU, squared ReLU, GLU of quick GELU,
   clamped or offset GLUs, TE activations): the largest exact part fuses, dispatch_v2 -> the layer's
   own experts over the dispatched rows (``_own_experts``, probs of 1) -> combine_v2; the report says
-  the experts were left unfused and why.
+  the experts were left unfused and why. So do bf16/fp16 experts of the all-gather dispatcher that
+  the cost gate finds slower fused (``_own_experts_reason``): plain inductor cannot run that
+  dispatcher, so the layer is not handed back to it.
 
 Refused (the report says which): other dispatchers and expert modules, tensor / expert tensor
 parallelism, padding to capacity, router padding for quantization, expert configs Megatron's own MLP
@@ -92,6 +94,21 @@ def _expert_form(config: Any) -> tuple[Optional[str], Optional[str]]:
         return _activation(config), None
     except Refusal as why:
         return None, str(why)
+
+
+def _own_experts_reason(layer: torch.nn.Module) -> Optional[str]:
+    """Why the layer's own experts run between the fused dispatch and combine, or None when
+    ``npu_ffn_grouped`` computes them: an activation the op lacks, or, with the all-gather dispatcher,
+    a low-precision FFN the cost gate finds slower fused (plain inductor cannot run that dispatcher,
+    so the layer stays routed, its experts as they are)."""
+    why = _expert_form(layer.experts.config)[1]
+    if why is None and DISPATCHERS[type(layer.token_dispatcher).__name__] == "allgather":
+        weight = _fc1_weight(layer.experts)
+        try:
+            refuse_slower_ffn(weight.dtype, weight.device)
+        except Refusal as slower:
+            why = str(slower)
+    return why
 
 
 def _megatron_raises(config: Any) -> Optional[str]:
@@ -169,7 +186,7 @@ def candidate(module: torch.nn.Module) -> Optional[str]:
     dispatcher = DISPATCHERS[type(module.token_dispatcher).__name__]
     if dispatcher == "alltoall" and module.ep_group.size() > 1:    # first: it holds whatever the dtype
         refuse_unpadded_exchange("Megatron's all-to-all token dispatcher", weight.device)
-    act, kept = _expert_form(module.experts.config)
+    act, kept = _expert_form(module.experts.config)[0], _own_experts_reason(module)
     if kept is None:            # (the layer's own experts are no fused FFN to be slower)
         refuse_slower_ffn(weight.dtype, weight.device)
     experts = f"npu_ffn_grouped({act})" if kept is None else f"the layer's own experts, left unfused ({kept})"
@@ -181,7 +198,7 @@ def candidate(module: torch.nn.Module) -> Optional[str]:
 
 def graph_break(module: torch.nn.Module) -> Optional[str]:
     """Why a candidate's swapped forward leaves part of ``module`` outside the graph, or None."""
-    kept = _expert_form(module.experts.config)[1]
+    kept = _own_experts_reason(module)
     return None if kept is None else f"runs the layer's own experts outside the graph, eagerly ({kept})"
 
 
@@ -219,7 +236,7 @@ def _routed_forward(layer: torch.nn.Module) -> Callable[..., Any]:
     group, world, rank = layer.ep_group, layer.ep_group.size(), layer.ep_group.rank()
     group_name = group.group_name if world > 1 else ""
     experts_total, top_k = config.num_moe_experts, config.moe_router_topk
-    activation, _ = _expert_form(layer.experts.config)
+    activation = None if _own_experts_reason(layer) else _expert_form(layer.experts.config)[0]
     glu = activation in ("swiglu", "reglu", "geglu")
     probs_on_input = bool(config.moe_apply_probs_on_input)
     may_drop = config.moe_expert_capacity_factor is not None

@@ -60,7 +60,7 @@ CASES: dict[str, tuple[dict, bool, str]] = {
 }
 
 # name -> TransformerConfig overrides of a layer the route meets under the cost gate (inductor's
-# default). The bf16 layer uses the all-gather dispatcher, which the gate leaves fused in fp32.
+# default). The bf16 layer uses the all-gather dispatcher: fused in fp32, its bf16 experts kept as its own.
 GATED = {"bf16-gated": {"params_dtype": torch.bfloat16, "moe_token_dispatcher_type": "allgather"},
          "alltoall-gated": {}, "allgather-under-the-gate": {"moe_token_dispatcher_type": "allgather"}}
 
@@ -112,14 +112,16 @@ def _run(rank: int, world: int) -> dict[str, Any]:
     results["one-rank-differs"] = _one_rank_differs(rank)
     results["inductor-gated"] = {train: _inductor_gated(rank, train) for train in (False, True)}
     results["own-experts-inductor"] = {train: _own_experts_inductor(rank, train) for train in (False, True)}
-    # bf16 experts where only rank 0's CPU multiplies bf16 natively: rank 0's route refuses, rank 1's
-    # would swap; both must keep the original forward (rank 1 would otherwise wait in the swapped
-    # forward's collectives for rank 0, which runs Megatron's own).
+    # bf16 experts of the all-gather dispatcher where only rank 0's CPU multiplies bf16 natively:
+    # rank 0 keeps the layer's own experts, rank 1 fuses them; both run the fused dispatch and combine.
     with _native_bf16(rank == 0):
         results["cpus-differ"] = _under_the_cost_gate(rank, GATED["bf16-gated"])
     with _native_bf16(True):
         for name, overrides in GATED.items():
             results[name] = _under_the_cost_gate(rank, overrides)
+        layer = make_layer(GATED["bf16-gated"], False).eval()
+        eager, compiled, _ = _eager_and_compiled(layer, _tokens(rank, torch.bfloat16), False)
+        results["bf16-gated-inductor"] = {"eager": eager, "compiled": compiled}
     return results
 
 
@@ -164,7 +166,8 @@ def _under_the_cost_gate(rank: int, overrides: dict) -> dict[str, Any]:
     report = FusionReport()
     with cost.gated(True):
         routed = module_routes.apply_checked(layer, (x,), {}, report)
-    return {"swapped": bool(routed.forwards), "refused": [e.detail for e in report.refused("module_route")]}
+    return {"swapped": bool(routed.forwards), "refused": [e.detail for e in report.refused("module_route")],
+            "fused": [e.detail for e in report.fused("module_route")]}
 
 
 def _inductor_gated(rank: int, train: bool) -> dict[str, Any]:
@@ -283,21 +286,30 @@ def test_untraceable_layer_compiles_with_dynamo_defaults(ranks):
                                            msg=f"rank {rank} {key}")
 
 
-def test_bf16_experts_are_not_routed_under_the_cost_gate(ranks):
+def test_bf16_experts_of_the_allgather_dispatcher_stay_the_layers_own_under_the_cost_gate(ranks):
+    """Slower fused on a CPU with native bf16 matmuls, but plain inductor cannot run the dispatcher:
+    the fused dispatch and combine keep the layer's own experts between them."""
     for result in ranks:
         case = result["bf16-gated"]
-        refused = case["refused"]
-        assert not case["swapped"] and len(refused) == 1, case
-        assert "megatron_moe: not routed: slower here" in refused[0], refused
-        assert "bfloat16 natively (AMX)" in refused[0], refused
+        assert case["swapped"] and not case["refused"] and len(case["fused"]) == 1, case
+        assert "the layer's own experts, left unfused" in case["fused"][0], case
+        assert "bfloat16 natively (AMX)" in case["fused"][0], case
 
 
-def test_ranks_whose_cpus_differ_keep_the_original_forward_together(ranks):
+def test_bf16_allgather_layer_under_inductor_and_the_cost_gate_equals_eager(ranks):
+    """Before, the gate handed the layer back to plain inductor, which crashed in Megatron's
+    dispatcher on both ranks ("masked_select: expected BoolTensor for mask")."""
+    for rank, result in enumerate(ranks):
+        case = result["bf16-gated-inductor"]
+        torch.testing.assert_close(case["compiled"]["out"], case["eager"]["out"], rtol=2e-2, atol=2e-2,
+                                   msg=lambda m: f"rank {rank}: {m}")
+
+
+def test_ranks_whose_cpus_differ_fuse_the_exchange_together(ranks):
     first, second = (result["cpus-differ"] for result in ranks)
-    assert not first["swapped"] and not second["swapped"], (first, second)
-    assert len(first["refused"]) == 1 and "bfloat16 natively (AMX)" in first["refused"][0], first
-    assert len(second["refused"]) == 1 and "refused on another process sharing the module" in second["refused"][0], \
-        second
+    assert first["swapped"] and second["swapped"] and not first["refused"] and not second["refused"], (first, second)
+    assert "the layer's own experts, left unfused" in first["fused"][0], first
+    assert "npu_ffn_grouped(swiglu)" in second["fused"][0], second
 
 
 def test_alltoall_dispatcher_is_not_routed_under_the_cost_gate(ranks):
