@@ -15,11 +15,13 @@ with the second call and run with the checked forwards installed.
 
 Some code cannot be traced under those settings at all: a count read from the data and then used
 where Python needs its value (``x[i] for i in counts.tolist()``, Megatron's ``sort_chunks_by_idxs``)
-makes dynamo raise where its defaults would break the graph. Such a call is run again with dynamo's
-defaults, and so are the model's later calls (reported as a ``dynamo_settings`` event): the model
-compiles as ``torch.compile`` would compile it. The failed call may have run the compiled graphs
-before the failing frame once more (their collectives are matched: every rank fails at the same
-frame; random draws there are drawn again).
+makes dynamo raise where its defaults would break the graph. A model holding a library module known
+to do so (``ModuleRoute.untraceable``) compiles with dynamo's defaults from its first call;
+otherwise such a call is run again with dynamo's defaults, and so are the model's later calls
+(both reported as a ``dynamo_settings`` event): the model compiles as ``torch.compile`` would
+compile it. The failed call may have run the compiled graphs before the failing frame once more
+(their collectives are matched: every rank fails at the same frame; random draws and side effects
+there happen again).
 
 Once a graph of the model has held a collective the passes rewrite, the model recompiles at static
 shapes when an input's size changes (unless ``dynamic`` was given): the expert-parallel passes
@@ -95,6 +97,13 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
     default_forward = compiled.forward
     compiled_forward, routes, defaults, compiled_calls = scoped(default_forward), [], [], []
 
+    def use_defaults(reason: str) -> None:
+        defaults.append(True)
+        if report is not None:
+            report.events.append(FusionEvent(SETTINGS_EVENT, False, type(model).__name__,
+                                             "the model does not trace with data-dependent counts captured, "
+                                             f"compiled with dynamo's defaults instead ({reason})"))
+
     def compiled_call(args: tuple, kwargs: dict) -> Any:
         if defaults:
             with shapes():
@@ -102,12 +111,7 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
         try:
             return compiled_forward(*args, **kwargs)
         except GuardOnDataDependentSymNode as error:
-            defaults.append(True)
-            if report is not None:
-                reason = " ".join(str(error).split("For more information")[0].split())[:300]
-                report.events.append(FusionEvent(SETTINGS_EVENT, False, type(model).__name__,
-                                                 "the model does not trace with data-dependent counts captured, "
-                                                 f"compiled with dynamo's defaults instead ({reason})"))
+            use_defaults(" ".join(str(error).split("For more information")[0].split())[:300])
             with shapes():
                 return default_forward(*args, **kwargs)
 
@@ -117,6 +121,8 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
                 routed = module_routes.apply_checked(model, args, kwargs, report,
                                                      compile_options.get("fullgraph", False))
             routes.append(routed)
+            if routed.untraceable is not None:      # known before any attempt: no side effect runs twice
+                use_defaults(routed.untraceable)
             if routed.ran:
                 return routed.output
         # Activation checkpointing replays the first call inside the backward (the only forward that

@@ -202,6 +202,18 @@ def graph_break(module: torch.nn.Module) -> Optional[str]:
     return None if kept is None else f"runs the layer's own experts outside the graph, eagerly ({kept})"
 
 
+def untraceable(module: torch.nn.Module) -> Optional[str]:
+    """Why ``module``, a Megatron layer running its own forward, cannot be traced with data-dependent
+    counts captured, or None: the all-to-all dispatcher with several local experts reorders its
+    chunks by a Python list of them (``sort_chunks_by_idxs``)."""
+    if not is_megatron_moe_layer(module) or module.num_local_experts < 2:
+        return None
+    if DISPATCHERS.get(type(module.token_dispatcher).__name__) != "alltoall":
+        return None
+    return ("Megatron's all-to-all dispatcher orders its chunks by data-dependent counts as Python list indices "
+            "(sort_chunks_by_idxs)")
+
+
 def _is_grouped(experts: torch.nn.Module) -> bool:
     """Megatron's legacy ``GroupedMLP`` (every local expert in one weight), not ``SequentialMLP``."""
     return type(experts).__name__ == "GroupedMLP"

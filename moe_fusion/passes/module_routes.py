@@ -57,13 +57,16 @@ class ModuleRoute:
     ``agree(module, ok)``: the verdict of every process sharing the module (called on each of them,
     in the same module order), None for a route whose forward is local to the process;
     ``graph_break(module)``: why the swapped forward of a candidate leaves part of it outside the
-    graph (None: it traces whole), None for a route whose forwards always trace whole."""
+    graph (None: it traces whole), None for a route whose forwards always trace whole;
+    ``untraceable(module)``: why the module's own forward, when it is not swapped, cannot be traced
+    with data-dependent counts captured (None: it can), None for a route that never knows."""
 
     name: str
     candidate: Callable[[torch.nn.Module], Optional[str]]
     swap: Callable[[torch.nn.Module], Callable[[], None]]
     agree: Optional[Callable[[torch.nn.Module, bool], bool]] = None
     graph_break: Optional[Callable[[torch.nn.Module], Optional[str]]] = None
+    untraceable: Optional[Callable[[torch.nn.Module], Optional[str]]] = None
 
 
 def _hf_grouped_experts_forward() -> Optional[Callable[..., Any]]:
@@ -100,7 +103,7 @@ def _hf_experts_swap(module: torch.nn.Module) -> Callable[[], None]:
 ROUTES: tuple[ModuleRoute, ...] = (
     ModuleRoute("hf_experts", _hf_experts_candidate, _hf_experts_swap),
     ModuleRoute("megatron_moe", megatron_route.candidate, megatron_route.swap, megatron_route.agree,
-                megatron_route.graph_break),
+                megatron_route.graph_break, megatron_route.untraceable),
 )
 
 
@@ -141,11 +144,14 @@ def _scan(model: torch.nn.Module, settle: bool = False) -> tuple[list[tuple[str,
 class Routed:
     """What a model's first call settled: ``forwards``, the checked ``(module, swapped forward, the
     module's instance forward it replaces or _MISSING)`` its compiled calls run with (``installed``);
-    ``output``, that call's result when it ran the model (``ran``: a route applied)."""
+    ``output``, that call's result when it ran the model (``ran``: a route applied);
+    ``untraceable``, why a module left with its own forward cannot be traced with data-dependent
+    counts captured (``ModuleRoute.untraceable``), or None."""
 
     forwards: list[tuple[torch.nn.Module, Callable[..., Any], Any]]
     ran: bool = False
     output: Any = None
+    untraceable: Optional[str] = None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -184,7 +190,7 @@ def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Opt
     if fullgraph:
         _refuse_graph_breaks(found)
     if not found:
-        return Routed([])
+        return Routed([], untraceable=_untraceable(model, []))
     calls: dict[str, _Call] = {}
     hooks = [hook for path, module, _, _ in found for hook in (
         module.register_forward_pre_hook(_input_recorder(calls, path), with_kwargs=True),
@@ -196,7 +202,20 @@ def apply_checked(model: torch.nn.Module, args: tuple, kwargs: dict, report: Opt
             hook.remove()
     with torch.random.fork_rng():
         forwards = _check_swaps(report, found, calls)
-    return Routed(forwards, True, output)
+    return Routed(forwards, True, output, _untraceable(model, forwards))
+
+
+def _untraceable(model: torch.nn.Module, forwards: list[tuple[torch.nn.Module, Callable[..., Any], Any]]
+                 ) -> Optional[str]:
+    """The first reason a module of ``model`` left with its own forward gives for not tracing with
+    data-dependent counts captured (``ModuleRoute.untraceable``), or None."""
+    swapped = {id(module) for module, _, _ in forwards}
+    for path, module in model.named_modules():
+        for route in ROUTES:
+            why = None if id(module) in swapped or route.untraceable is None else route.untraceable(module)
+            if why is not None:
+                return f"{path or type(model).__name__}: {why}"
+    return None
 
 
 def _refuse_graph_breaks(found: list[tuple[str, torch.nn.Module, ModuleRoute, str]]) -> None:

@@ -175,9 +175,11 @@ def _inductor_gated(rank: int, train: bool) -> dict[str, Any]:
     unrouted: Megatron's own dispatcher uses data-dependent counts as Python list indices
     (``sort_chunks_by_idxs``), so compile falls back to dynamo's defaults instead of raising."""
     layer = make_layer({}, False).train(train)
+    routings = []       # side effects of a call (Megatron's aux-loss logging) must happen once per call
+    layer.router.register_forward_hook(lambda *_: routings.append(1))
     eager, compiled, report = _eager_and_compiled(layer, _tokens(rank), train)
     return {"eager": eager, "compiled": compiled, "refused": [e.detail for e in report.refused("module_route")],
-            "settings": [e.detail for e in report.refused("dynamo_settings")]}
+            "settings": [e.detail for e in report.refused("dynamo_settings")], "routings": len(routings)}
 
 
 def _fullgraph_error(rank: int) -> Optional[str]:
@@ -280,6 +282,10 @@ def test_untraceable_layer_compiles_with_dynamo_defaults(ranks):
         for train, case in result["inductor-gated"].items():
             assert len(case["refused"]) == 1 and "slower here" in case["refused"][0], case["refused"]
             assert len(case["settings"]) == 1 and "data-dependent" in case["settings"][0], case["settings"]
+            assert "sort_chunks_by_idxs" in case["settings"][0], case["settings"]
+            # eager, then two compiled calls; before, the first compiled call routed twice (its failed
+            # attempt under captured counts ran the router's graph, then the rerun)
+            assert case["routings"] == 3, case["routings"]
             assert set(case["compiled"]) == set(case["eager"])
             for key, want in case["eager"].items():
                 torch.testing.assert_close(case["compiled"][key], want, rtol=1e-4, atol=1e-5,
