@@ -79,6 +79,20 @@ def test_mostly_written_rows_come_from_the_allocator_with_the_rest_cleared():
     assert torch.equal(out[900:], torch.zeros(100, 700))
 
 
+def test_a_mostly_written_buffer_the_allocator_would_map_afresh_is_pooled():
+    shape, dtype = (4096, _zeroed.ALWAYS_MAPPED_BYTES // (4096 * 4)), torch.float32
+    first = zero_past(4000, shape, dtype, CPU)
+    first.fill_(float("nan"))
+    address = first.data_ptr()
+    del first
+    gc.collect()
+    again = zero_past(3000, shape, dtype, CPU)
+    # The pooled pages, resident: the rows the caller writes still hold the last user's NaN (fresh
+    # pages, which the allocator maps there even at this address, would read zero).
+    assert again.data_ptr() == address and bool(again[:3000].isnan().all())
+    assert torch.equal(again[3000:], torch.zeros_like(again[3000:]))
+
+
 def test_memory_that_cannot_be_dropped_is_cleared_instead(monkeypatch):
     shape, dtype = _mapped(8192, 512)
     first = zero_past(0, shape, dtype, CPU)
