@@ -105,15 +105,13 @@ def compile(model: Callable[..., Any], *, target: Optional[str] = None, report: 
                                              f"compiled with dynamo's defaults instead ({reason})"))
 
     def compiled_call(args: tuple, kwargs: dict) -> Any:
-        if defaults:
-            with shapes():
-                return default_forward(*args, **kwargs)
-        try:
-            return compiled_forward(*args, **kwargs)
-        except GuardOnDataDependentSymNode as error:
-            use_defaults(" ".join(str(error).split("For more information")[0].split())[:300])
-            with shapes():
-                return default_forward(*args, **kwargs)
+        if not defaults:
+            try:
+                return compiled_forward(*args, **kwargs)
+            except GuardOnDataDependentSymNode as error:
+                use_defaults(" ".join(str(error).split("For more information")[0].split())[:300])
+        with shapes():
+            return default_forward(*args, **kwargs)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not routes:      # the first call: the module routes, checked on it (module_routes.apply_checked)

@@ -29,25 +29,17 @@ def eager_and_fused(layer: torch.nn.Module, x: torch.Tensor, train: bool, compil
     """One step of ``layer`` eagerly and under ``moe_fusion.compile`` (with ``options``) from the same
     random stream (the gates draw noise): ``step_results`` of each (as fp32), the report's events
     and its ops after."""
-    import moe_fusion
-    from moe_fusion.passes import FusionReport
-
-    report = FusionReport()
-    torch._dynamo.reset()
-    compiled = moe_fusion.compile(layer, report=report, compiler=compiler, **options)
-    torch.manual_seed(7)
-    eager = step_results(layer, layer, x, train)
-    torch.manual_seed(7)
-    fused = step_results(layer, compiled, x, train)
-    return {"eager": [t.float() for t in eager], "fused": [t.float() for t in fused], "ops": dict(report.ops_after),
-            "events": [(e.pattern, e.fused, e.detail) for e in report.events]}
+    run = steps_over_token_counts(layer, [x], train, compiler, **options)
+    (eager, fused), = run["steps"]
+    return {"eager": eager, "fused": fused, "ops": run["ops"], "events": run["events"]}
 
 
 def steps_over_token_counts(layer: torch.nn.Module, xs: list[torch.Tensor], train: bool, compiler: str,
                             **options: Any) -> dict[str, Any]:
     """A step of ``layer`` on each of ``xs`` (token counts that change between calls, the same on
     every rank), eagerly and through one ``moe_fusion.compile`` of it (with ``options``), each from
-    the same random stream: ``{"steps": [(eager, fused) step_results as fp32], "events": ...}``."""
+    the same random stream: ``{"steps": [(eager, fused) step_results as fp32], "events": ...,
+    "ops": the report's ops after}``."""
     import moe_fusion
     from moe_fusion.passes import FusionReport
 
@@ -61,7 +53,8 @@ def steps_over_token_counts(layer: torch.nn.Module, xs: list[torch.Tensor], trai
         torch.manual_seed(7)
         fused = step_results(layer, compiled, x, train)
         steps.append(([t.float() for t in eager], [t.float() for t in fused]))
-    return {"steps": steps, "events": [(e.pattern, e.fused, e.detail) for e in report.events]}
+    return {"steps": steps, "ops": dict(report.ops_after),
+            "events": [(e.pattern, e.fused, e.detail) for e in report.events]}
 
 
 def run_by_world(cases: dict[str, tuple], fn: Callable[..., Any], timeout: float = 600) -> dict[int, list]:

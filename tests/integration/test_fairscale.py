@@ -34,21 +34,25 @@ TRAINING = {"ep2-train", "ep2-inductor-train"}   # forward and backward: output,
 LARGE_SIZES = {"ep2-large": (512, 256)}   # name -> (tokens per rank, hidden)
 
 
-def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
+def _layer(rank: int, world: int, hidden: int) -> torch.nn.Module:
+    """fairscale's layer: the same gate on every rank, this rank's own experts."""
     from fairscale.nn.moe import MOELayer, Top2Gate
 
+    torch.manual_seed(0)
+    gate = Top2Gate(hidden, EXPERTS)
+    torch.manual_seed(1 + rank)
+    return MOELayer(gate, torch.nn.ModuleList([ExpertMlp(hidden, FFN) for _ in range(EXPERTS // world)]))
+
+
+def _run(rank: int, world: int, names: list[str]) -> dict[str, Any]:
     # The gate draws Gumbel noise: inductor must draw it as eager does for the outputs to compare.
     torch._inductor.config.fallback_random = True
     results = {}
     for name in names:
         _, compiler = CASES[name]
         tokens, hidden = LARGE_SIZES.get(name, (TOKENS, HIDDEN))
-        torch.manual_seed(0)
-        gate = Top2Gate(hidden, EXPERTS)
-        torch.manual_seed(1 + rank)
         train = name in TRAINING
-        experts = torch.nn.ModuleList([ExpertMlp(hidden, FFN) for _ in range(EXPERTS // world)])
-        layer = MOELayer(gate, experts).train(train)
+        layer = _layer(rank, world, hidden).train(train)
         x = torch.randn(2, tokens // 2, hidden, generator=torch.Generator().manual_seed(100 + rank))
         results[name] = eager_and_fused(layer, x, train, compiler)
     return results
@@ -72,18 +76,10 @@ def test_fairscale_moe_fuses_and_equals_eager(ranks, name):
 
 
 def _changing_token_counts(rank: int, world: int) -> dict[str, Any]:
-    from fairscale.nn.moe import MOELayer, Top2Gate
-
-    results = {}
-    for dynamic in (None, True):
-        torch.manual_seed(0)
-        gate = Top2Gate(HIDDEN, EXPERTS)
-        torch.manual_seed(1 + rank)
-        layer = MOELayer(gate, torch.nn.ModuleList([ExpertMlp(HIDDEN, FFN) for _ in range(EXPERTS // world)]))
-        xs = [torch.randn(2, tokens // 2, HIDDEN, generator=torch.Generator().manual_seed(tokens + rank))
-              for tokens in (TOKENS, TOKENS + 8)]
-        results[dynamic] = steps_over_token_counts(layer.eval(), xs, False, "eager", dynamic=dynamic)
-    return results
+    xs = [torch.randn(2, tokens // 2, HIDDEN, generator=torch.Generator().manual_seed(tokens + rank))
+          for tokens in (TOKENS, TOKENS + 8)]
+    return {dynamic: steps_over_token_counts(_layer(rank, world, HIDDEN).eval(), xs, False, "eager", dynamic=dynamic)
+            for dynamic in (None, True)}
 
 
 def test_changed_token_counts_fuse_at_static_shapes_and_a_dynamic_compile_is_refused_with_the_reason():

@@ -11,9 +11,9 @@ ranks, a ReLU or clamp around the experts, rows scaled or offset, routing by the
 path taken only when one expert of a rank is empty beside a busy one (most found by an adversarial
 review of the pass). Ranks with other batch sizes or top-k fall back together (rank agreement); a
 second batch size recompiles at static shapes and fuses again, a compile with ``dynamic=True`` is
-refused with the reason. Exact variants (K of 1
-to 3, 6 experts, 3-D tokens, renormalized or bias-selected scores, a group-limited gate, two MoE
-layers, bf16, differentiable all-to-alls in a training step) fuse; the ones still missed are marked.
+refused with the reason. Exact variants (K of 1 to 3, 6 experts, 3-D tokens, renormalized or
+bias-selected scores, a group-limited gate, two MoE layers, bf16, differentiable all-to-alls in a
+training step) fuse; the ones still missed are marked.
 """
 from __future__ import annotations
 
